@@ -1,0 +1,98 @@
+"""The FastAPI application: ``create_app()`` wires settings, storage, engine and routes.
+
+Start-up order: logging, database migrations, blocklist store, then the safety engine,
+which loads in a worker thread so ``/healthz`` answers at once while ``/readyz`` and
+every filtering route answer 503 until each classifier has loaded. A member that fails
+to load keeps the service unready (fail closed) and ``/readyz`` says which and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import errors, logs
+from gateway.blocklists import BlocklistStore
+from gateway.config import Settings, get_settings
+from gateway.db import Database
+from gateway.ensemble import build_engine
+from gateway.middleware import BodySizeLimit, RequestContext
+from gateway.routes import blocklists, health, moderations
+from gateway.safety.engine import MicroBatcher, SafetyEngine
+from gateway.state import AppState
+
+log = logging.getLogger("safegate.app")
+
+EngineFactory = Callable[[Settings, BlocklistStore], SafetyEngine]
+
+
+def _default_engine(settings: Settings, store: BlocklistStore) -> SafetyEngine:
+    return build_engine(settings, blocklists=store)
+
+
+def create_app(
+    settings: Settings | None = None, *, engine_factory: EngineFactory = _default_engine
+) -> FastAPI:
+    settings = settings or get_settings()
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure(settings.log_level)
+        settings.home_dir.mkdir(parents=True, exist_ok=True)
+        database = Database(settings.database)
+        await asyncio.to_thread(database.migrate)
+        store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
+        app.state.safegate_error = None
+        loader = asyncio.create_task(_load(app, settings, database, store, engine_factory))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            state: AppState | None = getattr(app.state, "safegate", None)
+            if state is not None:
+                await state.batcher.close()
+                state.engine.close()
+            database.dispose()
+
+    app = FastAPI(
+        title="safegate",
+        version="0.1.0",
+        summary="Safety-first content filter and evaluation gateway",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(moderations.router)
+    app.include_router(blocklists.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)
+    return app
+
+
+async def _load(
+    app: FastAPI,
+    settings: Settings,
+    database: Database,
+    store: BlocklistStore,
+    engine_factory: EngineFactory,
+) -> None:
+    try:
+        engine = await asyncio.to_thread(engine_factory, settings, store)
+    except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests fail closed
+        app.state.safegate_error = f"{type(exc).__name__}: {exc}"
+        log.error("safety engine failed to load", extra={"error": app.state.safegate_error})
+        return
+    batcher = MicroBatcher(
+        engine, max_batch=settings.engine.max_batch, max_wait_s=settings.engine.max_wait_s
+    )
+    app.state.safegate = AppState(
+        settings=settings, database=database, blocklists=store, engine=engine, batcher=batcher
+    )
+    log.info("safety engine ready", extra={"members": [s.classifier.id for s in engine.members]})

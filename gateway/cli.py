@@ -1,0 +1,261 @@
+"""The gateway's commands: ``serve``, ``moderate`` and ``safety train``.
+
+The root ``safegate`` command (``safegate.cli``) mounts these beside the other
+packages' commands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from gateway.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from gateway.moderation import ModerationResult
+    from gateway.safety.engine import SafetyEngine
+    from gateway.safety.verdict import Verdict
+
+DEFAULT_MODERATE_BATCH = 64
+
+app = typer.Typer(no_args_is_help=True, help="Gateway and safety engine.")
+safety = typer.Typer(no_args_is_help=True, help="Train and inspect the safety engine.")
+app.add_typer(safety, name="safety")
+console = Console(stderr=True)
+
+
+def _offline_defaults() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+) -> None:
+    """Start the gateway (default http://127.0.0.1:8000)."""
+    _offline_defaults()
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = get_settings()
+    host = host or settings.host
+    port = port or settings.port
+    console.print(f"safegate listening on http://{host}:{port}  (state in {settings.home_dir})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def moderate(
+    text: Annotated[str | None, typer.Argument(help="Text to check.")] = None,
+    input: Annotated[
+        Path | None, typer.Option("--input", "-i", help='JSONL file, one {"text": ...} per line.')
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSONL file for the results.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Texts per engine batch.")
+    ] = DEFAULT_MODERATE_BATCH,
+) -> None:
+    """Check TEXT, or every line of --input, with the safety engine."""
+    _offline_defaults()
+    if (text is None) == (input is None):
+        raise typer.BadParameter("give either TEXT or --input FILE")
+    if input is not None and output is None:
+        raise typer.BadParameter("--input needs --output")
+    settings = get_settings()
+    engine = _engine(settings)
+    from gateway.moderation import to_result
+
+    if text is not None:
+        verdict = engine.check([text])[0]
+        result = to_result(verdict)
+        if as_json:
+            typer.echo(result.model_dump_json(indent=2))
+        else:
+            _print_result(result)
+        raise typer.Exit(0)
+    if input is None or output is None:  # unreachable: checked above; narrows the types
+        raise typer.BadParameter("--input needs --output")
+    failures = _moderate_file(engine, input, output, batch_size=batch_size)
+    if failures:
+        console.print(f"[yellow]{failures} line(s) could not be checked; see 'error' in {output}")
+        raise typer.Exit(1)
+
+
+def _engine(settings: Settings) -> SafetyEngine:
+    from gateway.blocklists import BlocklistStore
+    from gateway.db import Database
+    from gateway.ensemble import build_engine
+
+    with console.status("loading the safety engine"):
+        database = Database(settings.database)
+        database.migrate()
+        store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
+        return build_engine(settings, blocklists=store)
+
+
+@dataclass(frozen=True)
+class Line:
+    """One input line: its text, or why it cannot be checked."""
+
+    number: int
+    id: str | None = None
+    text: str | None = None
+    error: str | None = None
+
+
+def _read_lines(path: Path) -> list[Line]:
+    lines: list[Line] = []
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as error:
+                lines.append(Line(number, error=f"line {number}: not valid JSON ({error.msg})"))
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                message = f'line {number}: expected an object with a string "text"'
+                lines.append(Line(number, error=message))
+                continue
+            identifier = None if row.get("id") is None else str(row["id"])
+            lines.append(Line(number, id=identifier, text=row["text"]))
+    return lines
+
+
+def _check_lines(engine: SafetyEngine, lines: list[Line]) -> dict[int, Verdict | str]:
+    """Verdicts for the lines that have text; a text over the limit gets its error."""
+    from gateway.safety.engine import InputTooLong
+
+    texts = [(line.number, line.text) for line in lines if line.text is not None]
+    try:
+        verdicts = engine.check([text for _, text in texts])
+        return {number: verdict for (number, _), verdict in zip(texts, verdicts, strict=True)}
+    except InputTooLong:
+        results: dict[int, Verdict | str] = {}
+        for number, text in texts:  # find the long ones; check the rest one by one
+            try:
+                results[number] = engine.check([text])[0]
+            except InputTooLong as error:
+                results[number] = f"line {number}: {error}"
+        return results
+
+
+def _moderate_file(engine: SafetyEngine, source: Path, target: Path, *, batch_size: int) -> int:
+    from gateway.moderation import to_result
+
+    lines = _read_lines(source)
+    failures = 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("moderating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with target.open("w", encoding="utf-8") as out, Progress(*columns, console=console) as progress:
+        task = progress.add_task("moderate", total=len(lines))
+        for start in range(0, len(lines), batch_size):
+            chunk = lines[start : start + batch_size]
+            results = _check_lines(engine, chunk)
+            for line in chunk:
+                record: dict[str, object] = {"line": line.number}
+                if line.id is not None:
+                    record["id"] = line.id
+                outcome = results.get(line.number, line.error)
+                if isinstance(outcome, str) or outcome is None or line.text is None:
+                    record["error"] = outcome
+                    failures += 1
+                else:
+                    record["text_sha256"] = hashlib.sha256(line.text.encode()).hexdigest()
+                    record.update(to_result(outcome).model_dump())
+                out.write(json.dumps(record) + "\n")
+            progress.advance(task, len(chunk))
+    return failures
+
+
+def _print_result(result: ModerationResult) -> None:
+    colour = {"block": "red", "annotate": "yellow", "allow": "green"}[result.action]
+    out = Console()
+    out.print(f"[bold {colour}]{result.action.upper()}[/]")
+    table = Table("label", "score", "flagged")
+    for name, score in sorted(result.category_scores.items(), key=lambda kv: -kv[1])[:6]:
+        table.add_row(name, f"{score:.3f}", "yes" if result.categories[name] else "")
+    for name, shield in result.shields.items():
+        if shield.detected or shield.score >= 0.1:
+            table.add_row(name, f"{shield.score:.3f}", "yes" if shield.detected else "")
+    out.print(table)
+    severities = ", ".join(f"{k} {v.level}" for k, v in result.severities.items())
+    out.print(f"Azure severities: {severities}")
+    for reason in result.reasons:
+        out.print(f"- {reason}")
+
+
+@safety.command("train")
+def safety_train(
+    data_dir: Annotated[Path, typer.Option(help="Folder of the public data sets.")] = Path(
+        "../shared/data"
+    ),
+    own_examples: Annotated[Path, typer.Option(help="The project's own examples.")] = Path(
+        "data/safety/own_examples.jsonl"
+    ),
+    output_dir: Annotated[
+        Path, typer.Option(help="Where to write the weights and model card.")
+    ] = Path("gateway/safety/weights"),
+    benign_budget: Annotated[
+        float, typer.Option(help="Max share of benign prompts flagged.")
+    ] = 0.04,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train the encoder heads from ../shared/data and the project's own examples."""
+    _offline_defaults()
+    from gateway.safety.train import TrainConfig, run
+
+    settings = get_settings()
+    config = TrainConfig(
+        data_dir=data_dir,
+        own_examples=own_examples,
+        output_dir=output_dir,
+        cache_dir=settings.home_dir / "cache",
+        benign_flag_budget=benign_budget,
+        seed=seed,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        card = run(config, progress=report)
+    console.print(f"wrote {output_dir}/heads.safetensors and model_card.json")
+    metrics = card["metrics"]
+    rates = metrics["benign_flag_rate"] if isinstance(metrics, dict) else {}
+    json.dump(rates, sys.stdout, indent=2)
+    sys.stdout.write("\n")

@@ -1,0 +1,133 @@
+"""The gateway's exceptions and the one place that maps them to OpenAI-style errors.
+
+Every error leaves the service as ``{"error": {"message", "type", "param", "code"}}``
+with a 4xx or 5xx status; no traceback and no request text ever reaches the body::
+
+    ApiError                      status  type
+     +-- InvalidRequest           400     invalid_request_error
+     |    +-- InputTooLarge       413     invalid_request_error
+     +-- Unauthorized             401     authentication_error
+     +-- Forbidden                403     permission_error
+     +-- NotFound                 404     not_found_error
+     +-- Conflict                 409     conflict_error
+     +-- ServiceUnavailable       503     service_unavailable
+
+The engine's ``InputTooLong`` maps to 400, FastAPI's validation errors and broken JSON
+to 400, anything unexpected to a 500 whose body says only that an error occurred and
+gives the request id to look up in the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.safety.engine import InputTooLong
+
+log = logging.getLogger("safegate.errors")
+
+
+class ApiError(Exception):
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class InputTooLarge(InvalidRequest):
+    status = 413
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "authentication_error"
+
+
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "not_found_error"
+
+
+class Conflict(ApiError):
+    status = 409
+    type = "conflict_error"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    type = "service_unavailable"
+
+
+def error_body(
+    message: str, *, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _response(status: int, body: dict[str, dict[str, str | None]]) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every failure into an OpenAI-style body."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _response(
+            exc.status, error_body(exc.message, type=exc.type, param=exc.param, code=exc.code)
+        )
+
+    @app.exception_handler(InputTooLong)
+    async def _too_long(request: Request, exc: InputTooLong) -> JSONResponse:
+        return _response(
+            400,
+            error_body(
+                str(exc), type="invalid_request_error", param="input", code="input_too_long"
+            ),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+            code = "invalid_json"
+        else:
+            detail = first.get("msg", "invalid request")
+            message = f"{param}: {detail}" if param else str(detail)
+            code = "invalid_value"
+        return _response(
+            400, error_body(message, type="invalid_request_error", param=param, code=code)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _response(exc.status_code, error_body(str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None)
+        log.exception("unhandled error", extra={"request_id": request_id})
+        message = f"internal error; request id {request_id}" if request_id else "internal error"
+        return _response(500, error_body(message, type="server_error"))

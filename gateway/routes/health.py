@@ -1,0 +1,26 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up and serving HTTP."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready only when every configured classifier has loaded."""
+    state = getattr(request.app.state, "safegate", None)
+    if state is None:
+        error = getattr(request.app.state, "safegate_error", None)
+        body = {"status": "failed", "error": error} if error else {"status": "loading"}
+        return JSONResponse(body, status_code=503)
+    members = [spec.classifier.id for spec in state.engine.members]
+    return JSONResponse({"status": "ready", "members": members})

@@ -1,0 +1,467 @@
+"""The labelled corpus the encoder heads are trained, calibrated and measured on.
+
+Examples come from the public sets in ``../shared/data`` whose licences allow training
+what the project ships (see that folder's README), plus the project's own hand-written
+examples in ``data/safety/own_examples.jsonl``. Sets licensed for measurement only
+(refusal-direction harmless, toxicchat, tensor-trust) are loaded by ``measurement_sets``
+and never reach training.
+
+Public sets annotate only some labels, so every example says which labels it *knows*:
+a Davidson tweet marked hateful says nothing about self-harm, and a jailbreak prompt says
+nothing about the harm categories it mentions. Training fits each head only on examples
+that know its label (masked multi-label learning). Rows labelled clean by their set
+count as known negatives for every label.
+
+Splits: a set's official split where it has one (HateXplain), the project's own
+``heldout`` flag for its examples, otherwise a stable hash of the text: 70% train,
+15% dev (calibration and thresholds), 15% test (reported in the model card).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from gateway.safety.taxonomy import Category, Shield
+
+C = Category
+
+HEAD_LABELS: tuple[str, ...] = (
+    *(c.value for c in Category),
+    Shield.JAILBREAK,
+    Shield.INDIRECT_ATTACK,
+)
+ALL_KNOWN: frozenset[str] = frozenset(HEAD_LABELS)
+_CSV_FIELD_LIMIT = 10_000_000
+
+
+class Split(StrEnum):
+    TRAIN = "train"
+    DEV = "dev"
+    TEST = "test"
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One labelled text. ``positives`` is a subset of ``known``."""
+
+    text: str
+    positives: frozenset[str]
+    known: frozenset[str]
+    source: str
+    split: Split
+
+    def __post_init__(self) -> None:
+        if not self.positives <= self.known:
+            raise ValueError(f"{self.source}: positives {set(self.positives)} are not all known")
+        unknown = self.known - ALL_KNOWN
+        if unknown:
+            raise ValueError(f"{self.source}: unknown labels {sorted(unknown)}")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A file the corpus read, for the model card."""
+
+    path: str
+    sha256: str
+    licence: str
+
+
+def hash_split(text: str, *, dev: int = 15, test: int = 15) -> Split:
+    bucket = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % 100
+    if bucket < test:
+        return Split.TEST
+    if bucket < test + dev:
+        return Split.DEV
+    return Split.TRAIN
+
+
+def with_parents(labels: Iterable[str]) -> frozenset[str]:
+    """Add each subcategory's parent, as OpenAI's taxonomy implies."""
+    out = set(labels)
+    for label in list(out):
+        if "/" in label:
+            out.add(label.split("/", 1)[0])
+    return frozenset(out)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Corpus:
+    """Reads the training sources under ``data_dir`` and the project's own examples."""
+
+    def __init__(self, data_dir: Path, own_examples: Path) -> None:
+        self.data_dir = data_dir
+        self.own_examples = own_examples
+        self.files: list[SourceFile] = []
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+
+    def training_examples(self) -> list[Example]:
+        """All permissively licensed examples, deduplicated by normalised text."""
+        readers = (
+            self._own,
+            self._davidson,
+            self._hatexplain,
+            self._toxigen_annotated,
+            self._toxigen_prompts,
+            self._surge,
+            self._deepset,
+            self._jailbreak_prompts,
+            self._giskard,
+            self._forbidden_questions,
+            self._advbench_behaviors,
+            self._mtbench,
+            self._indirect_attacks,
+        )
+        seen: set[str] = set()
+        examples: list[Example] = []
+        for reader in readers:
+            for example in reader():
+                key = " ".join(example.text.casefold().split())
+                if len(key) < 3 or key in seen:
+                    continue
+                seen.add(key)
+                examples.append(example)
+        return examples
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _path(self, relative: str, licence: str) -> Path:
+        path = self.data_dir / relative
+        if not path.exists():
+            raise FileNotFoundError(f"training source missing: {path}")
+        self.files.append(SourceFile(relative, file_sha256(path), licence))
+        return path
+
+    def _rows(self, relative: str, licence: str) -> Iterator[dict[str, str]]:
+        with self._path(relative, licence).open(encoding="utf-8", newline="") as handle:
+            yield from csv.DictReader(handle)
+
+    # -- sources -----------------------------------------------------------------------
+
+    def _own(self) -> Iterator[Example]:
+        self.files.append(
+            SourceFile(str(self.own_examples.name), file_sha256(self.own_examples), "project's own")
+        )
+        with self.own_examples.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{self.own_examples}: line {number}: {error}") from error
+                split = (
+                    Split.TEST
+                    if row["split"] == "heldout"
+                    else hash_split(row["text"], dev=20, test=0)
+                )
+                yield Example(row["text"], with_parents(row["labels"]), ALL_KNOWN, "own", split)
+
+    def _davidson(self) -> Iterator[Example]:
+        # class 0 hate speech, 1 offensive language, 2 neither. Offensive tweets are
+        # mostly insults and slurs aimed at people: harassment. Capped to keep balance.
+        offensive = 0
+        for row in self._rows("davidson-hate-offensive/data/labeled_data.csv", "MIT"):
+            text = _clean_tweet(row["tweet"])
+            split = hash_split(text)
+            if row["class"] == "0":
+                yield Example(
+                    text, frozenset({C.HATE}), frozenset({C.HATE, C.HARASSMENT}), "davidson", split
+                )
+            elif row["class"] == "1":
+                offensive += 1
+                if offensive % 4 == 0:
+                    yield Example(
+                        text,
+                        frozenset({C.HARASSMENT}),
+                        frozenset({C.HATE, C.HARASSMENT}),
+                        "davidson",
+                        split,
+                    )
+            else:
+                yield Example(text, frozenset(), ALL_KNOWN, "davidson", split)
+
+    def _hatexplain(self) -> Iterator[Example]:
+        divisions = json.loads(
+            self._path("hatexplain-mbib/post_id_divisions.json", "MIT").read_text()
+        )
+        split_of = {
+            post: Split.DEV if name == "val" else Split(name)
+            for name, posts in divisions.items()
+            for post in posts
+        }
+        for row in self._rows("hatexplain-mbib/092-HateXplain.csv", "MIT"):
+            split = split_of.get(row[""])
+            if split is None:
+                continue  # no-majority rows belong to no split
+            text = row["text"]
+            if row["category"] == "1":
+                yield Example(
+                    text,
+                    frozenset({C.HATE}),
+                    frozenset({C.HATE, C.HARASSMENT}),
+                    "hatexplain",
+                    split,
+                )
+            elif row["category"] == "2":
+                yield Example(
+                    text,
+                    frozenset({C.HARASSMENT}),
+                    frozenset({C.HATE, C.HARASSMENT}),
+                    "hatexplain",
+                    split,
+                )
+            elif row["category"] == "0":
+                yield Example(text, frozenset(), ALL_KNOWN, "hatexplain", split)
+
+    def _toxigen_annotated(self) -> Iterator[Example]:
+        # Human toxicity ratings are 1..5 means; keep the clear ends only.
+        for row in self._rows("toxigen-annotated/toxigen.csv", "ToxiGen research terms (MIT code)"):
+            text = _bytes_literal(row["text"])
+            score = float(row["toxicity_human"])
+            if score >= 3.5:
+                yield Example(
+                    text,
+                    frozenset({C.HATE}),
+                    frozenset({C.HATE}),
+                    "toxigen-annotated",
+                    hash_split(text),
+                )
+            elif score <= 2.0:
+                yield Example(text, frozenset(), ALL_KNOWN, "toxigen-annotated", hash_split(text))
+
+    def _toxigen_prompts(self) -> Iterator[Example]:
+        # Each line lists example sentences; the file name gives hate or neutral.
+        folder = self.data_dir / "toxigen/prompts"
+        for path in sorted(folder.glob("*_1k.txt")):
+            hateful = path.name.startswith("hate_")
+            self.files.append(
+                SourceFile(f"toxigen/prompts/{path.name}", file_sha256(path), "MIT (research use)")
+            )
+            sentences: dict[str, None] = {}
+            for line in path.read_text(encoding="utf-8").splitlines():
+                for part in line.split("\\n"):
+                    sentence = part.strip().lstrip("-").strip()
+                    if len(sentence) > 15:
+                        sentences.setdefault(sentence)
+            for sentence in list(sentences)[:250]:
+                if hateful:
+                    yield Example(
+                        sentence,
+                        frozenset({C.HATE}),
+                        frozenset({C.HATE}),
+                        "toxigen",
+                        hash_split(sentence),
+                    )
+                else:
+                    yield Example(sentence, frozenset(), ALL_KNOWN, "toxigen", hash_split(sentence))
+
+    def _surge(self) -> Iterator[Example]:
+        for row in self._rows("surge-toxicity/toxicity_en.csv", "MIT"):
+            text = row["text"]
+            if row["is_toxic"] == "Toxic":
+                yield Example(
+                    text,
+                    frozenset({C.HARASSMENT}),
+                    frozenset({C.HARASSMENT}),
+                    "surge",
+                    hash_split(text),
+                )
+            else:
+                yield Example(text, frozenset(), ALL_KNOWN, "surge", hash_split(text))
+
+    def _deepset(self) -> Iterator[Example]:
+        import pandas as pd
+
+        for name, split in (
+            ("train-00000-of-00001-9564e8b05b4757ab.parquet", None),
+            ("test-00000-of-00001-701d16158af87368.parquet", Split.TEST),
+        ):
+            frame = pd.read_parquet(self._path(f"deepset-prompt-injections/{name}", "Apache-2.0"))
+            for text, label in zip(frame["text"], frame["label"], strict=True):
+                chosen = split or hash_split(text, dev=20, test=0)
+                if int(label) == 1:
+                    yield Example(
+                        text,
+                        frozenset({Shield.JAILBREAK}),
+                        frozenset({Shield.JAILBREAK}),
+                        "deepset",
+                        chosen,
+                    )
+                else:
+                    yield Example(text, frozenset(), ALL_KNOWN, "deepset", chosen)
+
+    def _jailbreak_prompts(self) -> Iterator[Example]:
+        for name in ("jailbreak_prompts_2023_05_07.csv", "jailbreak_prompts_2023_12_25.csv"):
+            for row in self._rows(f"jailbreak-llms/{name}", "MIT"):
+                text = row["prompt"].strip()
+                if text:
+                    yield Example(
+                        text,
+                        frozenset({Shield.JAILBREAK}),
+                        frozenset({Shield.JAILBREAK}),
+                        "jailbreak-llms",
+                        hash_split(text),
+                    )
+
+    def _giskard(self) -> Iterator[Example]:
+        for row in self._rows("giskard-prompt-injections/prompt_injections.csv", "MIT"):
+            text = row["prompt"]
+            yield Example(
+                text,
+                frozenset({Shield.JAILBREAK}),
+                frozenset({Shield.JAILBREAK}),
+                "giskard",
+                hash_split(text),
+            )
+
+    _FORBIDDEN: dict[str, frozenset[str]] = {
+        "Illegal Activity": frozenset({C.ILLICIT}),
+        "Malware": frozenset({C.ILLICIT}),
+        "Fraud": frozenset({C.ILLICIT}),
+        "Privacy Violence": frozenset({C.ILLICIT}),
+        "Physical Harm": frozenset({C.ILLICIT, C.ILLICIT_VIOLENT, C.VIOLENCE}),
+        "Hate Speech": frozenset({C.HATE}),
+        "Pornography": frozenset({C.SEXUAL}),
+        # Not harmful under OpenAI's moderation taxonomy: known negatives.
+        "Political Lobbying": frozenset(),
+        "Legal Opinion": frozenset(),
+        "Financial Advice": frozenset(),
+        "Health Consultation": frozenset(),
+        # "Economic Harm" and "Gov Decision" mix benign and harmful questions: left out.
+    }
+
+    def _forbidden_questions(self) -> Iterator[Example]:
+        for row in self._rows("jailbreak-llms/forbidden_question_set.csv", "MIT"):
+            positives = self._FORBIDDEN.get(row["content_policy_name"])
+            if positives is None:
+                continue
+            text = row["question"]
+            known = (
+                ALL_KNOWN
+                if not positives
+                else positives | {Shield.JAILBREAK, Shield.INDIRECT_ATTACK}
+            )
+            yield Example(text, positives, known, "forbidden-questions", hash_split(text))
+
+    _ADVBENCH_RULES: tuple[tuple[re.Pattern[str], frozenset[str]], ...] = (
+        (
+            re.compile(r"suicide|self-harm|self harm|cutting|anorexi|bulimi|eating disorder", re.I),
+            frozenset({C.SELF_HARM, C.SELF_HARM_INSTRUCTIONS}),
+        ),
+        (
+            re.compile(
+                r"bomb|explosive|weapon|firearm|gun|kill|murder|poison|assassinat|terror|shoot"
+                r"|attack (?:on|a) |violen|harm (?:someone|others|people)|mass",
+                re.I,
+            ),
+            frozenset({C.ILLICIT, C.ILLICIT_VIOLENT, C.VIOLENCE}),
+        ),
+        (re.compile(r"hate|racis|discriminat|minorit|ethnic", re.I), frozenset({C.HATE})),
+    )
+
+    def _advbench_behaviors(self) -> Iterator[Example]:
+        # Harmful requests without category labels: weak labels by keyword rules, every
+        # row at least illicit. Only the labels a rule sets are known.
+        for row in self._rows("advbench/data/advbench/harmful_behaviors.csv", "MIT"):
+            text = row["goal"]
+            positives: set[str] = set()
+            for pattern, labels in self._ADVBENCH_RULES:
+                if pattern.search(text):
+                    positives |= labels
+            if not positives & {C.SELF_HARM, C.HATE}:
+                positives.add(C.ILLICIT)
+            known = frozenset(positives | {Shield.JAILBREAK, Shield.INDIRECT_ATTACK})
+            yield Example(text, frozenset(positives), known, "advbench", hash_split(text))
+
+    def _mtbench(self) -> Iterator[Example]:
+        # Benign questions and reference answers (Apache-2.0 questions).
+        for relative in (
+            "fastchat-mtbench/mt_bench/question.jsonl",
+            "fastchat-mtbench/vicuna_bench/question.jsonl",
+        ):
+            for line in self._path(relative, "Apache-2.0").read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                turns = row.get("turns") or [row.get("text", "")]
+                for turn in turns:
+                    if turn:
+                        yield Example(turn, frozenset(), ALL_KNOWN, "mtbench", hash_split(turn))
+
+    def _indirect_attacks(self) -> Iterator[Example]:
+        # Indirect attacks: injection sentences from deepset's training split, embedded in
+        # benign documents (MT-Bench reference answers), as retrieved text would carry
+        # them. The same documents without an injection are the negatives.
+        import pandas as pd
+
+        frame = pd.read_parquet(
+            self.data_dir
+            / "deepset-prompt-injections/train-00000-of-00001-9564e8b05b4757ab.parquet"
+        )
+        injections = [
+            text
+            for text, label in zip(frame["text"], frame["label"], strict=True)
+            if int(label) == 1 and len(text) < 400
+        ]
+        documents: list[str] = []
+        for relative in (
+            "fastchat-mtbench/mt_bench/reference_answer/gpt-4.jsonl",
+            "fastchat-mtbench/vicuna_bench/reference_answer/gpt-4.jsonl",
+        ):
+            path = self.data_dir / relative
+            for line in path.read_text(encoding="utf-8").splitlines():
+                for choice in json.loads(line).get("choices", []):
+                    for turn in choice.get("turns", []):
+                        if len(turn) > 200:
+                            documents.append(turn[:900])
+        known = frozenset({Shield.INDIRECT_ATTACK, Shield.JAILBREAK})
+        for number, document in enumerate(documents):
+            split = hash_split(document)
+            yield Example(document, frozenset(), ALL_KNOWN, "mtbench-documents", split)
+            injection = injections[number % len(injections)]
+            cut = document.rfind(". ", 0, len(document) // 2) + 1 or len(document) // 2
+            poisoned = f"{document[:cut]} {injection} {document[cut:]}"
+            yield Example(
+                poisoned,
+                frozenset({Shield.INDIRECT_ATTACK}),
+                known - {Shield.JAILBREAK},
+                "injected-documents",
+                split,
+            )
+
+
+def _clean_tweet(text: str) -> str:
+    text = re.sub(r"&amp;", "&", text)
+    text = re.sub(r"@\w+:?", "@user", text)
+    text = re.sub(r"https?://\S+", "", text)
+    text = re.sub(r"^(?:!+\s*)?RT\s+", "", text)
+    return " ".join(text.split())
+
+
+def _bytes_literal(text: str) -> str:
+    """ToxiGen's CSV stores ``b'...'`` literals; return the decoded text."""
+    if len(text) >= 3 and text[0] == "b" and text[1] in "'\"" and text[-1] == text[1]:
+        inner = text[2:-1]
+        try:
+            return (
+                inner.encode("latin-1", "backslashreplace")
+                .decode("unicode_escape")
+                .encode("latin-1")
+                .decode("utf-8")
+            )
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            return inner
+    return text

@@ -1,0 +1,336 @@
+"""The safety engine: normalise, run every member under a time budget, combine, decide.
+
+Flow for a batch of texts::
+
+    normalize -> members (concurrently, each with its time budget) -> MemberReports
+              -> per text and direction: combine scores per label (max over members),
+                 apply the policy's thresholds and actions, derive Azure severities
+              -> Verdict
+
+Detection (the expensive part) does not depend on direction or policy, so concurrent
+requests are micro-batched into one detection pass (``MicroBatcher``) and each request
+then gets its own decision.
+
+Fail closed: a member that raises or overruns its budget yields a report with an
+``error``; the verdict is blocked, with that reason, unless the policy lists the member
+under ``fail_open``.
+
+Exceptions (all subclass ``SafetyError``)::
+
+    SafetyError
+     +-- InputTooLong     a text exceeds ``max_text_chars``
+     +-- EngineNotReady   members failed to load
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from gateway.safety.classifier import Classifier
+from gateway.safety.normalize import NormalizedText, normalize
+from gateway.safety.policy import Policy
+from gateway.safety.severity import azure_results
+from gateway.safety.taxonomy import Category, Direction, Label, Shield
+from gateway.safety.verdict import (
+    Action,
+    Detection,
+    Finding,
+    LabelResult,
+    MemberReport,
+    Verdict,
+)
+
+DEFAULT_MEMBER_TIMEOUT_S = 2.0
+DEFAULT_MAX_TEXT_CHARS = 32_000
+DEFAULT_MAX_BATCH = 32
+DEFAULT_MAX_WAIT_S = 0.002
+
+ALL_LABELS: tuple[Label, ...] = (*Category, *Shield)
+
+
+class SafetyError(Exception):
+    """Base class of the engine's errors."""
+
+
+class InputTooLong(SafetyError):
+    def __init__(self, *, index: int, length: int, limit: int) -> None:
+        super().__init__(
+            f"input {index} has {length} characters; the limit is {limit} "
+            "(SAFEGATE_ENGINE__MAX_TEXT_CHARS)"
+        )
+        self.index = index
+        self.length = length
+        self.limit = limit
+
+
+class EngineNotReady(SafetyError):
+    """The engine has no loaded members."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSpec:
+    """A loaded member and its time budget."""
+
+    classifier: Classifier
+    timeout_s: float = DEFAULT_MEMBER_TIMEOUT_S
+
+
+class SafetyEngine:
+    """Runs the ensemble and turns member reports into verdicts."""
+
+    def __init__(
+        self,
+        members: Sequence[MemberSpec],
+        *,
+        policy: Policy,
+        max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    ) -> None:
+        if not members:
+            raise EngineNotReady("the safety engine needs at least one member")
+        ids = [spec.classifier.id for spec in members]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"member ids must be unique, got {ids}")
+        self.members = tuple(members)
+        self.policy = policy
+        self.max_text_chars = max_text_chars
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(2, 2 * len(members)), thread_name_prefix="safety-member"
+        )
+        self._tuned = self._tuned_thresholds()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- detection ---------------------------------------------------------------------
+
+    def validate(self, texts: Sequence[str]) -> None:
+        """Raise ``InputTooLong`` for a text over the limit; never truncate silently."""
+        for index, text in enumerate(texts):
+            if len(text) > self.max_text_chars:
+                raise InputTooLong(index=index, length=len(text), limit=self.max_text_chars)
+
+    def detect(self, texts: Sequence[str]) -> list[tuple[MemberReport, ...]]:
+        """Run every member over ``texts``; return each text's member reports."""
+        self.validate(texts)
+        normalized = [normalize(text) for text in texts]
+        started = time.perf_counter()
+        futures = [
+            (spec, self._pool.submit(_timed, spec.classifier, normalized)) for spec in self.members
+        ]
+        per_member = [
+            self._collect(spec, future, count=len(texts), started=started)
+            for spec, future in futures
+        ]
+        return [tuple(reports[i] for reports in per_member) for i in range(len(texts))]
+
+    def _collect(
+        self,
+        spec: MemberSpec,
+        future: Future[tuple[list[Detection], float]],
+        *,
+        count: int,
+        started: float,
+    ) -> list[MemberReport]:
+        member = spec.classifier.id
+        remaining = max(0.0, spec.timeout_s - (time.perf_counter() - started))
+        # wait() rather than result(timeout): a member that itself raises TimeoutError
+        # must be reported as failing, not as overrunning its budget.
+        done, _ = wait([future], timeout=remaining)
+        if not done:
+            future.cancel()
+            error = f"timed out after {spec.timeout_s * 1000:.0f} ms"
+            return [MemberReport(member, spec.timeout_s * 1000, error=error)] * count
+        try:
+            detections, latency_ms = future.result()
+        except Exception as exc:  # noqa: BLE001 - any member failure must fail closed
+            error = f"{type(exc).__name__}: {_first_line(exc)}"
+            elapsed = (time.perf_counter() - started) * 1000
+            return [MemberReport(member, elapsed, error=error)] * count
+        if len(detections) != count:
+            error = f"returned {len(detections)} results for {count} texts"
+            return [MemberReport(member, latency_ms, error=error)] * count
+        return [MemberReport(member, latency_ms, detection=d) for d in detections]
+
+    # -- decision ----------------------------------------------------------------------
+
+    def decide(
+        self,
+        reports: Sequence[MemberReport],
+        *,
+        direction: Direction,
+        policy: Policy | None = None,
+    ) -> Verdict:
+        """Combine one text's member reports under ``policy`` (default: the engine's)."""
+        policy = policy or self.policy
+        labels: dict[Label, LabelResult] = {}
+        for label in ALL_LABELS:
+            threshold = policy.threshold(direction, label, self._tuned)
+            scores = {
+                report.member: report.detection.scores[label]
+                for report in reports
+                if report.detection is not None and label in report.detection.scores
+            }
+            score = max(scores.values(), default=0.0)
+            fired = tuple(member for member, value in scores.items() if value >= threshold)
+            labels[label] = LabelResult(
+                label=label,
+                score=score,
+                threshold=threshold,
+                flagged=bool(fired),
+                action=policy.action(direction, label),
+                members=fired,
+            )
+        reasons: list[str] = []
+        for label, result in labels.items():
+            if result.flagged and result.action is Action.BLOCK:
+                reasons.append(
+                    f"{direction.value} flagged for {label.value} "
+                    f"(score {result.score:.2f} >= threshold {result.threshold:.2f}; "
+                    f"members: {', '.join(result.members)})"
+                )
+        blocked = bool(reasons)
+        for report in reports:
+            if report.error is None:
+                continue
+            if report.member in policy.fail_open:
+                reasons.append(f"member {report.member} failed open: {report.error}")
+            else:
+                blocked = True
+                reasons.append(
+                    f"member {report.member} failed ({report.error}); blocked because the "
+                    "policy fails closed"
+                )
+        findings: tuple[Finding, ...] = tuple(
+            finding
+            for report in reports
+            if report.detection is not None
+            for finding in report.detection.findings
+        )
+        return Verdict(
+            direction=direction,
+            labels=labels,
+            azure=azure_results(labels),
+            members=tuple(reports),
+            blocked=blocked,
+            reasons=tuple(reasons),
+            findings=findings,
+        )
+
+    def check(
+        self,
+        texts: Sequence[str],
+        *,
+        direction: Direction = Direction.PROMPT,
+        policy: Policy | None = None,
+    ) -> list[Verdict]:
+        """Detect and decide in one synchronous call (CLI, evals, tests)."""
+        return [
+            self.decide(reports, direction=direction, policy=policy)
+            for reports in self.detect(texts)
+        ]
+
+    def _tuned_thresholds(self) -> Mapping[Label, float]:
+        tuned: dict[Label, float] = {}
+        for spec in self.members:
+            thresholds: Mapping[Label, float] | None = getattr(spec.classifier, "thresholds", None)
+            if thresholds:
+                for label, value in thresholds.items():
+                    tuned[label] = max(tuned.get(label, 0.0), value)
+        return tuned
+
+
+_Request = tuple[list[str], "asyncio.Future[list[tuple[MemberReport, ...]]]"]
+
+
+class MicroBatcher:
+    """Collects concurrent detection requests and runs them as one batch in one thread.
+
+    CPU inference never runs on the event loop: a single worker thread executes
+    ``engine.detect`` for up to ``max_batch`` texts gathered within ``max_wait_s``.
+    """
+
+    def __init__(
+        self,
+        engine: SafetyEngine,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    ) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-batch")
+
+    async def detect(self, texts: Sequence[str]) -> list[tuple[MemberReport, ...]]:
+        self.engine.validate(texts)
+        if not texts:
+            return []
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(self._queue), name="safety-microbatcher")
+        future: asyncio.Future[list[tuple[MemberReport, ...]]] = loop.create_future()
+        await self._queue.put((list(texts), future))
+        return await future
+
+    async def check(
+        self,
+        texts: Sequence[str],
+        *,
+        direction: Direction,
+        policy: Policy | None = None,
+    ) -> list[Verdict]:
+        reports = await self.detect(texts)
+        return [self.engine.decide(r, direction=direction, policy=policy) for r in reports]
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, queue: asyncio.Queue[_Request]) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            size = len(batch[0][0])
+            deadline = loop.time() + self.max_wait_s
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout)
+                except TimeoutError:
+                    break
+                batch.append(item)
+                size += len(item[0])
+            texts = [text for request_texts, _ in batch for text in request_texts]
+            try:
+                reports = await loop.run_in_executor(self._thread, self.engine.detect, texts)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            offset = 0
+            for request_texts, future in batch:
+                if not future.done():
+                    future.set_result(reports[offset : offset + len(request_texts)])
+                offset += len(request_texts)
+
+
+def _timed(classifier: Classifier, texts: list[NormalizedText]) -> tuple[list[Detection], float]:
+    started = time.perf_counter()
+    detections = classifier.classify(texts)
+    return detections, (time.perf_counter() - started) * 1000
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no message"

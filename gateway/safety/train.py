@@ -1,0 +1,391 @@
+"""Train, calibrate and tune the encoder heads; write the weights and their model card.
+
+Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
+
+1. Build the corpus (``gateway.safety.corpus``): permissive public sets plus the
+   project's own examples, with known-label masks and train/dev/test splits.
+2. Embed every text once with the frozen sentence encoder, on the same normalised view
+   the engine classifies at run time. Embeddings are cached by text hash.
+3. Fit heads with a masked, weighted binary cross-entropy: a linear layer, and a
+   one-hidden-layer MLP; keep whichever has the better mean dev AUPRC.
+4. Calibrate each label with Platt scaling on the dev split.
+5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
+   benign prompts (refusal-direction harmless validation split plus the benign part of
+   the project's own dev examples) are flagged at most ``benign_flag_budget`` of the time.
+6. Measure on the test split and the benign test sets; write heads.safetensors and
+   model_card.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import average_precision_score, precision_recall_curve
+
+from gateway.safety.corpus import HEAD_LABELS, Corpus, Example, Split, file_sha256
+from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
+from gateway.safety.heads import Heads
+from gateway.safety.normalize import normalize
+
+FloatArray = npt.NDArray[np.float32]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of ``safegate safety train``; saved inside the model card."""
+
+    data_dir: Path = field(metadata={"help": "folder holding the public data sets"})
+    own_examples: Path = field(metadata={"help": "the project's own labelled examples (JSONL)"})
+    output_dir: Path = field(metadata={"help": "where heads.safetensors and model_card.json go"})
+    cache_dir: Path = field(metadata={"help": "embedding cache"})
+    encoder: str = field(default=BUNDLED_ENCODER, metadata={"help": "sentence encoder"})
+    hidden: int = field(default=256, metadata={"help": "hidden units of the MLP variant"})
+    epochs: int = field(default=60, metadata={"help": "passes over the training split"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
+    own_weight: float = field(default=4.0, metadata={"help": "sample weight of own examples"})
+    max_pos_weight: float = field(default=10.0, metadata={"help": "cap on positive re-weighting"})
+    benign_flag_budget: float = field(
+        default=0.04, metadata={"help": "max share of benign prompts flagged"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.benign_flag_budget < 1.0:
+            raise ValueError("benign_flag_budget must be within (0, 1)")
+        if self.epochs < 1 or self.hidden < 0:
+            raise ValueError("epochs must be >= 1 and hidden >= 0")
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in sorted(asdict(self).items())
+        }
+
+
+@dataclass
+class Matrix:
+    x: FloatArray
+    y: FloatArray
+    known: FloatArray
+    weight: FloatArray
+    examples: list[Example]
+
+
+def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, object]:
+    """Train and write the artifacts; return the model card."""
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    corpus = Corpus(config.data_dir, config.own_examples)
+    examples = corpus.training_examples()
+    benign_tune, benign_test = _benign_sets(config, examples)
+    encoder = SentenceEncoder(config.encoder)
+    embed = _embedder(encoder, config.cache_dir, progress)
+    matrices = {
+        split: _matrix([e for e in examples if e.split == split], embed, config) for split in Split
+    }
+    benign_tune_x = embed(benign_tune)
+    benign_test_x = embed(benign_test)
+
+    variants = {"linear": 0, "mlp": config.hidden}
+    fitted = {
+        name: _fit(matrices[Split.TRAIN], hidden, config) for name, hidden in variants.items()
+    }
+    dev_scores = {name: _mean_auprc(model, matrices[Split.DEV]) for name, model in fitted.items()}
+    chosen = max(dev_scores, key=lambda name: dev_scores[name])
+    heads = _calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
+    heads = _tune_thresholds(heads, matrices[Split.DEV], benign_tune_x, config.benign_flag_budget)
+
+    card: dict[str, object] = {
+        "schema_version": 1,
+        "name": "safegate-encoder-heads",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "encoder": config.encoder,
+        "architecture": {
+            "variant": chosen,
+            "hidden": variants[chosen],
+            "labels": list(HEAD_LABELS),
+        },
+        "selection": {
+            "dev_mean_auprc": {name: round(score, 4) for name, score in dev_scores.items()}
+        },
+        "calibration": (
+            "Platt scaling per label on the dev split (scale and shift of the head logit)"
+        ),
+        "thresholds": {label: round(value, 4) for label, value in heads.thresholds().items()},
+        "metrics": {
+            "dev": _label_metrics(heads, matrices[Split.DEV]),
+            "test": _label_metrics(heads, matrices[Split.TEST]),
+            "benign_flag_rate": {
+                "tuning (refusal-direction harmless val + own benign dev)": _flag_rate(
+                    heads, benign_tune_x
+                ),
+                "test (refusal-direction harmless test + own benign held-out)": _flag_rate(
+                    heads, benign_test_x
+                ),
+            },
+        },
+        "data": {
+            "files": [asdict(source) for source in corpus.files],
+            "examples": {split.value: len(matrices[split].examples) for split in Split},
+            "positives_train": _positive_counts(matrices[Split.TRAIN]),
+            "measurement_only": [
+                "refusal-direction harmless (CC-BY-NC-4.0 via Alpaca): threshold tuning "
+                "and benign test only, never fitted"
+            ],
+            "notes": [
+                "ToxiGen data (toxigen, toxigen-annotated) is released for research use.",
+                "Self-harm, sexual, violence and illicit have little public labelled data "
+                "here; the project's own hand-written examples "
+                "(data/safety/own_examples.jsonl) fill that gap; their held-out part is "
+                "the test split for those labels.",
+                "AdvBench behaviours carry weak category labels from keyword rules "
+                "(gateway/safety/corpus.py).",
+                "Indirect-attack positives are deepset injections embedded in MT-Bench "
+                "reference answers, plus own examples.",
+            ],
+        },
+        "training": {
+            "command": "safegate safety train --data-dir ../shared/data",
+            "config": config.to_json(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    heads.save(config.output_dir / "heads.safetensors")
+    card["weights_sha256"] = file_sha256(config.output_dir / "heads.safetensors")
+    (config.output_dir / "model_card.json").write_text(
+        json.dumps(card, indent=2, sort_keys=True) + "\n"
+    )
+    return card
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+def _benign_sets(config: TrainConfig, examples: Sequence[Example]) -> tuple[list[str], list[str]]:
+    """Benign prompts for threshold tuning and for the benign test (measurement only)."""
+    folder = config.data_dir / "refusal-direction"
+    val = [row["instruction"] for row in json.loads((folder / "harmless_val.json").read_text())]
+    test = [row["instruction"] for row in json.loads((folder / "harmless_test.json").read_text())]
+    own_benign = [e for e in examples if e.source == "own" and not e.positives]
+    tune = val[:2000] + [e.text for e in own_benign if e.split != Split.TEST]
+    held = test[:2000] + [e.text for e in own_benign if e.split == Split.TEST]
+    return tune, held
+
+
+def _embedder(
+    encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None
+) -> Callable[[Sequence[str]], FloatArray]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(f"{encoder.name}|{encoder.max_tokens}".encode()).hexdigest()[:12]
+    path = cache_dir / f"embeddings-{tag}.npz"
+    cache: dict[str, FloatArray] = {}
+    if path.exists():
+        with np.load(path) as stored:
+            cache = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
+
+    def save() -> None:
+        np.savez(path, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
+
+    def embed(texts: Sequence[str]) -> FloatArray:
+        folded = [normalize(text).folded for text in texts]
+        keys = [hashlib.sha256(text.encode()).hexdigest() for text in folded]
+        pending = {key: text for key, text in zip(keys, folded, strict=True) if key not in cache}
+        # Longest first, so each batch pads little; saved every few thousand texts so an
+        # interrupted run resumes where it stopped.
+        missing = sorted(pending.items(), key=lambda item: -len(item[1]))
+        chunk = 512
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            vectors = encoder.embed(
+                [text for _, text in part], batch_size=32, first_window_only=True
+            ).vectors
+            cache.update(zip([key for key, _ in part], vectors, strict=True))
+            if progress:
+                progress("embedding", min(start + chunk, len(missing)), len(missing))
+            if (start // chunk) % 8 == 7:
+                save()
+        if missing:
+            save()
+        return (
+            np.stack([cache[key] for key in keys])
+            if keys
+            else np.zeros((0, encoder.dimension), np.float32)
+        )
+
+    return embed
+
+
+def _matrix(
+    examples: list[Example], embed: Callable[[Sequence[str]], FloatArray], config: TrainConfig
+) -> Matrix:
+    index = {label: i for i, label in enumerate(HEAD_LABELS)}
+    y = np.zeros((len(examples), len(HEAD_LABELS)), np.float32)
+    known = np.zeros_like(y)
+    weight = np.ones(len(examples), np.float32)
+    for row, example in enumerate(examples):
+        for label in example.known:
+            known[row, index[label]] = 1.0
+        for label in example.positives:
+            y[row, index[label]] = 1.0
+        if example.source == "own":
+            weight[row] = config.own_weight
+    return Matrix(embed([e.text for e in examples]), y, known, weight, examples)
+
+
+def _positive_counts(matrix: Matrix) -> dict[str, int]:
+    return {label: int(matrix.y[:, i].sum()) for i, label in enumerate(HEAD_LABELS)}
+
+
+# -- fitting -----------------------------------------------------------------------------
+
+
+def _fit(matrix: Matrix, hidden: int, config: TrainConfig) -> torch.nn.Module:
+    torch.manual_seed(config.seed)
+    dimension, labels = matrix.x.shape[1], matrix.y.shape[1]
+    layers: list[torch.nn.Module] = []
+    if hidden:
+        layers += [torch.nn.Linear(dimension, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1)]
+    layers.append(torch.nn.Linear(hidden or dimension, labels))
+    model = torch.nn.Sequential(*layers)
+    x, y = torch.from_numpy(matrix.x), torch.from_numpy(matrix.y)
+    known, weight = torch.from_numpy(matrix.known), torch.from_numpy(matrix.weight)
+    positives = (y * known).sum(0)
+    negatives = ((1 - y) * known).sum(0)
+    pos_weight = (negatives / positives.clamp(min=1)).clamp(1.0, config.max_pos_weight)
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    batch = 256
+    for _ in range(config.epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(order), batch):
+            index = order[start : start + batch]
+            logits = model(x[index])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, y[index], pos_weight=pos_weight, reduction="none"
+            )
+            loss = (loss * known[index] * weight[index, None]).sum() / known[index].sum().clamp(
+                min=1
+            )
+            optimiser.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimiser.step()
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module, x: FloatArray) -> FloatArray:
+    with torch.inference_mode():
+        logits: FloatArray = model(torch.from_numpy(x)).numpy()
+    return logits
+
+
+def _mean_auprc(model: torch.nn.Module, matrix: Matrix) -> float:
+    logits = _logits(model, matrix.x)
+    scores = []
+    for i in range(len(HEAD_LABELS)):
+        mask = matrix.known[:, i] > 0
+        if matrix.y[mask, i].sum() >= 3 and (1 - matrix.y[mask, i]).sum() >= 3:
+            scores.append(average_precision_score(matrix.y[mask, i], logits[mask, i]))
+    return float(np.mean(scores))
+
+
+def _calibrate(model: torch.nn.Module, dev: Matrix, *, encoder: str) -> Heads:
+    linear_layers = [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+    out = linear_layers[-1]
+    hidden = linear_layers[0] if len(linear_layers) > 1 else None
+    logits = _logits(model, dev.x)
+    scale = np.ones(len(HEAD_LABELS), np.float32)
+    shift = np.zeros(len(HEAD_LABELS), np.float32)
+    for i in range(len(HEAD_LABELS)):
+        mask = dev.known[:, i] > 0
+        target = dev.y[mask, i]
+        if target.sum() < 3 or (1 - target).sum() < 3:
+            continue  # too few dev examples to fit; keep the identity calibration
+        platt = LogisticRegression(C=1e4).fit(logits[mask, i, None], target)
+        scale[i], shift[i] = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    return Heads(
+        labels=HEAD_LABELS,
+        encoder=encoder,
+        out_weight=out.weight.detach().numpy().astype(np.float32),
+        out_bias=out.bias.detach().numpy().astype(np.float32),
+        calib_scale=scale,
+        calib_shift=shift,
+        threshold=np.full(len(HEAD_LABELS), 0.5, np.float32),
+        hidden_weight=None if hidden is None else hidden.weight.detach().numpy().astype(np.float32),
+        hidden_bias=None if hidden is None else hidden.bias.detach().numpy().astype(np.float32),
+    )
+
+
+def _tune_thresholds(heads: Heads, dev: Matrix, benign: FloatArray, budget: float) -> Heads:
+    probabilities = heads.probabilities(dev.x)
+    thresholds = np.full(len(heads.labels), 0.5, np.float32)
+    for i in range(len(heads.labels)):
+        mask = dev.known[:, i] > 0
+        target = dev.y[mask, i]
+        if target.sum() < 3:
+            continue
+        precision, recall, cuts = precision_recall_curve(target, probabilities[mask, i])
+        f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-9, None)
+        # Never below 0.3: a calibrated score under that is more likely benign than not.
+        thresholds[i] = float(np.clip(cuts[int(np.argmax(f1))], 0.3, 0.95))
+    benign_p = heads.probabilities(benign)
+    for _ in range(400):
+        over = benign_p >= thresholds
+        if over.any(axis=1).mean() <= budget:
+            break
+        culprit = int(np.argmax(over.sum(axis=0)))
+        thresholds[culprit] = min(0.99, thresholds[culprit] + 0.01)
+    return Heads(**{**heads.__dict__, "threshold": thresholds})
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+def _label_metrics(heads: Heads, matrix: Matrix) -> dict[str, dict[str, float | int]]:
+    probabilities = heads.probabilities(matrix.x)
+    out: dict[str, dict[str, float | int]] = {}
+    for i, label in enumerate(heads.labels):
+        mask = matrix.known[:, i] > 0
+        target = matrix.y[mask, i]
+        predicted = probabilities[mask, i] >= heads.threshold[i]
+        positives = int(target.sum())
+        row: dict[str, float | int] = {
+            "positives": positives,
+            "negatives": int(len(target) - positives),
+        }
+        if positives and positives < len(target):
+            true_pos = int((predicted & (target > 0)).sum())
+            precision = true_pos / max(int(predicted.sum()), 1)
+            recall = true_pos / positives
+            row["auprc"] = round(float(average_precision_score(target, probabilities[mask, i])), 4)
+            row["f1"] = round(2 * precision * recall / max(precision + recall, 1e-9), 4)
+            row["false_positive_rate"] = round(
+                float((predicted & (target == 0)).sum() / (len(target) - positives)), 4
+            )
+        out[label] = row
+    return out
+
+
+def _flag_rate(heads: Heads, x: FloatArray) -> float:
+    return round(float((heads.probabilities(x) >= heads.threshold).any(axis=1).mean()), 4)

@@ -1,0 +1,1 @@
+"""The ``safegate`` command: one entry point over the four packages (see ARCHITECTURE.md)."""

@@ -1,0 +1,104 @@
+"""The shared encoder (both backends), the heads artifact and the shipped model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.safety.corpus import HEAD_LABELS
+from gateway.safety.encoder import Backend, SentenceEncoder
+from gateway.safety.heads import Heads, HeadsFormatError
+from gateway.safety.members.encoder_heads import SHIPPED_HEADS
+
+WEIGHTS = SHIPPED_HEADS.parent
+TEXTS = [
+    "Can you recommend a good book about the history of Rome?",
+    "ok",
+    "The quick brown fox jumps over the lazy dog. " * 120,  # several 256-token windows
+]
+
+
+@pytest.fixture(scope="module")
+def torch_encoder() -> SentenceEncoder:
+    return SentenceEncoder()
+
+
+def test_onnx_backend_matches_torch(torch_encoder: SentenceEncoder, tmp_path: Path) -> None:
+    onnx = SentenceEncoder(backend=Backend.ONNX, cache_dir=tmp_path)
+    expected = torch_encoder.embed(TEXTS)
+    actual = onnx.embed(TEXTS)
+    assert np.array_equal(expected.owner, actual.owner)
+    assert np.abs(expected.vectors - actual.vectors).max() < 1e-4
+    assert list(tmp_path.glob("encoder-*.onnx")), "the exported graph is cached"
+
+
+def test_long_text_is_split_into_overlapping_windows_not_truncated(
+    torch_encoder: SentenceEncoder,
+) -> None:
+    counts = torch_encoder.count_windows(TEXTS)
+    assert counts[:2] == [1, 1]
+    tokens = len(torch_encoder.tokenizer(TEXTS[2])["input_ids"])
+    usable = torch_encoder.max_tokens - 2 - torch_encoder.stride
+    assert counts[2] >= tokens // usable
+    embedded = torch_encoder.embed(TEXTS)
+    assert (embedded.owner == 2).sum() == counts[2]
+    norms = np.linalg.norm(embedded.vectors, axis=1)
+    assert np.allclose(norms, 1.0, atol=1e-5)
+
+
+def test_heads_round_trip_through_safetensors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    heads = Heads(
+        labels=("hate", "jailbreak"),
+        encoder="bundled:all-MiniLM-L6-v2",
+        out_weight=rng.normal(size=(2, 8)).astype(np.float32),
+        out_bias=np.zeros(2, np.float32),
+        calib_scale=np.ones(2, np.float32),
+        calib_shift=np.zeros(2, np.float32),
+        threshold=np.array([0.4, 0.6], np.float32),
+        hidden_weight=rng.normal(size=(8, 4)).astype(np.float32),
+        hidden_bias=np.zeros(8, np.float32),
+    )
+    heads.save(tmp_path / "h.safetensors")
+    loaded = Heads.load(tmp_path / "h.safetensors")
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    assert np.allclose(heads.probabilities(x), loaded.probabilities(x))
+    assert loaded.thresholds() == pytest.approx({"hate": 0.4, "jailbreak": 0.6})
+    probabilities = loaded.probabilities(x * 1000)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+def test_heads_refuse_a_foreign_file(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(HeadsFormatError, match="format"):
+        Heads.load(tmp_path / "other.safetensors")
+    with pytest.raises(HeadsFormatError, match="not found"):
+        Heads.load(tmp_path / "missing.safetensors")
+
+
+def test_shipped_weights_are_small_and_documented() -> None:
+    total = sum(path.stat().st_size for path in WEIGHTS.iterdir() if path.is_file())
+    assert total <= 5 * 2**20
+    heads = Heads.load(SHIPPED_HEADS)
+    assert heads.labels == HEAD_LABELS
+    card = json.loads((WEIGHTS / "model_card.json").read_text())
+    assert card["training"]["command"].startswith("safegate safety train")
+    assert all(len(entry["sha256"]) == 64 for entry in card["data"]["files"])
+    assert set(card["thresholds"]) == set(HEAD_LABELS)
+    assert card["metrics"]["test"]["hate"]["auprc"] > 0.5
+
+
+def test_sentence_chunks_pack_whole_sentences() -> None:
+    from gateway.safety.members.encoder_heads import sentence_chunks
+
+    assert sentence_chunks("Short text. Two sentences.") == []
+    text = "One sentence here. " * 30 + "The last one!"
+    chunks = sentence_chunks(text, limit=100)
+    assert all(len(chunk) <= 100 for chunk in chunks)
+    assert " ".join(chunks) == " ".join(text.split())
+    assert chunks[-1].endswith("The last one!")
