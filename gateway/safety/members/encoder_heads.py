@@ -6,7 +6,8 @@ its highest score: 256-token windows with overlap (so nothing is truncated and l
 jailbreak prompts are read whole), and sentence chunks of about ``CHUNK_CHARS``
 characters (so one harmful sentence buried in a long document is not averaged away by
 the mean pooling of a window full of benign text). The heads, their Platt calibration
-and their tuned thresholds live in one safetensors file written by ``safegate safety train``; its model card sits beside it.
+and their tuned thresholds live in one safetensors file written by
+``safegate safety train``; its model card sits beside it.
 """
 
 from __future__ import annotations
