@@ -116,17 +116,22 @@ def main() -> None:
     record["corpus_test"] = per_label
 
     # 2. toxicchat (measurement only)
-    rows = json.loads((data / "toxicchat-train/toxic_chat_train.json").read_text())[:cap]
+    instances = json.loads((data / "toxicchat-train/toxic_chat_train.json").read_text())[
+        "instances"
+    ]
+    rows = instances[:cap]
+    toxicity = [int(r["annotations"]["toxicity"]["majority_human"]) for r in rows]
+    jailbreaking = [int(r["annotations"]["jailbreaking"]["majority_human"]) for r in rows]
     toxic = verdicts(engine, [row["instance"] for row in rows])
     record["toxicchat"] = {
         "rows": len(rows),
-        "toxicity_auprc_max_harm": auprc(
-            [int(r["toxicity"]) for r in rows], [harm_score(v) for v in toxic]
+        "toxicity_auprc_max_harm": auprc(toxicity, [harm_score(v) for v in toxic]),
+        "jailbreaking_auprc_attack_shield": auprc(jailbreaking, [attack_score(v) for v in toxic]),
+        "toxicity_prevalence": rate([bool(t) for t in toxicity]),
+        "blocked_toxic": rate([v.blocked for v, t in zip(toxic, toxicity, strict=True) if t]),
+        "blocked_non_toxic": rate(
+            [v.blocked for v, t in zip(toxic, toxicity, strict=True) if not t]
         ),
-        "jailbreaking_auprc_attack_shield": auprc(
-            [int(r["jailbreaking"]) for r in rows], [attack_score(v) for v in toxic]
-        ),
-        "toxicity_prevalence": rate([r["toxicity"] == "1" for r in rows]),
     }
 
     # 3. deepset test split

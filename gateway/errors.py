@@ -110,8 +110,10 @@ def install(app: FastAPI) -> None:
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(location) or None
         if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+            position = first.get("ctx", {}).get("error", "")
+            message = f"the request body is not valid JSON ({position})".replace(" ()", "")
             code = "invalid_json"
+            param = None
         else:
             detail = first.get("msg", "invalid request")
             message = f"{param}: {detail}" if param else str(detail)

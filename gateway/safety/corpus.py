@@ -403,8 +403,10 @@ class Corpus:
 
     def _indirect_attacks(self) -> Iterator[Example]:
         # Indirect attacks: injection sentences from deepset's training split, embedded in
-        # benign documents (MT-Bench reference answers), as retrieved text would carry
-        # them. The same documents without an injection are the negatives.
+        # benign documents as retrieved text would carry them. Carriers are MT-Bench and
+        # Vicuna reference answers cut into passages, and pages of several benign
+        # questions; each carrier appears clean (a negative) and with an injection at two
+        # positions (positives), each time a different injection.
         import pandas as pd
 
         frame = pd.read_parquet(
@@ -416,7 +418,28 @@ class Corpus:
             for text, label in zip(frame["text"], frame["label"], strict=True)
             if int(label) == 1 and len(text) < 400
         ]
-        documents: list[str] = []
+        documents = self._carrier_documents()
+        known = frozenset({Shield.INDIRECT_ATTACK})
+        for number, document in enumerate(documents):
+            split = hash_split(document)
+            yield Example(document, frozenset(), ALL_KNOWN, "carrier-documents", split)
+            for variant in range(2):
+                injection = injections[(2 * number + variant) % len(injections)]
+                sentences = [m.end() for m in re.finditer(r"[.!?]\s", document)]
+                cut = (
+                    sentences[len(sentences) // 2] if variant == 0 and sentences else len(document)
+                )
+                poisoned = f"{document[:cut].rstrip()} {injection} {document[cut:].lstrip()}"
+                yield Example(
+                    poisoned.strip(),
+                    frozenset({Shield.INDIRECT_ATTACK}),
+                    known,
+                    "injected-documents",
+                    split,
+                )
+
+    def _carrier_documents(self) -> list[str]:
+        passages: list[str] = []
         for relative in (
             "fastchat-mtbench/mt_bench/reference_answer/gpt-4.jsonl",
             "fastchat-mtbench/vicuna_bench/reference_answer/gpt-4.jsonl",
@@ -425,22 +448,23 @@ class Corpus:
             for line in path.read_text(encoding="utf-8").splitlines():
                 for choice in json.loads(line).get("choices", []):
                     for turn in choice.get("turns", []):
-                        if len(turn) > 200:
-                            documents.append(turn[:900])
-        known = frozenset({Shield.INDIRECT_ATTACK, Shield.JAILBREAK})
-        for number, document in enumerate(documents):
-            split = hash_split(document)
-            yield Example(document, frozenset(), ALL_KNOWN, "mtbench-documents", split)
-            injection = injections[number % len(injections)]
-            cut = document.rfind(". ", 0, len(document) // 2) + 1 or len(document) // 2
-            poisoned = f"{document[:cut]} {injection} {document[cut:]}"
-            yield Example(
-                poisoned,
-                frozenset({Shield.INDIRECT_ATTACK}),
-                known - {Shield.JAILBREAK},
-                "injected-documents",
-                split,
-            )
+                        for start in range(0, len(turn), 700):
+                            passage = turn[start : start + 700]
+                            if len(passage) > 200:
+                                passages.append(passage)
+        questions: list[str] = []
+        for relative in (
+            "fastchat-mtbench/mt_bench/question.jsonl",
+            "fastchat-mtbench/vicuna_bench/question.jsonl",
+        ):
+            path = self.data_dir / relative
+            for line in path.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                questions.extend(row.get("turns") or [row.get("text", "")])
+        pages = [
+            "\n".join(questions[start : start + 4]) for start in range(0, len(questions) - 3, 4)
+        ]
+        return passages + pages
 
 
 def _clean_tweet(text: str) -> str:

@@ -162,7 +162,10 @@ def test_broken_json_is_a_400(client: TestClient) -> None:
         headers={"content-type": "application/json"},
     )
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_json"
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json"
+    assert error["param"] is None
+    assert error["message"].startswith("the request body is not valid JSON")
 
 
 def test_too_many_inputs_is_a_400(client: TestClient, settings: Settings) -> None:
