@@ -782,12 +782,11 @@ def test_api_broken_json_and_unknown_fields_are_refused(client: TestClient) -> N
         headers={"content-type": "application/json"},
     )
     assert broken.status_code == 400
-    assert broken.json() == error(
-        "the request body is not valid JSON",
-        type="invalid_request_error",
-        param=broken.json()["error"]["param"],
-        code="invalid_json",
-    )
+    body = broken.json()["error"]
+    assert body["message"].startswith("the request body is not valid JSON")
+    assert body["type"] == "invalid_request_error"
+    assert body["param"] is None
+    assert body["code"] == "invalid_json"
     unknown = client.post("/v1/blocklists", json={"name": "codenames", "colour": "red"})
     assert unknown.status_code == 400
     assert unknown.json()["error"]["param"] == "colour"
