@@ -47,11 +47,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
 
 
+MEMBER_ERRORS: list[str] = []
+
+
 def verdicts(engine: SafetyEngine, texts: Sequence[str]) -> list[Verdict]:
+    """Check texts in batches; member failures are counted and reported, not hidden."""
     out: list[Verdict] = []
     for start in range(0, len(texts), BATCH):
         chunk = [text[: engine.max_text_chars] for text in texts[start : start + BATCH]]
         out.extend(engine.check(chunk, direction=Direction.PROMPT))
+    MEMBER_ERRORS.extend(r.error for v in out for r in v.members if r.error is not None)
     return out
 
 
@@ -227,6 +232,7 @@ def main() -> None:
             [v.blocked for v in verdicts(engine, jailbreaks)]
         ),
     }
+    record["member_errors"] = {"count": len(MEMBER_ERRORS), "first": MEMBER_ERRORS[:3]}
     record["seconds"] = round(time.perf_counter() - started, 1)
     engine.close()
     json.dump(record, sys.stdout, indent=2)

@@ -20,6 +20,7 @@ from gateway.safety.engine import (
     DEFAULT_MAX_TEXT_CHARS,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_MEMBER_TIMEOUT_S,
+    DEFAULT_TIMEOUT_PER_KCHAR_S,
 )
 from gateway.safety.members.encoder_heads import SHIPPED_HEADS
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
@@ -91,6 +92,11 @@ class LlmJudgeSettings(BaseModel):
 
 class EngineSettings(BaseModel):
     max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
+    timeout_per_kchar_s: float = Field(
+        default=DEFAULT_TIMEOUT_PER_KCHAR_S,
+        ge=0,
+        description="extra time budget per member per 1,000 characters in a batch",
+    )
     max_batch: int = Field(default=DEFAULT_MAX_BATCH, ge=1)
     max_wait_s: float = Field(default=DEFAULT_MAX_WAIT_S, ge=0)
 

@@ -8,6 +8,7 @@ naming it: the service never starts with a silently missing classifier.
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine
@@ -79,7 +80,8 @@ def build_members(settings: Settings, *, blocklists: BlocklistSource | None) -> 
                 config_judge.timeout_s + 1.0,
             )
         )
-    return specs
+    per_kchar = settings.engine.timeout_per_kchar_s
+    return [replace(spec, timeout_per_kchar_s=per_kchar) for spec in specs]
 
 
 def build_engine(settings: Settings, *, blocklists: BlocklistSource | None) -> SafetyEngine:

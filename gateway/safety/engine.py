@@ -28,7 +28,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.safety.classifier import Classifier
 from gateway.safety.normalize import NormalizedText, normalize
@@ -45,6 +45,9 @@ from gateway.safety.verdict import (
 )
 
 DEFAULT_MEMBER_TIMEOUT_S = 2.0
+# A batch's budget grows with its text: a member gets timeout_s plus this much per
+# 1,000 characters, so 64 long documents are not held to the budget of one prompt.
+DEFAULT_TIMEOUT_PER_KCHAR_S = 0.05
 DEFAULT_MAX_TEXT_CHARS = 32_000
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_WAIT_S = 0.002
@@ -77,6 +80,11 @@ class MemberSpec:
 
     classifier: Classifier
     timeout_s: float = DEFAULT_MEMBER_TIMEOUT_S
+    timeout_per_kchar_s: float = DEFAULT_TIMEOUT_PER_KCHAR_S
+
+    def budget(self, characters: int) -> float:
+        """Seconds this member may take for a batch of ``characters`` characters."""
+        return self.timeout_s + self.timeout_per_kchar_s * characters / 1000
 
 
 class SafetyEngine:
@@ -121,8 +129,11 @@ class SafetyEngine:
         futures = [
             (spec, self._pool.submit(_timed, spec.classifier, normalized)) for spec in self.members
         ]
+        characters = sum(len(text) for text in texts)
         per_member = [
-            self._collect(spec, future, count=len(texts), started=started)
+            self._collect(
+                spec, future, budget=spec.budget(characters), count=len(texts), started=started
+            )
             for spec, future in futures
         ]
         return [tuple(reports[i] for reports in per_member) for i in range(len(texts))]
@@ -132,18 +143,19 @@ class SafetyEngine:
         spec: MemberSpec,
         future: Future[tuple[list[Detection], float]],
         *,
+        budget: float,
         count: int,
         started: float,
     ) -> list[MemberReport]:
         member = spec.classifier.id
-        remaining = max(0.0, spec.timeout_s - (time.perf_counter() - started))
+        remaining = max(0.0, budget - (time.perf_counter() - started))
         # wait() rather than result(timeout): a member that itself raises TimeoutError
         # must be reported as failing, not as overrunning its budget.
         done, _ = wait([future], timeout=remaining)
         if not done:
             future.cancel()
-            error = f"timed out after {spec.timeout_s * 1000:.0f} ms"
-            return [MemberReport(member, spec.timeout_s * 1000, error=error)] * count
+            error = f"timed out after {budget * 1000:.0f} ms"
+            return [MemberReport(member, budget * 1000, error=error)] * count
         try:
             detections, latency_ms = future.result()
         except Exception as exc:  # noqa: BLE001 - any member failure must fail closed
@@ -184,6 +196,7 @@ class SafetyEngine:
                 action=policy.action(direction, label),
                 members=fired,
             )
+        _flag_parents(labels)
         reasons: list[str] = []
         for label, result in labels.items():
             if result.flagged and result.action is Action.BLOCK:
@@ -323,6 +336,21 @@ class MicroBatcher:
                 if not future.done():
                     future.set_result(reports[offset : offset + len(request_texts)])
                 offset += len(request_texts)
+
+
+def _flag_parents(labels: dict[Label, LabelResult]) -> None:
+    """A flagged subcategory flags its parent, as in OpenAI's taxonomy (in place)."""
+    for label, result in list(labels.items()):
+        if not (isinstance(label, Category) and result.flagged and label.parent is not label):
+            continue
+        parent = labels[label.parent]
+        if not parent.flagged:
+            labels[label.parent] = replace(
+                parent,
+                score=max(parent.score, result.score),
+                flagged=True,
+                members=tuple(dict.fromkeys((*parent.members, *result.members))),
+            )
 
 
 def _timed(classifier: Classifier, texts: list[NormalizedText]) -> tuple[list[Detection], float]:

@@ -98,8 +98,8 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     matrices = {
         split: _matrix([e for e in examples if e.split == split], embed, config) for split in Split
     }
-    benign_tune_x = embed(benign_tune)
-    benign_test_x = embed(benign_test)
+    benign_tune_x = {name: embed(texts) for name, texts in benign_tune.items()}
+    benign_test_x = {name: embed(texts) for name, texts in benign_test.items()}
 
     variants = {"linear": 0, "mlp": config.hidden}
     fitted = {
@@ -108,7 +108,9 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     dev_scores = {name: _mean_auprc(model, matrices[Split.DEV]) for name, model in fitted.items()}
     chosen = max(dev_scores, key=lambda name: dev_scores[name])
     heads = _calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
-    heads = _tune_thresholds(heads, matrices[Split.DEV], benign_tune_x, config.benign_flag_budget)
+    heads = _tune_thresholds(
+        heads, matrices[Split.DEV], list(benign_tune_x.values()), config.benign_flag_budget
+    )
 
     card: dict[str, object] = {
         "schema_version": 1,
@@ -131,12 +133,8 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
             "dev": _label_metrics(heads, matrices[Split.DEV]),
             "test": _label_metrics(heads, matrices[Split.TEST]),
             "benign_flag_rate": {
-                "tuning (refusal-direction harmless val + own benign dev)": _flag_rate(
-                    heads, benign_tune_x
-                ),
-                "test (refusal-direction harmless test + own benign held-out)": _flag_rate(
-                    heads, benign_test_x
-                ),
+                **{f"tuning: {name}": _flag_rate(heads, x) for name, x in benign_tune_x.items()},
+                **{f"test: {name}": _flag_rate(heads, x) for name, x in benign_test_x.items()},
             },
         },
         "data": {
@@ -180,14 +178,27 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
 # -- data --------------------------------------------------------------------------------
 
 
-def _benign_sets(config: TrainConfig, examples: Sequence[Example]) -> tuple[list[str], list[str]]:
-    """Benign prompts for threshold tuning and for the benign test (measurement only)."""
+def _benign_sets(
+    config: TrainConfig, examples: Sequence[Example]
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Benign prompts for threshold tuning and for the benign test, by source.
+
+    refusal-direction's harmless prompts are measurement-only data: they constrain the
+    thresholds and are never fitted. The project's own benign examples are tuned on their
+    dev split and tested on their held-out split, never on what the heads were fitted on.
+    """
     folder = config.data_dir / "refusal-direction"
     val = [row["instruction"] for row in json.loads((folder / "harmless_val.json").read_text())]
     test = [row["instruction"] for row in json.loads((folder / "harmless_test.json").read_text())]
     own_benign = [e for e in examples if e.source == "own" and not e.positives]
-    tune = val[:2000] + [e.text for e in own_benign if e.split != Split.TEST]
-    held = test[:2000] + [e.text for e in own_benign if e.split == Split.TEST]
+    tune = {
+        "refusal-direction harmless val": val[:2000],
+        "own benign dev": [e.text for e in own_benign if e.split == Split.DEV],
+    }
+    held = {
+        "refusal-direction harmless test": test[:2000],
+        "own benign held-out": [e.text for e in own_benign if e.split == Split.TEST],
+    }
     return tune, held
 
 
@@ -337,7 +348,9 @@ def _calibrate(model: torch.nn.Module, dev: Matrix, *, encoder: str) -> Heads:
     )
 
 
-def _tune_thresholds(heads: Heads, dev: Matrix, benign: FloatArray, budget: float) -> Heads:
+def _tune_thresholds(
+    heads: Heads, dev: Matrix, benign_sets: Sequence[FloatArray], budget: float
+) -> Heads:
     probabilities = heads.probabilities(dev.x)
     thresholds = np.full(len(heads.labels), 0.5, np.float32)
     for i in range(len(heads.labels)):
@@ -349,12 +362,15 @@ def _tune_thresholds(heads: Heads, dev: Matrix, benign: FloatArray, budget: floa
         f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-9, None)
         # Never below 0.3: a calibrated score under that is more likely benign than not.
         thresholds[i] = float(np.clip(cuts[int(np.argmax(f1))], 0.3, 0.95))
-    benign_p = heads.probabilities(benign)
-    for _ in range(400):
-        over = benign_p >= thresholds
-        if over.any(axis=1).mean() <= budget:
+    # Raise, one step at a time, the threshold of the label that flags the most prompts
+    # in the benign set furthest over budget, until every set is within budget.
+    benign_p = [heads.probabilities(x) for x in benign_sets if len(x)]
+    for _ in range(1000):
+        rates = [(p >= thresholds).any(axis=1).mean() for p in benign_p]
+        worst = int(np.argmax(rates))
+        if rates[worst] <= budget:
             break
-        culprit = int(np.argmax(over.sum(axis=0)))
+        culprit = int(np.argmax((benign_p[worst] >= thresholds).sum(axis=0)))
         thresholds[culprit] = min(0.99, thresholds[culprit] + 0.01)
     return Heads(**{**heads.__dict__, "threshold": thresholds})
 

@@ -207,3 +207,40 @@ def test_a_member_raising_timeout_error_is_reported_as_failing_not_overrunning()
     verdict = engine(RaisesTimeoutError(), timeout_s=5.0).check(["x"])[0]
     assert verdict.blocked
     assert any("TimeoutError: upstream judge did not answer" in r for r in verdict.reasons)
+
+
+def test_the_time_budget_grows_with_the_batch_text() -> None:
+    spec = MemberSpec(Fixed("a", {Category.HATE: 0.0}), timeout_s=1.0, timeout_per_kchar_s=0.5)
+    assert spec.budget(0) == 1.0
+    assert spec.budget(4000) == 3.0
+
+
+class SlowPerText:
+    id = "slow-per-text"
+    labels = frozenset({Category.HATE})
+
+    def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
+        time.sleep(0.002 * sum(len(t.light) for t in texts) / 100)
+        return [Detection(scores={Category.HATE: 0.0}) for _ in texts]
+
+
+def test_a_large_batch_gets_a_budget_for_its_size() -> None:
+    member = SlowPerText()
+    run = SafetyEngine(
+        [MemberSpec(member, timeout_s=0.1, timeout_per_kchar_s=0.1)], policy=Policy()
+    )
+    texts = ["word " * 200] * 20  # 20,000 characters: about 0.4 s of work, 2.1 s of budget
+    assert not any(verdict.blocked for verdict in run.check(texts))
+    tight = SafetyEngine(
+        [MemberSpec(member, timeout_s=0.1, timeout_per_kchar_s=0.0)], policy=Policy()
+    )
+    assert all(verdict.blocked for verdict in tight.check(texts))
+
+
+def test_a_flagged_subcategory_flags_its_parent() -> None:
+    member = Fixed("a", {Category.SELF_HARM: 0.2, Category.SELF_HARM_INTENT: 0.8})
+    verdict = engine(member).check(["x"])[0]
+    parent = verdict.category(Category.SELF_HARM)
+    assert parent.flagged
+    assert parent.score == 0.8
+    assert parent.members == ("a",)
