@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy gateway safegate
+	$(BIN)/mypy gateway finetune safegate
 
 pytest: install
 	$(BIN)/python -m pytest

@@ -75,6 +75,16 @@ TIMING_TEXT = (
 )
 
 
+class Stopwatch:
+    """Wall and process CPU time (all threads) since creation; CPU time shows contention."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -282,7 +292,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="also write the JSON record here")
     args = parser.parse_args()
 
-    started_all = time.perf_counter()
+    load_start = os.getloadavg()
+    watch_all = Stopwatch()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -312,14 +323,14 @@ def main() -> None:
         folded = [normalize(text).folded for text in texts]
         return encoder.embed(folded, batch_size=BATCH, first_window_only=True).vectors
 
-    tick = time.perf_counter()
+    watch = Stopwatch()
     train_m = _matrix(train_examples, frozen_embed, config)
-    embed_train_s = time.perf_counter() - tick
+    embed_train_s, embed_train_cpu = watch.lap()
     log(f"frozen: embedded train in {embed_train_s:.1f} s")
     dev_m = _matrix(dev_examples, frozen_embed, config)
-    tick = time.perf_counter()
+    watch = Stopwatch()
     mlp = _fit(train_m, config.hidden, config)
-    fit_mlp_s = time.perf_counter() - tick
+    fit_mlp_s, fit_mlp_cpu = watch.lap()
     linear = _fit(train_m, 0, config)
     frozen_mean, frozen_labels = auprc(head_logits(mlp, dev_m.x), dev_m)
     linear_mean, linear_labels = auprc(head_logits(linear, dev_m.x), dev_m)
@@ -347,19 +358,19 @@ def main() -> None:
     model = peft.get_peft_model(base, lora_config)
     lora_params, _ = model.get_nb_trainable_parameters()
     head = make_head(encoder.dimension, config.hidden, len(HEAD_LABELS), args.seed)
-    tick = time.perf_counter()
+    watch = Stopwatch()
     losses = train_lora(model, head, train_ids, train_m, config, args, pad)
-    lora_train_s = time.perf_counter() - tick
+    lora_train_s, lora_train_cpu = watch.lap()
     dev_x_lora = embed_ids(model, dev_ids, pad)
     lora_mean, lora_labels = auprc(head_logits(head, dev_x_lora), dev_m)
     log(f"lora: trained in {lora_train_s:.1f} s; dev mean AUPRC {lora_mean:.4f}")
 
-    tick = time.perf_counter()
+    watch = Stopwatch()
     train_x_lora = embed_ids(model, train_ids, pad)
-    embed_lora_s = time.perf_counter() - tick
-    tick = time.perf_counter()
+    embed_lora_s, embed_lora_cpu = watch.lap()
+    watch = Stopwatch()
     refit = _fit(dataclasses.replace(train_m, x=train_x_lora), config.hidden, config)
-    refit_s = time.perf_counter() - tick
+    refit_s, refit_cpu = watch.lap()
     refit_mean, refit_labels = auprc(head_logits(refit, dev_x_lora), dev_m)
     log(f"lora + refit head: dev mean AUPRC {refit_mean:.4f}")
 
@@ -403,6 +414,8 @@ def main() -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
+            "load_average_1_5_15_at_start": [round(v, 2) for v in load_start],
+            "load_average_1_5_15_at_end": [round(v, 2) for v in os.getloadavg()],
         },
         "settings": {
             "encoder": BUNDLED_ENCODER,
@@ -447,6 +460,7 @@ def main() -> None:
                     "embed_train_split": round(embed_train_s, 1),
                     "fit_mlp_head": round(fit_mlp_s, 1),
                 },
+                "train_cpu_seconds": round(embed_train_cpu + fit_mlp_cpu, 1),
                 "trainable_params": head_params,
                 "artifact_bytes": head_params * 4,
                 "linear_head_dev_mean_auprc": round(linear_mean, 4),
@@ -456,6 +470,7 @@ def main() -> None:
                 "dev_mean_auprc": round(lora_mean, 4),
                 "dev_auprc": rounded(lora_labels),
                 "train_seconds": round(lora_train_s, 1),
+                "train_cpu_seconds": round(lora_train_cpu, 1),
                 "epoch_mean_loss": losses,
                 "trainable_params": lora_params + head_params,
                 "trainable_params_adapter": lora_params,
@@ -474,6 +489,7 @@ def main() -> None:
                     "embed_train_split": round(embed_lora_s, 1),
                     "fit_mlp_head": round(refit_s, 1),
                 },
+                "train_cpu_seconds": round(lora_train_cpu + embed_lora_cpu + refit_cpu, 1),
             },
         },
         "comparison": {
@@ -497,7 +513,8 @@ def main() -> None:
             "params_merged": sum(p.numel() for p in merged.parameters()),
         },
         "checks": {"script_pooling_vs_sentence_encoder_max_abs_diff": pipeline_diff},
-        "wall_seconds": round(time.perf_counter() - started_all, 1),
+        "wall_seconds": round(watch_all.lap()[0], 1),
+        "cpu_seconds": round(watch_all.lap()[1], 1),
     }
     text = json.dumps(record, indent=2)
     if args.output:

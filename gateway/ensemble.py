@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine
-from gateway.safety.members import MEMBERS, MemberKind
+from gateway.safety.members import MEMBERS, MemberFactory, MemberKind
 from gateway.safety.members.blocklist import BlocklistSource
 from gateway.safety.policy import Policy
 
@@ -93,6 +93,6 @@ def build_engine(settings: Settings, *, blocklists: BlocklistSource | None) -> S
     )
 
 
-def _factory(kind: MemberKind):  # type: ignore[no-untyped-def]
+def _factory(kind: MemberKind) -> MemberFactory:
     importlib.import_module(_MEMBER_MODULES[kind])
     return MEMBERS.get(kind.value)

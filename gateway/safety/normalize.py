@@ -56,6 +56,7 @@ _LEET_CHARS = frozenset("0134578 9@$!|+€".replace(" ", ""))
 _KEEP_DIGITS = re.compile(r"^(?:[^\W\d_]+\d+|\d+[^\W\d_]{1,3}|[\d.,:/-]+)$")
 _WORD = re.compile(r"\S+")
 _JOINERS = re.compile(r"([-/:])")
+_ADDRESS = re.compile(r"^(?:[\w.+-]+@[\w-]+(?:\.[\w-]+)+|[a-z][a-z0-9+.-]*://\S+|www\.\S+)$")
 _EDGE_PUNCT = "\"'()[]{}<>.,;:?!*_~`"
 # Three or more single characters (letters, digits or leetspeak symbols) separated by
 # one space or one of . - _ * ·: "k i l l", "k.1.l.l". Collapsed only when the run holds
@@ -152,6 +153,8 @@ def _fold_word_leet(match: re.Match[str]) -> str:
     core = word.strip(_EDGE_PUNCT)
     if not core or not any(char in _LEET_CHARS for char in core):
         return word
+    if _ADDRESS.match(core):
+        return word  # e-mail addresses, URLs and handles keep their symbols
     start = word.index(core)
     # Parts joined by - / : fold on their own, so "jira-1234" keeps its number while
     # "k1ll-them" still folds.
