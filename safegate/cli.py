@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from finetune.cli import app as finetune_app
+from finetune.cli import models as models_app
 from gateway.cli import app as gateway_app
 
 app = typer.Typer(
@@ -11,6 +13,8 @@ app = typer.Typer(
     help="safegate: safety-first content filter, fine-tuning and evaluation gateway.",
 )
 app.add_typer(gateway_app)
+app.add_typer(finetune_app, name="finetune")
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:

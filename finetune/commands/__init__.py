@@ -1,0 +1,1 @@
+"""Command modules of ``safegate finetune`` and ``safegate models``."""

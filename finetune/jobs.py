@@ -1,0 +1,237 @@
+"""Training jobs: one row per run, with the states a user watches.
+
+``queued -> running -> succeeded | failed | cancelled``. A cancel is a request stored on
+the row (``cancel_requested``); the training loop polls it between steps and stops
+cleanly, so a cancelled job never leaves a half-written model. A run that dies without
+updating its row (killed process) is found by ``reconcile()``: its recorded pid is gone,
+so it is marked failed and can be resumed from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from finetune.db import Base, Database
+from finetune.errors import JobError
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobRow(Base):
+    __tablename__ = "finetune_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(64), index=True)
+    base: Mapped[str] = mapped_column(String(300))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    config: Mapped[str] = mapped_column(Text)  # sorted-key JSON of the TrainConfig
+    data_sha256: Mapped[str] = mapped_column(Text)  # JSON {"train": ..., "validation": ...}
+    output_dir: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    metrics: Mapped[str] = mapped_column(Text, default="{}")  # latest metrics, JSON
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    model_name: str
+    base: str
+    status: JobStatus
+    config: dict[str, Any]
+    data_sha256: dict[str, str | None]
+    output_dir: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    pid: int | None
+    cancel_requested: bool
+    metrics: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        return cls(
+            id=row.id,
+            model_name=row.model_name,
+            base=row.base,
+            status=JobStatus(row.status),
+            config=json.loads(row.config),
+            data_sha256=json.loads(row.data_sha256),
+            output_dir=row.output_dir,
+            created_at=_utc(row.created_at),
+            started_at=_utc(row.started_at) if row.started_at else None,
+            finished_at=_utc(row.finished_at) if row.finished_at else None,
+            error=row.error,
+            pid=row.pid,
+            cancel_requested=row.cancel_requested,
+            metrics=json.loads(row.metrics or "{}"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model_name,
+            "base": self.base,
+            "status": self.status.value,
+            "created": self.created_at.isoformat(),
+            "started": self.started_at.isoformat() if self.started_at else None,
+            "finished": self.finished_at.isoformat() if self.finished_at else None,
+            "error": self.error,
+            "metrics": self.metrics,
+            "output_dir": self.output_dir,
+        }
+
+
+class JobStore:
+    """Creates jobs and moves them through their states."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    def create(
+        self,
+        *,
+        model_name: str,
+        base: str,
+        config: dict[str, Any],
+        data_sha256: dict[str, str | None],
+        output_dir: str,
+    ) -> Job:
+        row = JobRow(
+            id=f"ftjob-{uuid.uuid4().hex[:12]}",
+            model_name=model_name,
+            base=base,
+            status=JobStatus.QUEUED.value,
+            config=json.dumps(config, sort_keys=True),
+            data_sha256=json.dumps(data_sha256, sort_keys=True),
+            output_dir=output_dir,
+            created_at=datetime.now(UTC),
+            cancel_requested=False,
+            metrics="{}",
+        )
+        with self.database.session() as session:
+            session.add(row)
+        return Job.from_row(row)
+
+    def get(self, job_id: str) -> Job:
+        with self.database.session() as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise JobError(f"no job {job_id!r}; 'safegate finetune jobs' lists them")
+            return Job.from_row(row)
+
+    def list(self) -> builtins.list[Job]:
+        with self.database.session() as session:
+            rows = session.scalars(select(JobRow).order_by(JobRow.created_at.desc())).all()
+            return [Job.from_row(row) for row in rows]
+
+    def start(self, job_id: str, *, pid: int | None = None) -> Job:
+        def change(row: JobRow) -> None:
+            if JobStatus(row.status).finished and row.status != JobStatus.FAILED:
+                raise JobError(f"job {job_id} is {row.status}; it cannot run again")
+            row.status = JobStatus.RUNNING.value
+            row.started_at = row.started_at or datetime.now(UTC)
+            row.finished_at = None
+            row.error = None
+            row.pid = pid if pid is not None else os.getpid()
+
+        return self._update(job_id, change)
+
+    def record_metrics(self, job_id: str, metrics: dict[str, Any]) -> None:
+        def change(row: JobRow) -> None:
+            merged = {**json.loads(row.metrics or "{}"), **metrics}
+            row.metrics = json.dumps(merged, sort_keys=True)
+
+        self._update(job_id, change)
+
+    def finish(self, job_id: str, status: JobStatus, *, error: str | None = None) -> Job:
+        if not status.finished:
+            raise ValueError(f"{status} is not a final state")
+
+        def change(row: JobRow) -> None:
+            row.status = status.value
+            row.finished_at = datetime.now(UTC)
+            row.error = error
+            row.pid = None
+
+        return self._update(job_id, change)
+
+    def request_cancel(self, job_id: str) -> Job:
+        def change(row: JobRow) -> None:
+            status = JobStatus(row.status)
+            if status.finished:
+                raise JobError(f"job {job_id} already {row.status}; nothing to cancel")
+            if status is JobStatus.QUEUED:
+                row.status = JobStatus.CANCELLED.value
+                row.finished_at = datetime.now(UTC)
+            row.cancel_requested = True
+
+        return self._update(job_id, change)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.get(job_id).cancel_requested
+
+    def reconcile(self) -> builtins.list[Job]:
+        """Mark running jobs whose process is gone as failed; return them."""
+        failed: builtins.list[Job] = []
+        for job in self.list():
+            if job.status is JobStatus.RUNNING and not _alive(job.pid):
+                failed.append(
+                    self.finish(
+                        job.id,
+                        JobStatus.FAILED,
+                        error="the training process stopped unexpectedly; resume with "
+                        f"'safegate finetune train --resume {job.id}'",
+                    )
+                )
+        return failed
+
+    def _update(self, job_id: str, change: Any) -> Job:
+        with self.database.session() as session:
+            row = session.get(JobRow, job_id, with_for_update=True)
+            if row is None:
+                raise JobError(f"no job {job_id!r}; 'safegate finetune jobs' lists them")
+            change(row)
+            session.flush()
+            return Job.from_row(row)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

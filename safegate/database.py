@@ -1,0 +1,75 @@
+"""Database plumbing every package shares: engine set-up, sessions, Alembic upgrades.
+
+Each package owns its tables and its own Alembic history (``gateway/migrations`` with the
+default version table, ``finetune/migrations`` with ``alembic_version_finetune``), and
+subclasses ``Database`` to name them. SQLite runs in WAL mode with foreign keys on, so
+readers (the dashboard) never block the gateway's writes; any other SQLAlchemy URL
+(PostgreSQL) gets a pre-pinging pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+
+
+def make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    database = url.split("///", 1)[-1]
+    if database and database != ":memory:":
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    return engine
+
+
+class Database:
+    """One engine and a session factory for a URL, and the owner's migrations."""
+
+    def __init__(self, url: str, *, migrations: Path) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.migrations = migrations
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Upgrade the owner's tables to their newest Alembic revision."""
+        config = Config()
+        config.set_main_option("script_location", str(self.migrations))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        session = self._sessions()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
