@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from safegate.database import database_url
+
 DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEMO_BASE = "demo-base"
 DEFAULT_SERVE_PORT = 8001
@@ -29,9 +31,7 @@ class FinetuneSettings(BaseSettings):
 
     @property
     def database(self) -> str:
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{self.home_dir / 'safegate.db'}"
+        return database_url(self.home_dir, self.database_url)
 
     @property
     def models_dir(self) -> Path:

@@ -25,6 +25,7 @@ from gateway.safety.engine import (
 from gateway.safety.members.encoder_heads import SHIPPED_HEADS
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.policy import SHIPPED_POLICY
+from safegate.database import database_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -130,9 +131,7 @@ class Settings(BaseSettings):
     @property
     def database(self) -> str:
         """The SQLAlchemy URL: the configured one, or SQLite under ``home``."""
-        if self.database_url:
-            return self.database_url
-        return f"sqlite:///{self.home_dir / 'safegate.db'}"
+        return database_url(self.home_dir, self.database_url)
 
 
 @lru_cache

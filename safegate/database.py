@@ -20,6 +20,12 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
+DATABASE_FILE = "safegate.db"
+
+
+def database_url(home: Path, configured: str | None) -> str:
+    """The configured SQLAlchemy URL, or the SQLite file every package shares in ``home``."""
+    return configured or f"sqlite:///{home / DATABASE_FILE}"
 
 
 def make_engine(url: str) -> Engine:
