@@ -1,7 +1,7 @@
 """Fine-tuning settings: the same ``SAFEGATE_*`` variables the gateway reads.
 
-``finetune`` imports none of the other packages, so it reads the shared variables
-(``SAFEGATE_HOME``, ``SAFEGATE_DATABASE_URL``) itself.
+``finetune`` imports none of the other packages; the shared variables
+(``SAFEGATE_HOME``, ``SAFEGATE_DATABASE_URL``) come from ``safegate.database.StorageSettings``.
 """
 
 from __future__ import annotations
@@ -9,30 +9,14 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from safegate.database import database_url
+from safegate.database import StorageSettings
 
 DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEMO_BASE = "demo-base"
 DEFAULT_SERVE_PORT = 8001
 
 
-class FinetuneSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SAFEGATE_", extra="ignore")
-
-    home: Path = Field(default=Path("~/.safegate"))
-    database_url: str | None = None
-
-    @property
-    def home_dir(self) -> Path:
-        return self.home.expanduser()
-
-    @property
-    def database(self) -> str:
-        return database_url(self.home_dir, self.database_url)
-
+class FinetuneSettings(StorageSettings):
     @property
     def models_dir(self) -> Path:
         """Bases built locally (the demo base) and trained adapters live here."""

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from gateway.blocklists import DEFAULT_REFRESH_S
 from gateway.safety.encoder import Backend
@@ -25,7 +25,7 @@ from gateway.safety.engine import (
 from gateway.safety.members.encoder_heads import SHIPPED_HEADS
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.policy import SHIPPED_POLICY
-from safegate.database import database_url
+from safegate.database import StorageSettings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -102,13 +102,11 @@ class EngineSettings(BaseModel):
     max_wait_s: float = Field(default=DEFAULT_MAX_WAIT_S, ge=0)
 
 
-class Settings(BaseSettings):
+class Settings(StorageSettings):
     model_config = SettingsConfigDict(
         env_prefix="SAFEGATE_", env_nested_delimiter="__", extra="ignore"
     )
 
-    home: Path = Field(default=Path("~/.safegate"))
-    database_url: str | None = None
     policy_file: Path = SHIPPED_POLICY
     host: str = DEFAULT_HOST
     port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
@@ -123,15 +121,6 @@ class Settings(BaseSettings):
     blocklist: BlocklistSettings = BlocklistSettings()
     detoxify: DetoxifySettings = DetoxifySettings()
     llm_judge: LlmJudgeSettings = LlmJudgeSettings()
-
-    @property
-    def home_dir(self) -> Path:
-        return self.home.expanduser()
-
-    @property
-    def database(self) -> str:
-        """The SQLAlchemy URL: the configured one, or SQLite under ``home``."""
-        return database_url(self.home_dir, self.database_url)
 
 
 @lru_cache

@@ -16,6 +16,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,9 +25,22 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000
 DATABASE_FILE = "safegate.db"
 
 
-def database_url(home: Path, configured: str | None) -> str:
-    """The configured SQLAlchemy URL, or the SQLite file every package shares in ``home``."""
-    return configured or f"sqlite:///{home / DATABASE_FILE}"
+class StorageSettings(BaseSettings):
+    """Where state lives, read by every package: ``SAFEGATE_HOME`` and ``SAFEGATE_DATABASE_URL``."""
+
+    model_config = SettingsConfigDict(env_prefix="SAFEGATE_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.safegate"))
+    database_url: str | None = None
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def database(self) -> str:
+        """The configured SQLAlchemy URL, or the SQLite file every package shares."""
+        return self.database_url or f"sqlite:///{self.home_dir / DATABASE_FILE}"
 
 
 def make_engine(url: str) -> Engine:
