@@ -24,7 +24,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# First start: trains and deploys the offline demo model (about a minute on 2 cores).
 run: install
+	$(BIN)/safegate finetune demo --if-missing
 	$(BIN)/safegate serve
 
 lint: install

@@ -283,6 +283,18 @@ def run_demo(
     return services.registry.deploy(name)
 
 
+def deployed_demo(*, name: str = DEMO_ADAPTER, services: Services | None = None) -> Model | None:
+    """The demo adapter if it is registered, deployed and on disk; None otherwise."""
+    services = services or Services.from_settings()
+    model = services.registry.find(name)
+    if model is None or not model.deployed or not Path(model.path).exists():
+        return None
+    base = services.registry.find(DEMO_BASE)
+    if base is None or not Path(base.path).exists():
+        return None
+    return model
+
+
 @dataclass(frozen=True)
 class Reply:
     """A greedy generation and whether it ended with ``<|end|>`` (not at the token limit)."""

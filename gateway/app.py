@@ -1,6 +1,7 @@
 """The FastAPI application: ``create_app()`` wires settings, storage, engine and routes.
 
-Start-up order: logging, database migrations, blocklist store, then the safety engine,
+Start-up order: logging, database migrations, blocklist store, API keys and rate
+limiter (so keys are checked while loading), then the safety engine,
 which loads in a worker thread so ``/healthz`` answers at once while ``/readyz`` and
 every filtering route answer 503 until each classifier has loaded. A member that fails
 to load keeps the service unready (fail closed) and ``/readyz`` says which and why.
@@ -14,17 +15,23 @@ import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from gateway import errors, logs
+from gateway.audit import SPOOL_DIRNAME, AuditStore
+from gateway.auth import KeyStore, Role, require, require_by_method
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.ensemble import build_engine
+from gateway.key_policies import PolicyCatalog
+from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
-from gateway.routes import blocklists, health, moderations
+from gateway.ratelimit import build_limiter
+from gateway.routes import blocklists, chat, health, moderations, review
 from gateway.safety.engine import MicroBatcher, SafetyEngine
 from gateway.state import AppState
+from gateway.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
 
 log = logging.getLogger("safegate.app")
 
@@ -48,6 +55,30 @@ def create_app(
         database = Database(settings.database)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
+        # The audit store works before the engine loads: review needs no engine.
+        audit = AuditStore(
+            database,
+            spool_dir=settings.audit.spool_dir or settings.home_dir / SPOOL_DIRNAME,
+            drain_interval_s=settings.audit.drain_interval_s,
+            write_timeout_s=settings.audit.write_timeout_s,
+            record_requests=settings.audit.record_requests,
+        )
+        app.state.audit = audit
+        app.state.metrics.track_spool(audit.spooled_pending)
+        await audit.start()
+        # Keys and limits work before the engine loads (routes still answer 503 until then).
+        app.state.keys = KeyStore(database, cache_ttl_s=settings.auth.cache_ttl_s)
+        app.state.limiter = build_limiter(
+            redis_url=settings.rate_limit.redis_url,
+            key_prefix=settings.rate_limit.key_prefix,
+            timeout_s=settings.rate_limit.timeout_s,
+        )
+        upstreams = LitellmUpstreams(
+            UpstreamsConfig.load(settings.upstreams.file),
+            adapters=registry_adapters(settings.database),
+        )
+        await asyncio.to_thread(upstreams.refresh)
+        app.state.upstreams = upstreams
         app.state.safegate_error = None
         loader = asyncio.create_task(_load(app, settings, database, store, engine_factory))
         try:
@@ -58,6 +89,8 @@ def create_app(
             if state is not None:
                 await state.batcher.close()
                 state.engine.close()
+            await app.state.limiter.close()
+            await audit.close()
             database.dispose()
 
     app = FastAPI(
@@ -67,12 +100,18 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
     errors.install(app)
     app.include_router(health.router)
-    app.include_router(moderations.router)
-    app.include_router(blocklists.router)
+    app.include_router(chat.router)
+    app.include_router(moderations.router, dependencies=[Depends(require(Role.DEVELOPER))])
+    app.include_router(
+        blocklists.router,
+        dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
+    )
+    app.include_router(review.router)  # each route names its role (reviewer, admin)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, metrics=app.state.metrics)
     return app
 
 
@@ -93,6 +132,14 @@ async def _load(
         engine, max_batch=settings.engine.max_batch, max_wait_s=settings.engine.max_wait_s
     )
     app.state.safegate = AppState(
-        settings=settings, database=database, blocklists=store, engine=engine, batcher=batcher
+        settings=settings,
+        database=database,
+        blocklists=store,
+        engine=engine,
+        batcher=batcher,
+        audit=app.state.audit,
+        upstreams=app.state.upstreams,
+        policies=PolicyCatalog(default=engine.policy, home_dir=settings.home_dir),
+        metrics=app.state.metrics,
     )
     log.info("safety engine ready", extra={"members": [s.classifier.id for s in engine.members]})

@@ -1,4 +1,4 @@
-"""The gateway's commands: ``serve``, ``moderate`` and ``safety train``.
+"""The gateway's commands: ``serve``, ``moderate``, ``safety train`` and ``keys``.
 
 The root ``safegate`` command (``safegate.cli``) mounts these beside the other
 packages' commands.
@@ -27,8 +27,11 @@ from rich.progress import (
 from rich.table import Table
 
 from gateway.config import Settings, get_settings
+from gateway.keys_cli import announce_local_key
+from gateway.keys_cli import keys as keys_app
 
 if TYPE_CHECKING:
+    from gateway.local_models import LocalModelProcess
     from gateway.moderation import ModerationResult
     from gateway.safety.engine import SafetyEngine
     from gateway.safety.verdict import Verdict
@@ -38,6 +41,7 @@ DEFAULT_MODERATE_BATCH = 64
 app = typer.Typer(no_args_is_help=True, help="Gateway and safety engine.")
 safety = typer.Typer(no_args_is_help=True, help="Train and inspect the safety engine.")
 app.add_typer(safety, name="safety")
+app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 
 
@@ -61,8 +65,46 @@ def serve(
     settings = get_settings()
     host = host or settings.host
     port = port or settings.port
+    announce_local_key(settings, host=host, port=port)  # migrates; first start makes a key
+    local = _start_local_models(settings) if settings.upstreams.serve_local else None
     console.print(f"safegate listening on http://{host}:{port}  (state in {settings.home_dir})")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", access_log=False)
+    try:
+        uvicorn.run(
+            create_app(settings), host=host, port=port, log_level="warning", access_log=False
+        )
+    finally:
+        if local is not None:
+            local.stop()
+
+
+def _start_local_models(settings: Settings) -> LocalModelProcess | None:
+    """Start the local model server for the deployed adapters, unless none or one runs."""
+    from gateway.local_models import LocalModelProcess, port_in_use
+    from gateway.upstreams import registry_adapters
+
+    adapters = registry_adapters(settings.database)()
+    port = settings.upstreams.local_port
+    if not adapters:
+        console.print(
+            "no adapter is deployed, so no local model is served; "
+            "'safegate finetune demo' trains and deploys the demo ('make run' does)"
+        )
+        return None
+    if port_in_use(port):
+        console.print(f"using the local model server already on port {port}")
+        return None
+    process = LocalModelProcess(port=port, log_file=settings.home_dir / "logs" / "local-models.log")
+    with console.status(f"starting the local model server for {', '.join(adapters)}"):
+        started = process.start()
+    if not started:
+        process.stop()
+        console.print(
+            f"[yellow]the local model server did not start; see {process.log_file}[/] "
+            "(requests to local models will get 502)"
+        )
+        return None
+    console.print(f"local models on {process.url}/v1: {', '.join(adapters)}")
+    return process
 
 
 @app.command()

@@ -13,7 +13,23 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from gateway.audit import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
+from gateway.auth import DEFAULT_CACHE_TTL_S
 from gateway.blocklists import DEFAULT_REFRESH_S
+from gateway.chat import (
+    DEFAULT_MAX_CHOICES,
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_STREAM_OVERLAP_CHARS,
+    DEFAULT_STREAM_WINDOW_CHARS,
+)
+from gateway.ratelimit import (
+    DEFAULT_REDIS_KEY_PREFIX,
+    DEFAULT_REDIS_TIMEOUT_S,
+    DEFAULT_REQUESTS_PER_MINUTE,
+    MAX_REQUESTS_PER_MINUTE,
+)
 from gateway.safety.encoder import Backend
 from gateway.safety.engine import (
     DEFAULT_MAX_BATCH,
@@ -25,6 +41,7 @@ from gateway.safety.engine import (
 from gateway.safety.members.encoder_heads import SHIPPED_HEADS
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.policy import SHIPPED_POLICY
+from gateway.upstreams import DEFAULT_LOCAL_PORT, SHIPPED_UPSTREAMS
 from safegate.database import StorageSettings
 
 DEFAULT_HOST = "127.0.0.1"
@@ -102,6 +119,91 @@ class EngineSettings(BaseModel):
     max_wait_s: float = Field(default=DEFAULT_MAX_WAIT_S, ge=0)
 
 
+class AuditSettings(BaseModel):
+    """The audit store (``gateway.audit``): flagged texts for review, request metadata."""
+
+    drain_interval_s: float = Field(
+        default=DEFAULT_DRAIN_INTERVAL_S,
+        gt=0,
+        description="how often records spooled while the database was down are moved into it",
+    )
+    write_timeout_s: float = Field(
+        default=DEFAULT_WRITE_TIMEOUT_S,
+        gt=0,
+        description="a database write that takes longer is spooled to disk as well",
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="where records wait while the database is down (0700)"
+    )
+    record_requests: bool = Field(
+        default=True, description="keep metadata (never text) of every filtered request"
+    )
+
+
+class AuthSettings(BaseModel):
+    """API keys (``gateway.auth``). Disabling makes every request an anonymous admin."""
+
+    enabled: bool = Field(
+        default=True,
+        description="false: no keys needed and no per-key limits; only behind another auth layer",
+    )
+    cache_ttl_s: float = Field(
+        default=DEFAULT_CACHE_TTL_S,
+        gt=0,
+        description="how long a valid key is cached; a revoke reaches other replicas within it",
+    )
+
+
+class RateLimitSettings(BaseModel):
+    """Per-key token buckets (``gateway.ratelimit``); a key's own rate_limit_rpm wins."""
+
+    requests_per_minute: int = Field(
+        default=DEFAULT_REQUESTS_PER_MINUTE, ge=1, le=MAX_REQUESTS_PER_MINUTE
+    )
+    burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="most requests at once (capped at a key's rate); unset: a minute's worth",
+    )
+    redis_url: str | None = Field(
+        default=None, description="share buckets across replicas; unreachable Redis means 503"
+    )
+    key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
+    timeout_s: float = Field(default=DEFAULT_REDIS_TIMEOUT_S, gt=0)
+
+
+class ChatSettings(BaseModel):
+    """Limits of ``/v1/chat/completions`` and how streams are held back for checking."""
+
+    max_messages: int = Field(default=DEFAULT_MAX_MESSAGES, ge=1)
+    max_message_chars: int = Field(default=DEFAULT_MAX_MESSAGE_CHARS, ge=1)
+    max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, ge=1, description="most max_tokens a request may ask for"
+    )
+    max_choices: int = Field(default=DEFAULT_MAX_CHOICES, ge=1)
+    stream_window_chars: int = Field(
+        default=DEFAULT_STREAM_WINDOW_CHARS,
+        ge=1,
+        description="streamed text held back and checked before release, in characters",
+    )
+    stream_overlap_chars: int = Field(
+        default=DEFAULT_STREAM_OVERLAP_CHARS,
+        ge=0,
+        description="released text checked again with the next window",
+    )
+
+
+class UpstreamSettings(BaseModel):
+    """Where the models are: a litellm Router config (``gateway.upstreams``)."""
+
+    file: Path = SHIPPED_UPSTREAMS
+    serve_local: bool = Field(
+        default=True,
+        description="`safegate serve` also starts the local model server for deployed adapters",
+    )
+    local_port: int = Field(default=DEFAULT_LOCAL_PORT, ge=1, le=65535)
+
+
 class Settings(StorageSettings):
     model_config = SettingsConfigDict(
         env_prefix="SAFEGATE_", env_nested_delimiter="__", extra="ignore"
@@ -121,6 +223,11 @@ class Settings(StorageSettings):
     blocklist: BlocklistSettings = BlocklistSettings()
     detoxify: DetoxifySettings = DetoxifySettings()
     llm_judge: LlmJudgeSettings = LlmJudgeSettings()
+    chat: ChatSettings = ChatSettings()
+    upstreams: UpstreamSettings = UpstreamSettings()
+    audit: AuditSettings = AuditSettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
 
 
 @lru_cache

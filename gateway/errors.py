@@ -10,7 +10,12 @@ with a 4xx or 5xx status; no traceback and no request text ever reaches the body
      +-- Forbidden                403     permission_error
      +-- NotFound                 404     not_found_error
      +-- Conflict                 409     conflict_error
+     +-- RateLimited              429     requests
      +-- ServiceUnavailable       503     service_unavailable
+
+An error may carry response headers: ``RateLimited`` sets ``Retry-After`` (whole seconds,
+rounded up), ``Unauthorized`` may set ``WWW-Authenticate``. ``requests`` is the type
+OpenAI's own 429 for a request-rate limit carries.
 
 The engine's ``InputTooLong`` maps to 400, FastAPI's validation errors and broken JSON
 to 400, anything unexpected to a 500 whose body says only that an error occurred and
@@ -20,6 +25,8 @@ gives the request id to look up in the logs.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,11 +42,19 @@ class ApiError(Exception):
     status = 400
     type = "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 class InvalidRequest(ApiError):
@@ -70,6 +85,28 @@ class Conflict(ApiError):
     type = "conflict_error"
 
 
+class RateLimited(ApiError):
+    """Too many requests; ``Retry-After`` says in how many seconds to try again."""
+
+    status = 429
+    type = "requests"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        param: str | None = None,
+        code: str | None = "rate_limit_exceeded",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        seconds = str(max(1, math.ceil(retry_after_s)))
+        super().__init__(
+            message, param=param, code=code, headers={**(headers or {}), "Retry-After": seconds}
+        )
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     type = "service_unavailable"
@@ -81,8 +118,10 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _response(status: int, body: dict[str, dict[str, str | None]]) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body)
+def _response(
+    status: int, body: dict[str, dict[str, str | None]], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -91,7 +130,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _response(
-            exc.status, error_body(exc.message, type=exc.type, param=exc.param, code=exc.code)
+            exc.status,
+            error_body(exc.message, type=exc.type, param=exc.param, code=exc.code),
+            exc.headers,
         )
 
     @app.exception_handler(InputTooLong)
@@ -107,7 +148,10 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        loc = list(first.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path", "header"):  # where, not which field
+            loc = loc[1:]
+        location = [str(part) for part in loc]
         param = ".".join(location) or None
         if first.get("type") == "json_invalid":
             position = first.get("ctx", {}).get("error", "")

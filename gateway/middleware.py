@@ -13,16 +13,19 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import error_body
+from gateway.metrics import Metrics
 
 log = logging.getLogger("safegate.access")
 REQUEST_ID_HEADER = b"x-request-id"
 
 
 class RequestContext:
-    """Gives each request an id (or keeps a sane incoming one) and logs its outcome."""
+    """Gives each request an id (or keeps a sane incoming one), logs its outcome and
+    counts it in ``/metrics`` under its route's template (never the raw path)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,6 +49,7 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.perf_counter() - started
             log.info(
                 "request",
                 extra={
@@ -53,9 +57,14 @@ class RequestContext:
                     "method": scope["method"],
                     "path": scope["path"],
                     "status": status,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "latency_ms": round(seconds * 1000, 2),
                 },
             )
+            if self.metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.observe_request(
+                    route=route, method=scope["method"], status=status, seconds=seconds
+                )
 
 
 class BodySizeLimit:

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from gateway.audit import AuditStore
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.errors import ServiceUnavailable
+from gateway.key_policies import PolicyCatalog
+from gateway.metrics import Metrics
 from gateway.safety.engine import MicroBatcher, SafetyEngine
+from gateway.upstreams import LitellmUpstreams
 
 
 @dataclass
@@ -20,6 +24,10 @@ class AppState:
     blocklists: BlocklistStore
     engine: SafetyEngine
     batcher: MicroBatcher
+    audit: AuditStore
+    upstreams: LitellmUpstreams
+    policies: PolicyCatalog
+    metrics: Metrics
 
 
 def app_state(request: Request) -> AppState:

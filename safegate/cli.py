@@ -19,3 +19,7 @@ app.add_typer(models_app, name="models")
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

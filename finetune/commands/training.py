@@ -431,6 +431,10 @@ def demo(
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Override the demo's epochs (for a quicker look).")
     ] = None,
+    if_missing: Annotated[
+        bool,
+        typer.Option("--if-missing", help="Do nothing when the demo adapter is already deployed."),
+    ] = False,
 ) -> None:
     """Offline: build a tiny Phi-3 base, fine-tune an adapter on the sample, deploy it.
 
@@ -438,7 +442,12 @@ def demo(
     """
     _quiet_libraries()
     with _reported():
-        from finetune.demo import DEMO_ADAPTER, SAMPLE_TRAIN, answer, run_demo
+        from finetune.demo import DEMO_ADAPTER, SAMPLE_TRAIN, answer, deployed_demo, run_demo
+
+        if if_missing and (existing := deployed_demo()) is not None:
+            console.print(f"{DEMO_ADAPTER} is already deployed ({escape(existing.path)})")
+            typer.echo(existing.name)
+            return
 
         console.print(f"building the demo base and training {DEMO_ADAPTER} on {SAMPLE_TRAIN}")
         with _sigterm_as_interrupt():

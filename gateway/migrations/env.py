@@ -5,6 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine
 
+import gateway.audit  # noqa: F401 - registers the tables on Base.metadata
+import gateway.auth  # noqa: F401 - registers the tables on Base.metadata
 import gateway.blocklists  # noqa: F401 - registers the tables on Base.metadata
 from gateway.db import Base
 

@@ -1,9 +1,11 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+
+from gateway.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
@@ -24,3 +26,9 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse(body, status_code=503)
     members = [spec.classifier.id for spec in state.engine.members]
     return JSONResponse({"status": "ready", "members": members})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (``gateway.metrics``); open like the probes, no content in labels."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

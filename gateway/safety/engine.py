@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
@@ -177,8 +177,13 @@ class SafetyEngine:
         *,
         direction: Direction,
         policy: Policy | None = None,
+        ignore: Collection[Label] = (),
     ) -> Verdict:
-        """Combine one text's member reports under ``policy`` (default: the engine's)."""
+        """Combine one text's member reports under ``policy`` (default: the engine's).
+
+        Labels in ``ignore`` keep their scores but never flag: the chat gateway asks
+        about indirect attacks only in documents and tool results, not in a user's turn.
+        """
         policy = policy or self.policy
         labels: dict[Label, LabelResult] = {}
         for label in ALL_LABELS:
@@ -189,7 +194,11 @@ class SafetyEngine:
                 if report.detection is not None and label in report.detection.scores
             }
             score = max(scores.values(), default=0.0)
-            fired = tuple(member for member, value in scores.items() if value >= threshold)
+            fired = (
+                ()
+                if label in ignore
+                else tuple(member for member, value in scores.items() if value >= threshold)
+            )
             labels[label] = LabelResult(
                 label=label,
                 score=score,
@@ -300,9 +309,13 @@ class MicroBatcher:
         *,
         direction: Direction,
         policy: Policy | None = None,
+        ignore: Collection[Label] = (),
     ) -> list[Verdict]:
         reports = await self.detect(texts)
-        return [self.engine.decide(r, direction=direction, policy=policy) for r in reports]
+        return [
+            self.engine.decide(r, direction=direction, policy=policy, ignore=ignore)
+            for r in reports
+        ]
 
     async def close(self) -> None:
         if self._worker is not None:

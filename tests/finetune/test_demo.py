@@ -148,3 +148,15 @@ def test_train_accepts_the_registered_demo_base(demo: tuple[Services, Model, str
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == "on-demo-base"
     assert services.registry.get("on-demo-base").base == DEMO_BASE
+
+
+def test_demo_if_missing_keeps_a_deployed_demo_and_trains_nothing(
+    demo: tuple[Services, Model, str],
+) -> None:
+    services, model, _ = demo
+    jobs_before = {job.id for job in services.jobs.list()}
+    result = CliRunner().invoke(app, ["demo", "--if-missing"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == DEMO_ADAPTER
+    assert {job.id for job in services.jobs.list()} == jobs_before  # nothing trained
+    assert services.registry.get(DEMO_ADAPTER).job_id == model.job_id

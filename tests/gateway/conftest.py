@@ -1,24 +1,41 @@
 """Gateway fixtures: the real engine's members load once per session; each test gets
-its own SAFEGATE_HOME, database and app."""
+its own SAFEGATE_HOME, database and app.
+
+``client`` (and ``ready_client``) send an admin key with a rate limit too high to matter;
+``issue_key(client, role, ...)`` makes another key through the app's own ``KeyStore``.
+``postgres_url`` gives a PostgreSQL URL whose connections live in a fresh schema.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from alembic.config import Config
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from gateway.app import create_app
+from gateway.auth import KeyStore, Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
+from gateway.db import MIGRATIONS, Database
 from gateway.ensemble import build_members
+from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy
 
 READY_TIMEOUT_S = 60.0
+POSTGRES_URL = os.environ.get(
+    "SAFEGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+POSTGRES_CONNECT_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +73,31 @@ def engine_factory(loaded_members: list[MemberSpec]) -> EngineFactory:
     return factory
 
 
+def issue_key(
+    client: TestClient,
+    role: Role = Role.DEVELOPER,
+    *,
+    name: str | None = None,
+    policy: str | None = None,
+    rate_limit_rpm: int | None = None,
+) -> str:
+    """A new key made through the started app's ``KeyStore``; returns the secret."""
+    keys: KeyStore = client.app.state.keys  # type: ignore[attr-defined]
+    issued = keys.create(
+        name or f"test-{role.value}-{uuid.uuid4().hex[:8]}",
+        role,
+        policy=policy,
+        rate_limit_rpm=rate_limit_rpm,
+    )
+    return issued.secret
+
+
 def ready_client(app_settings: Settings, factory: EngineFactory) -> TestClient:
+    """A started app whose requests carry an admin key (``client.headers``)."""
     client = TestClient(create_app(app_settings, engine_factory=factory))
     client.__enter__()
+    admin = issue_key(client, Role.ADMIN, name="test-admin", rate_limit_rpm=MAX_REQUESTS_PER_MINUTE)
+    client.headers["Authorization"] = f"Bearer {admin}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while client.get("/readyz").status_code != 200:
         if time.monotonic() > deadline:
@@ -72,3 +111,75 @@ def client(settings: Settings, engine_factory: EngineFactory) -> Iterator[TestCl
     client = ready_client(settings, engine_factory)
     yield client
     client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[Engine]:
+    """The local PostgreSQL server; tests that need it skip when it is unreachable."""
+    engine = create_engine(
+        POSTGRES_URL,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+    )
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as error:
+        engine.dispose()
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        pytest.skip(
+            f"PostgreSQL at {engine.url.render_as_string()} is unreachable ({reason}); "
+            "start it or set SAFEGATE_TEST_POSTGRES_URL"
+        )
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_admin: Engine) -> Iterator[str]:
+    """A URL whose connections live in a fresh schema, dropped after the test."""
+    schema = f"safegate_test_{uuid.uuid4().hex[:12]}"
+    with postgres_admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = postgres_admin.url.set(
+        query={**postgres_admin.url.query, "options": f"-csearch_path={schema}"}
+    )
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with postgres_admin.connect() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that asks runs twice: on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/safegate.db"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    """The gateway's database at head, on SQLite and on PostgreSQL."""
+    db = Database(database_url)
+    db.migrate()
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Iterator[Database]:
+    db = Database(f"sqlite:///{tmp_path}/safegate.db")
+    db.migrate()
+    yield db
+    db.dispose()
+
+
+def alembic_config(connection: object) -> Config:
+    """Alembic pointed at the gateway's migrations, on an open connection."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -18,13 +17,12 @@ from types import SimpleNamespace
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.migration import MigrationContext
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine, func, inspect, select, text
+from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import OperationalError
 
 from gateway import errors
@@ -43,7 +41,7 @@ from gateway.blocklists import (
     compile_regex,
     term_tokens,
 )
-from gateway.db import MIGRATIONS, Base, Database
+from gateway.db import Base, Database
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.routes.blocklists import router
 from gateway.safety.classifier import Classifier
@@ -54,6 +52,7 @@ from gateway.safety.normalize import normalize
 from gateway.safety.policy import SHIPPED_POLICY, Policy
 from gateway.safety.taxonomy import Shield
 from gateway.safety.verdict import Finding
+from tests.gateway.conftest import alembic_config
 
 POSTGRES_URL = os.environ.get(
     "SAFEGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -85,88 +84,22 @@ class Clock:
 # -- databases ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def postgres_admin() -> Iterator[Engine]:
-    engine = create_engine(
-        POSTGRES_URL,
-        isolation_level="AUTOCOMMIT",
-        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
-    )
-    try:
-        with engine.connect():
-            pass
-    except OperationalError as error:
-        engine.dispose()
-        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-        pytest.skip(
-            f"PostgreSQL at {engine.url.render_as_string()} is unreachable ({reason}); "
-            "start it or set SAFEGATE_TEST_POSTGRES_URL"
-        )
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def postgres_url(postgres_admin: Engine) -> Iterator[str]:
-    """A URL whose connections live in a fresh schema, dropped after the test."""
-    schema = f"safegate_test_{uuid.uuid4().hex[:12]}"
-    with postgres_admin.connect() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = postgres_admin.url.set(
-        query={**postgres_admin.url.query, "options": f"-csearch_path={schema}"}
-    )
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with postgres_admin.connect() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/safegate.db"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-def database(database_url: str) -> Iterator[Database]:
-    db = Database(database_url)
-    db.migrate()
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
-def sqlite_database(tmp_path: os.PathLike[str]) -> Iterator[Database]:
-    db = Database(f"sqlite:///{tmp_path}/safegate.db")
-    db.migrate()
-    yield db
-    db.dispose()
-
-
 @pytest.fixture
 def store(sqlite_database: Database) -> BlocklistStore:
     return BlocklistStore(sqlite_database)
-
-
-def alembic_config(connection: object) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    config.attributes["connection"] = connection
-    return config
 
 
 # -- the migration -----------------------------------------------------------------------
 
 
 def test_migration_matches_the_tables_and_downgrades(database: Database) -> None:
-    def ours(name: str | None, type_: str, parents: object) -> bool:
-        return type_ != "table" or name in TABLES
+    # Only these tables, on both sides: other modules' tables share Base.metadata.
+    def ours(item: object, name: str | None, type_: str, reflected: bool, other: object) -> bool:
+        table = item if type_ == "table" else getattr(item, "table", None)
+        return getattr(table, "name", None) in TABLES
 
     with database.engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"include_name": ours})
+        context = MigrationContext.configure(connection, opts={"include_object": ours})
         assert compare_metadata(context, Base.metadata) == []
     with database.engine.begin() as connection:
         command.downgrade(alembic_config(connection), "base")

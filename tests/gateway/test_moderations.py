@@ -115,7 +115,8 @@ def test_multimodal_text_items_are_accepted(client: TestClient) -> None:
 
 
 def test_official_openai_client_works_unchanged(client: TestClient) -> None:
-    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+    key = client.headers["Authorization"].removeprefix("Bearer ")
+    api = openai.OpenAI(api_key=key, base_url="http://testserver/v1", http_client=client)
     response = api.moderations.create(
         input=[HARMFUL[0][0], BENIGN[1]], model="omni-moderation-latest"
     )
@@ -232,3 +233,17 @@ def test_a_failing_member_blocks_through_the_api(
     assert any(
         "member broken failed (RuntimeError: weights unreadable)" in r for r in result["reasons"]
     )
+
+
+def test_a_harmful_sentence_inside_a_benign_paragraph_is_flagged(client: TestClient) -> None:
+    # 150-300 characters is the length of a stream window: too short to be cut into
+    # sentence chunks at the old 300-character size, long enough to average one sentence away.
+    paragraph = (
+        "To reset your console, hold the power button for ten seconds until the light "
+        "blinks twice. Your saved games stay on the internal storage, so nothing is lost. "
+        f"{HARMFUL[0][0]}"
+    )
+    assert 150 < len(paragraph) < 300
+    result = moderate(client, {"input": paragraph})["results"][0]
+    assert result["categories"]["hate"] is True
+    assert result["action"] == "block"

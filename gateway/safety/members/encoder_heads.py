@@ -26,7 +26,7 @@ from gateway.safety.taxonomy import Label, parse_label
 from gateway.safety.verdict import Detection
 
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "weights" / "heads.safetensors"
-CHUNK_CHARS = 300
+CHUNK_CHARS = 100  # measured: bench/mixed_length.py, docs/BENCHMARKS.md
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
 
@@ -109,7 +109,7 @@ class EncoderHeadsClassifier:
         segments = [text.folded for text in texts]
         owners = list(range(len(texts)))
         for index, text in enumerate(texts):
-            chunks = sentence_chunks(text.folded)
+            chunks = sentence_chunks(text.folded, limit=CHUNK_CHARS)
             segments.extend(chunks)
             owners.extend([index] * len(chunks))
         windows = self._encoder.embed(segments, batch_size=self._batch_size)

@@ -1,0 +1,627 @@
+"""API keys, roles and the ``require(role)`` dependency that guards every filtering route.
+
+Keys
+    A key is ``sg-`` followed by 43 URL-safe characters (``secrets.token_urlsafe(32)``,
+    256 random bits). It is shown once, when it is created; the ``api_keys`` table
+    (Alembic revision ``0002``) keeps only its SHA-256 and a display prefix (``sg-`` and
+    the next 8 characters, which leaves 208 unknown random bits). A plain SHA-256 is
+    enough here, unlike for passwords: a slow, salted hash (bcrypt, argon2) exists to make
+    guessing low-entropy secrets expensive, and 256 random bits cannot be guessed at any
+    speed, so the fast hash gives nothing away while letting the store find a key by an
+    indexed equality lookup on its hash. The stored hash is compared once more with
+    ``hmac.compare_digest`` before it is trusted.
+
+Names
+    A key's name is 1 to 64 letters, digits, ``_``, ``.`` or ``-``, unique among the
+    keys that are not revoked (a partial unique index), so a rotated key can take the
+    name of the one it replaces. Ids (``key_`` + 24 hex characters) are what ``revoke``
+    takes and what logs and the audit store carry; the secret is never logged.
+
+Roles
+    ``admin`` may do everything; ``developer`` may send requests to filter
+    (``/v1/moderations``, chat completions); ``reviewer`` may read blocklists and review
+    flagged content. A key may carry a ``policy`` name (its requests are filtered by
+    ``<name>.yaml``) and its own ``rate_limit_rpm`` (else the service's default).
+
+Caching and replicas
+    ``authenticate`` caches a valid key for ``cache_ttl_s`` (``SAFEGATE_AUTH__CACHE_TTL_S``,
+    5 s by default), so a busy key costs one indexed read per ``cache_ttl_s`` per replica.
+    ``revoke`` through a store drops that store's cache at once (a lookup racing the revoke
+    cannot put the key back), so the revoke takes effect immediately on the replica that
+    made it; other replicas, and a server running beside the ``safegate keys revoke``
+    command, refuse the key within ``cache_ttl_s``. ``last_used_at`` is written at most
+    once every ``touch_interval_s`` (60 s) per key and replica, never on a cache hit.
+
+Disabled authentication
+    With ``SAFEGATE_AUTH__ENABLED=false`` every request is an anonymous admin and no
+    per-key rate limit applies: anyone who can reach the port can change blocklists and
+    read flagged content. Only for a service bound to localhost or behind a gateway that
+    authenticates on its own.
+
+Errors are the API's (``gateway.errors``)::
+
+    Unauthorized        401  missing_api_key, invalid_api_key (unknown, malformed or revoked)
+    Forbidden           403  insufficient_role (the message names the role needed)
+    RateLimited         429  rate_limit_exceeded, with Retry-After
+    ServiceUnavailable  503  key_store_unavailable, auth_unavailable, rate_limiter_unavailable
+    InvalidRequest      400  a bad name, role, policy or rate limit on create
+    NotFound            404  key_not_found;  Conflict 409  key_name_exists
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastapi import Request, Response
+from sqlalchemy import CheckConstraint, Index, Integer, String, func, select, text
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+
+from gateway.blocklists import UtcDateTime
+from gateway.db import Base, Database
+from gateway.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE, Limit, RateLimiter
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+log = logging.getLogger("safegate.auth")
+
+KEY_PREFIX = "sg-"
+KEY_RANDOM_BYTES = 32
+KEY_PATTERN = re.compile(r"^sg-[A-Za-z0-9_-]{43}$")
+DISPLAY_PREFIX_CHARS = len(KEY_PREFIX) + 8
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+POLICY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEFAULT_CACHE_TTL_S = 5.0
+DEFAULT_TOUCH_INTERVAL_S = 60.0
+DEFAULT_CACHE_MAX_ENTRIES = 10_000
+LOCAL_KEY_NAME = "local-developer"
+LOCAL_KEY_FILE = "local-developer.key"
+ANONYMOUS_KEY_ID = "anonymous"
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    DEVELOPER = "developer"
+    REVIEWER = "reviewer"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request acts as: the key that authenticated it, or the anonymous admin."""
+
+    key_id: str  # "anonymous" when auth is disabled
+    name: str
+    role: Role
+    policy: str | None  # a policy name; None = the service's default policy
+    rate_limit_rpm: int | None  # None = the service's default rate limit
+
+    def allows(self, role: Role) -> bool:
+        """Whether this principal may act in ``role``: its own role, or any role for admin."""
+        return self.role is Role.ADMIN or self.role is role
+
+
+ANONYMOUS = Principal(
+    key_id=ANONYMOUS_KEY_ID, name="anonymous", role=Role.ADMIN, policy=None, rate_limit_rpm=None
+)
+
+
+# -- the table ---------------------------------------------------------------------------
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        Index("uq_api_keys_secret_hash", "secret_hash", unique=True),
+        Index(
+            "uq_api_keys_active_name",
+            "name",
+            unique=True,
+            sqlite_where=text("revoked_at IS NULL"),
+            postgresql_where=text("revoked_at IS NULL"),
+        ),
+        CheckConstraint("role IN ('admin', 'developer', 'reviewer')", name="ck_api_keys_role"),
+        CheckConstraint(
+            "rate_limit_rpm IS NULL OR rate_limit_rpm > 0", name="ck_api_keys_rate_limit_rpm"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    policy: Mapped[str | None] = mapped_column(String(64))
+    rate_limit_rpm: Mapped[int | None] = mapped_column(Integer)
+    secret_hash: Mapped[str] = mapped_column(String(64))  # SHA-256 of the key, hex
+    prefix: Mapped[str] = mapped_column(String(16))  # "sg-" and 8 characters, for display
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+# -- what the store returns ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key as listed: everything but the secret and its hash."""
+
+    id: str
+    name: str
+    role: Role
+    policy: str | None
+    rate_limit_rpm: int | None
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    """A key just created, with its secret: the only time the secret is known."""
+
+    key: ApiKey
+    secret: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    principal: Principal
+    expires: float
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class KeyStore:
+    """API keys in the database, and a short-lived cache of the valid ones."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+        touch_interval_s: float = DEFAULT_TOUCH_INTERVAL_S,
+        cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if not cache_ttl_s > 0:
+            raise ValueError(f"cache_ttl_s must be positive, got {cache_ttl_s!r}")
+        if not touch_interval_s > 0:
+            raise ValueError(f"touch_interval_s must be positive, got {touch_interval_s!r}")
+        if cache_max_entries < 1:
+            raise ValueError(f"cache_max_entries must be at least 1, got {cache_max_entries!r}")
+        self.database = database
+        self.cache_ttl_s = cache_ttl_s
+        self.touch_interval = timedelta(seconds=touch_interval_s)
+        self.cache_max_entries = cache_max_entries
+        self._clock = clock
+        self._now = now
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()  # by the key's SHA-256
+        self._revocations = 0  # bumped by every revoke: a lookup that overlapped one is not cached
+
+    # -- management ------------------------------------------------------------------------
+
+    def create(
+        self,
+        name: str,
+        role: Role | str,
+        *,
+        policy: str | None = None,
+        rate_limit_rpm: int | None = None,
+    ) -> IssuedKey:
+        """Create a key; the returned ``IssuedKey.secret`` is never available again."""
+        _check_name(name)
+        checked_role = _check_role(role)
+        _check_policy(policy)
+        _check_rate_limit(rate_limit_rpm)
+        secret = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
+        row = ApiKeyRow(
+            id="key_" + secrets.token_hex(12),
+            name=name,
+            role=checked_role.value,
+            policy=policy,
+            rate_limit_rpm=rate_limit_rpm,
+            secret_hash=_digest(secret),
+            prefix=secret[:DISPLAY_PREFIX_CHARS],
+            created_at=self._now(),
+            revoked_at=None,
+            last_used_at=None,
+        )
+        try:
+            with self.database.session() as session:
+                taken = session.scalar(
+                    select(ApiKeyRow.id).where(
+                        ApiKeyRow.name == name, ApiKeyRow.revoked_at.is_(None)
+                    )
+                )
+                if taken is not None:
+                    raise _name_exists(name)
+                session.add(row)
+                session.flush()
+                created = _api_key(row)
+        except IntegrityError as error:  # a concurrent create of the same name won
+            raise _name_exists(name) from error
+        log.info("api key created", extra={"key_id": created.id, "role": created.role.value})
+        return IssuedKey(key=created, secret=secret)
+
+    def list(self, *, include_revoked: bool = True) -> builtins.list[ApiKey]:
+        """Keys by creation time, oldest first."""
+        query = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+        if not include_revoked:
+            query = query.where(ApiKeyRow.revoked_at.is_(None))
+        with self.database.session() as session:
+            return [_api_key(row) for row in session.scalars(query)]
+
+    def get(self, key_id: str) -> ApiKey:
+        with self.database.session() as session:
+            return _api_key(_find(session, key_id))
+
+    def count(self) -> int:
+        """How many keys the table holds, revoked ones included."""
+        with self.database.session() as session:
+            return int(session.scalar(select(func.count(ApiKeyRow.id))) or 0)
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key (idempotent: a revoked key keeps its first ``revoked_at``)."""
+        with self.database.session() as session:
+            row = _find(session, key_id)
+            if row.revoked_at is None:
+                row.revoked_at = self._now()
+            revoked = _api_key(row)
+        with self._lock:
+            self._revocations += 1
+            stale = [
+                digest for digest, hit in self._cache.items() if hit.principal.key_id == key_id
+            ]
+            for digest in stale:
+                del self._cache[digest]
+        log.info("api key revoked", extra={"key_id": key_id})
+        return revoked
+
+    # -- authentication --------------------------------------------------------------------
+
+    def cached(self, secret: str) -> Principal | None:
+        """The principal for ``secret`` if a recent lookup found it valid; no I/O."""
+        digest = _digest(secret)
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is None:
+                return None
+            if hit.expires <= self._clock():
+                del self._cache[digest]
+                return None
+            self._cache.move_to_end(digest)
+            return hit.principal
+
+    def authenticate(self, secret: str) -> Principal:
+        """The principal for ``secret``; raises ``Unauthorized`` for an unknown or revoked key.
+
+        Blocking (a database read on a cache miss): call it from a worker thread in
+        ``async`` code, as ``require`` does.
+        """
+        if not KEY_PATTERN.fullmatch(secret):
+            raise _invalid_key()
+        hit = self.cached(secret)
+        if hit is not None:
+            return hit
+        digest = _digest(secret)
+        with self._lock:
+            revocations = self._revocations
+        try:
+            principal = self._lookup(digest)
+        except SQLAlchemyError as error:
+            log.error("key store unreadable", extra={"error": type(error).__name__})
+            raise ServiceUnavailable(
+                "the key store cannot be read, so requests are refused (fail closed); "
+                "retry shortly",
+                code="key_store_unavailable",
+            ) from None
+        with self._lock:
+            if self._revocations == revocations:
+                self._cache[digest] = _Cached(principal, self._clock() + self.cache_ttl_s)
+                self._cache.move_to_end(digest)
+                while len(self._cache) > self.cache_max_entries:
+                    self._cache.popitem(last=False)
+        return principal
+
+    def _lookup(self, digest: str) -> Principal:
+        with self.database.session() as session:
+            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.secret_hash == digest))
+            if row is None or not hmac.compare_digest(row.secret_hash, digest):
+                log.info("api key rejected", extra={"reason": "unknown", "sha256": digest[:12]})
+                raise _invalid_key()
+            if row.revoked_at is not None:
+                log.info("api key rejected", extra={"reason": "revoked", "key_id": row.id})
+                raise Unauthorized(
+                    "This API key was revoked; ask an admin for a new one.",
+                    code="invalid_api_key",
+                    headers=_CHALLENGE,
+                )
+            now = self._now()
+            if row.last_used_at is None or now - row.last_used_at >= self.touch_interval:
+                row.last_used_at = now
+            return _principal(row)
+
+
+# -- the FastAPI dependency ---------------------------------------------------------------
+
+
+def require(role: Role, *more: Role) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: authenticate, check the role (any of those given), then rate limit.
+
+    Usage: ``principal: Annotated[Principal, Depends(require(Role.DEVELOPER))]``, or
+    ``dependencies=[Depends(require(Role.ADMIN))]`` on a route or router. Admin keys pass
+    every role check. The principal is also left on ``request.state.principal``.
+    """
+    roles = (role, *more)
+
+    async def principal_for(request: Request, response: Response) -> Principal:
+        return await _admit(request, response, roles)
+
+    return principal_for
+
+
+def require_by_method(*, read: Role, write: Role) -> Callable[..., Awaitable[Principal]]:
+    """Like ``require``: ``read`` for GET, HEAD and OPTIONS, ``write`` for anything else."""
+
+    async def principal_for(request: Request, response: Response) -> Principal:
+        safe = request.method in {"GET", "HEAD", "OPTIONS"}
+        return await _admit(request, response, (read if safe else write,))
+
+    return principal_for
+
+
+async def _admit(request: Request, response: Response, roles: Iterable[Role]) -> Principal:
+    wanted = tuple(roles)
+    admitted: Principal | None = getattr(request.state, "principal", None)
+    if admitted is not None:  # a router's and a route's ``require``: one key, one token
+        _check_roles(admitted, wanted)
+        return admitted
+    state = request.app.state
+    settings: Settings | None = getattr(state, "settings", None)
+    keys: KeyStore | None = getattr(state, "keys", None)
+    limiter: RateLimiter | None = getattr(state, "limiter", None)
+    if settings is not None and not settings.auth.enabled:
+        request.state.principal = ANONYMOUS
+        return ANONYMOUS
+    if settings is None or keys is None or limiter is None:
+        raise ServiceUnavailable(
+            "authentication is not set up yet, so requests are refused (fail closed); "
+            "retry shortly",
+            code="auth_unavailable",
+        )
+    secret = presented_key(request.headers)
+    if not KEY_PATTERN.fullmatch(secret):
+        raise _invalid_key()
+    principal = keys.cached(secret)
+    if principal is None:  # a database read: off the event loop
+        principal = await run_in_threadpool(keys.authenticate, secret)
+    _check_roles(principal, wanted)
+    defaults = settings.rate_limit
+    limit = Limit.of(principal.rate_limit_rpm or defaults.requests_per_minute, burst=defaults.burst)
+    decision = await limiter.acquire(principal.key_id, limit)
+    if not decision.allowed:
+        log.info(
+            "rate limited",
+            extra={"key_id": principal.key_id, "retry_after_s": round(decision.retry_after_s, 3)},
+        )
+        raise RateLimited(
+            f"Rate limit reached for key '{principal.name}': {limit.requests_per_minute} "
+            f"requests per minute. Retry after {decision.retry_after_s:.1f} s.",
+            retry_after_s=decision.retry_after_s,
+            headers={
+                "x-ratelimit-limit-requests": str(limit.requests_per_minute),
+                "x-ratelimit-remaining-requests": "0",
+            },
+        )
+    response.headers["x-ratelimit-limit-requests"] = str(limit.requests_per_minute)
+    response.headers["x-ratelimit-remaining-requests"] = str(decision.remaining)
+    request.state.principal = principal
+    return principal
+
+
+def _check_roles(principal: Principal, wanted: tuple[Role, ...]) -> None:
+    if not any(principal.allows(role) for role in wanted):
+        needed = " or ".join(f"'{role.value}'" for role in wanted)
+        raise Forbidden(
+            f"This route needs the {needed} role (or 'admin'); the key "
+            f"'{principal.name}' has the '{principal.role.value}' role.",
+            code="insufficient_role",
+        )
+
+
+def presented_key(headers: Headers) -> str:
+    """The key from ``Authorization: Bearer KEY`` or Azure's ``api-key: KEY`` header."""
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise Unauthorized(
+                "The Authorization header must be 'Bearer <your API key>'.",
+                code="invalid_api_key",
+                headers=_CHALLENGE,
+            )
+        return credentials.strip()
+    api_key = headers.get("api-key")
+    if api_key is not None and api_key.strip():
+        return api_key.strip()
+    raise Unauthorized(
+        "You didn't provide an API key. Send it in an 'Authorization: Bearer <key>' header "
+        "(or an 'api-key' header); an admin creates keys with 'safegate keys create'.",
+        code="missing_api_key",
+        headers=_CHALLENGE,
+    )
+
+
+# -- first start --------------------------------------------------------------------------
+
+
+def local_key_path(home: Path) -> Path:
+    return home / LOCAL_KEY_FILE
+
+
+def ensure_local_key(store: KeyStore, home: Path) -> str | None:
+    """On a first start (no keys at all), create a developer key and keep it in a file.
+
+    Returns the new key, written to ``<home>/local-developer.key`` (mode 0600), or
+    ``None`` when the table already holds a key (revoked ones count: an admin who revoked
+    every key gets no new one behind their back) or another process created one first.
+    """
+    if store.count():
+        return None
+    try:
+        issued = store.create(LOCAL_KEY_NAME, Role.DEVELOPER)
+    except Conflict:  # another replica starting at the same moment
+        return None
+    try:
+        _write_private(local_key_path(home), issued.secret + "\n")
+    except OSError:
+        store.revoke(issued.key.id)  # nobody could ever read it: do not leave it live
+        raise
+    log.info("local developer key created", extra={"key_id": issued.key.id})
+    return issued.secret
+
+
+def _write_private(path: Path, content: str) -> None:
+    """Write ``content`` readable by the owner only, replacing ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="safegate"'}
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _invalid_key() -> Unauthorized:
+    return Unauthorized(
+        "Incorrect API key provided. Ask an admin for a key ('safegate keys create').",
+        code="invalid_api_key",
+        headers=_CHALLENGE,
+    )
+
+
+def _check_name(name: str) -> None:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidRequest(
+            "name must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter "
+            "or digit",
+            param="name",
+            code="invalid_name",
+        )
+
+
+def _check_role(role: Role | str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        roles = ", ".join(member.value for member in Role)
+        raise InvalidRequest(
+            f"role must be one of {roles}", param="role", code="invalid_role"
+        ) from None
+
+
+def _check_policy(policy: str | None) -> None:
+    if policy is not None and not POLICY_PATTERN.fullmatch(policy):
+        raise InvalidRequest(
+            "policy must be 1 to 64 lower-case letters, digits, '_' or '-', starting with a "
+            "letter or digit",
+            param="policy",
+            code="invalid_policy",
+        )
+
+
+def _check_rate_limit(rate_limit_rpm: int | None) -> None:
+    if rate_limit_rpm is not None and not 1 <= rate_limit_rpm <= MAX_REQUESTS_PER_MINUTE:
+        raise InvalidRequest(
+            f"rate_limit_rpm must be 1 to {MAX_REQUESTS_PER_MINUTE}",
+            param="rate_limit_rpm",
+            code="invalid_rate_limit",
+        )
+
+
+def _name_exists(name: str) -> Conflict:
+    return Conflict(
+        f"an active key named {name!r} exists; revoke it first or pick another name",
+        param="name",
+        code="key_name_exists",
+    )
+
+
+def _find(session: Session, key_id: str) -> ApiKeyRow:
+    row = session.get(ApiKeyRow, key_id)
+    if row is None:
+        raise NotFound(f"no API key with id {key_id!r}", param="key_id", code="key_not_found")
+    return row
+
+
+def _api_key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        role=Role(row.role),
+        policy=row.policy,
+        rate_limit_rpm=row.rate_limit_rpm,
+        prefix=row.prefix,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+def _principal(row: ApiKeyRow) -> Principal:
+    return Principal(
+        key_id=row.id,
+        name=row.name,
+        role=Role(row.role),
+        policy=row.policy,
+        rate_limit_rpm=row.rate_limit_rpm,
+    )

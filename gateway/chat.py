@@ -1,0 +1,252 @@
+"""The filtered chat completion: the request, its prompt check, its completion check.
+
+The route (``gateway.routes.chat``) runs, for every request::
+
+    limits -> prompt check (every message) -> upstream (litellm) -> completion check
+           -> Azure content_filter annotations, audit records, metrics
+
+Prompt check: every message's text is checked before any upstream call. System, user and
+assistant turns are checked for harm and jailbreaks; tool results and content parts marked
+``"document": true`` are checked for indirect attacks too (a user's own turn is never an
+"indirect" attack; ``SafetyEngine.decide(ignore=...)``).
+
+Completion check: a whole completion is checked before a byte leaves (non-streaming); a
+stream is released window by window through a ``StreamGuard``: text is held back until
+``window_chars`` have arrived, checked together with the last ``overlap_chars`` already
+released (so a phrase cut by a window edge is still seen whole), and released only if it
+passes. A window that fails ends the stream with ``finish_reason: "content_filter"``;
+nothing after it reaches the client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gateway.safety.taxonomy import Label, Shield
+from gateway.safety.verdict import Verdict
+
+DEFAULT_MAX_MESSAGES = 256
+DEFAULT_MAX_MESSAGE_CHARS = 32_000
+DEFAULT_MAX_TOKENS = 4096  # the most a request may ask for (max_tokens / max_completion_tokens)
+DEFAULT_MAX_CHOICES = 4
+DEFAULT_STREAM_WINDOW_CHARS = 128
+DEFAULT_STREAM_OVERLAP_CHARS = 128
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+DOCUMENT_ROLES = frozenset({"tool", "function"})
+# Labels a text cannot carry by its role: only documents and tool output can hold an
+# indirect attack.
+NOT_IN_TURNS: frozenset[Label] = frozenset({Shield.INDIRECT_ATTACK})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(_Strict):
+    """A text part. ``document: true`` (a safegate extension) marks retrieved content."""
+
+    type: Literal["text"]
+    text: str
+    document: bool = False
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    def to_upstream(self) -> dict[str, Any]:
+        """The message as the upstream gets it: safegate's ``document`` marks removed."""
+        data = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            data["content"] = [{"type": "text", "text": part.text} for part in self.content]
+        return data
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    """OpenAI's chat completion request. Unknown fields are refused with a 400 naming
+    them; only the parameters in ``gateway.upstreams.FORWARDED_PARAMS`` reach litellm."""
+
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def upstream_params(self, *, forwarded: frozenset[str]) -> dict[str, Any]:
+        params = self.model_dump(exclude_none=True, include=set(forwarded))
+        params.pop("stream", None)
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class PromptText:
+    """One checkable text of the request: a message (or a document part of one)."""
+
+    source: str  # "messages[2]" or "messages[2].content[1]"
+    text: str
+    document: bool
+
+
+def prompt_texts(request: ChatCompletionRequest) -> list[PromptText]:
+    """Every text the prompt check reads, in message order; empty texts are skipped."""
+    texts: list[PromptText] = []
+    for index, message in enumerate(request.messages):
+        where = f"messages[{index}]"
+        document = message.role in DOCUMENT_ROLES
+        if isinstance(message.content, str):
+            texts.append(PromptText(where, message.content, document))
+        elif isinstance(message.content, list):
+            for part_index, part in enumerate(message.content):
+                texts.append(
+                    PromptText(
+                        f"{where}.content[{part_index}]", part.text, document or part.document
+                    )
+                )
+        for call in message.tool_calls or ():
+            texts.append(
+                PromptText(
+                    f"{where}.tool_calls", f"{call.function.name} {call.function.arguments}", False
+                )
+            )
+    return [text for text in texts if text.text.strip()]
+
+
+def completion_text(message: Any) -> str:
+    """The checkable text of an upstream choice's message (content and tool calls)."""
+    parts = [getattr(message, "content", None) or ""]
+    for call in getattr(message, "tool_calls", None) or ():
+        function = getattr(call, "function", None)
+        if function is not None:
+            parts.append(f"{function.name or ''} {function.arguments or ''}")
+    return "\n".join(part for part in parts if part)
+
+
+Check = Callable[[str], Awaitable[Verdict]]
+
+
+@dataclass(slots=True)
+class Release:
+    """Text a ``StreamGuard`` let through, and the verdict on the window it was in."""
+
+    text: str
+    verdict: Verdict | None
+
+
+@dataclass(slots=True)
+class StreamGuard:
+    """Holds back streamed text until it has been checked; see the module docstring."""
+
+    check: Check
+    window_chars: int = DEFAULT_STREAM_WINDOW_CHARS
+    overlap_chars: int = DEFAULT_STREAM_OVERLAP_CHARS
+    pending: str = ""
+    released: str = ""
+    blocked: Verdict | None = None
+    verdicts: list[Verdict] = field(default_factory=list)
+    checked_windows: list[str] = field(default_factory=list)
+
+    async def feed(self, piece: str) -> Release | None:
+        """Take a piece of the stream; return what may be sent now, if anything."""
+        if self.blocked is not None:
+            return None
+        self.pending += piece
+        if len(self.pending) < self.window_chars:
+            return None
+        return await self._release()
+
+    async def flush(self) -> Release | None:
+        """The stream ended: check and release what is still held back."""
+        if self.blocked is not None or not self.pending.strip():
+            released, self.pending = self.pending, ""
+            if self.blocked is None and released:
+                self.released += released
+                return Release(released, None)
+            return None
+        return await self._release()
+
+    async def _release(self) -> Release | None:
+        window = (
+            self.released[-self.overlap_chars :] + self.pending
+            if self.overlap_chars
+            else self.pending
+        )
+        verdict = await self.check(window)
+        self.verdicts.append(verdict)
+        self.checked_windows.append(window)
+        if verdict.blocked:
+            self.blocked = verdict
+            self.pending = ""
+            return None
+        released, self.pending = self.pending, ""
+        self.released += released
+        return Release(released, verdict)
+
+
+def usage_dict(usage: Any) -> dict[str, int] | None:
+    if usage is None:
+        return None
+    prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion = int(getattr(usage, "completion_tokens", 0) or 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": int(getattr(usage, "total_tokens", 0) or prompt + completion),
+    }
+
+
+def worst_reasons(verdicts: Mapping[str, Verdict]) -> list[str]:
+    """Why texts were blocked, each reason prefixed with where it came from."""
+    return [
+        f"{source}: {reason}"
+        for source, verdict in verdicts.items()
+        if verdict.blocked
+        for reason in verdict.reasons
+    ]

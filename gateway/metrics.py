@@ -1,0 +1,106 @@
+"""Prometheus metrics, served at ``GET /metrics`` in the text exposition format.
+
+Each app owns its ``CollectorRegistry`` (tests build many apps in one process)::
+
+    safegate_requests_total{route, method, status}           every HTTP request
+    safegate_request_seconds{route}                          latency of every HTTP request
+    safegate_stage_seconds{stage}                            prompt_check, upstream,
+                                                             completion_check, first_token
+    safegate_verdicts_total{direction, action}               texts checked: allow/annotate/block
+    safegate_blocks_total{direction, category}               labels that blocked a text
+    safegate_flags_total{direction, category}                labels flagged (block or annotate)
+    safegate_upstream_errors_total{model, code}              upstream failures by gateway code
+    safegate_audit_spool_pending                             audit records waiting on disk
+
+Labels never carry content; ``route`` is the route's template (``/v1/blocklists/{name}``),
+never the raw path, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gateway.safety.verdict import Verdict
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STAGE_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STAGES = ("prompt_check", "upstream", "completion_check", "first_token")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "safegate_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "safegate_request_seconds",
+            "HTTP request latency by route template.",
+            ["route"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "safegate_stage_seconds",
+            "Time spent per stage of a filtered chat request.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.verdicts = Counter(
+            "safegate_verdicts",
+            "Texts checked, by direction and the action taken.",
+            ["direction", "action"],
+            registry=self.registry,
+        )
+        self.blocks = Counter(
+            "safegate_blocks",
+            "Labels that blocked a text, by direction and category.",
+            ["direction", "category"],
+            registry=self.registry,
+        )
+        self.flags = Counter(
+            "safegate_flags",
+            "Labels flagged (blocked or annotated), by direction and category.",
+            ["direction", "category"],
+            registry=self.registry,
+        )
+        self.upstream_errors = Counter(
+            "safegate_upstream_errors",
+            "Upstream failures by model and gateway error code.",
+            ["model", "code"],
+            registry=self.registry,
+        )
+        self.spool_pending = Gauge(
+            "safegate_audit_spool_pending",
+            "Audit records (flagged items and request logs) spooled to disk while the "
+            "database was unavailable.",
+            registry=self.registry,
+        )
+
+    def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage).observe(seconds)
+
+    def observe_verdict(self, verdict: Verdict) -> None:
+        direction = verdict.direction.value
+        action = "block" if verdict.blocked else "annotate" if verdict.flagged else "allow"
+        self.verdicts.labels(direction, action).inc()
+        for label in verdict.flagged_labels:
+            self.flags.labels(direction, label.value).inc()
+            if verdict.labels[label].action.value == "block":
+                self.blocks.labels(direction, label.value).inc()
+
+    def track_spool(self, pending: Callable[[], int]) -> None:
+        self.spool_pending.set_function(lambda: float(pending()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

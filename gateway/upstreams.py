@@ -1,0 +1,330 @@
+"""Upstream models: every chat completion reaches its model through litellm's Router.
+
+An upstreams file (YAML; ``gateway/upstreams.yaml`` ships, ``SAFEGATE_UPSTREAMS__FILE``
+points elsewhere) names what clients may call and how to reach it::
+
+    models:
+      - name: demo                         # what clients send as "model"
+        litellm:                           # litellm's completion parameters
+          model: openai/demo-console-support
+          api_base: http://127.0.0.1:8001/v1
+          api_key: local
+      - name: gpt-4o-mini
+        litellm: {model: openai/gpt-4o-mini, api_key: os.environ/OPENAI_API_KEY}
+    aliases: {support: demo}               # another name for a model
+    fallbacks: {gpt-4o-mini: [demo]}       # tried in order when a model fails
+    timeout_s: 60
+    num_retries: 1
+    local_adapters: true                   # also every adapter deployed in the registry
+
+Any litellm model string works (``openai/``, ``azure/``, ``ollama/``, ``hosted_vllm/``,
+...); secrets stay in the environment through litellm's ``os.environ/NAME`` values.
+With ``local_adapters`` every adapter deployed with ``safegate models deploy`` is callable
+by its name, served by the local model server (``safegate finetune serve``, which
+``safegate serve`` starts) at ``local_api_base``. The list is read again when a request
+names a model the gateway does not know, so a new deployment needs no restart.
+
+Errors (``gateway.errors``): an unknown model is a 404 ``model_not_found``; an upstream
+that times out is a 504 ``upstream_timeout``; one that fails otherwise (refused
+connection, 5xx, bad credentials on our side) is a 502 ``upstream_error``; an upstream
+400 (a context window exceeded, an unsupported parameter) is passed on as a 400.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ApiError, InvalidRequest, NotFound
+
+log = logging.getLogger("safegate.upstreams")
+
+SHIPPED_UPSTREAMS = Path(__file__).resolve().parent / "upstreams.yaml"
+DEFAULT_UPSTREAM_TIMEOUT_S = 60.0
+DEFAULT_NUM_RETRIES = 1
+DEFAULT_LOCAL_PORT = 8001  # the local model server's (``safegate finetune serve``)
+DEFAULT_LOCAL_API_BASE = f"http://127.0.0.1:{DEFAULT_LOCAL_PORT}/v1"
+LOCAL_API_KEY = "local"  # the local model server checks no key; litellm wants one
+MIN_REFRESH_GAP_S = 1.0  # an unknown model re-reads the registry at most this often
+# Parameters a client may set; nothing else reaches litellm (a client must never set
+# api_base, api_key or mock_response).
+FORWARDED_PARAMS = frozenset(
+    {
+        "frequency_penalty",
+        "logit_bias",
+        "max_completion_tokens",
+        "max_tokens",
+        "n",
+        "parallel_tool_calls",
+        "presence_penalty",
+        "response_format",
+        "seed",
+        "stop",
+        "stream_options",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_p",
+        "user",
+    }
+)
+
+
+class UpstreamsError(Exception):
+    """The upstreams file is missing, unreadable or invalid."""
+
+
+class UpstreamFailed(ApiError):
+    status = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(ApiError):
+    status = 504
+    type = "upstream_error"
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    litellm: dict[str, Any]
+    description: str = ""
+
+    @field_validator("litellm")
+    @classmethod
+    def _has_model(cls, params: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(params.get("model"), str) or not params["model"]:
+            raise ValueError("litellm.model must name a litellm model, e.g. openai/gpt-4o-mini")
+        return params
+
+
+class UpstreamsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelEntry] = Field(default_factory=list)
+    aliases: dict[str, str] = Field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    timeout_s: float = Field(default=DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
+    num_retries: int = Field(default=DEFAULT_NUM_RETRIES, ge=0, le=10)
+    local_adapters: bool = True
+    local_api_base: str = DEFAULT_LOCAL_API_BASE
+
+    @classmethod
+    def load(cls, path: Path) -> UpstreamsConfig:
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise UpstreamsError(f"cannot read upstreams file {path}: {error}") from error
+        except yaml.YAMLError as error:
+            raise UpstreamsError(f"upstreams file {path} is not valid YAML: {error}") from error
+        try:
+            config = cls.model_validate(raw)
+        except ValidationError as error:
+            raise UpstreamsError(f"upstreams file {path} is invalid: {error}") from error
+        names = {entry.name for entry in config.models}
+        for alias, target in config.aliases.items():
+            if target not in names:
+                raise UpstreamsError(f"{path}: alias {alias!r} points at unknown model {target!r}")
+        for model, chain in config.fallbacks.items():
+            for name in (model, *chain):
+                if name not in names:
+                    raise UpstreamsError(f"{path}: fallbacks name unknown model {name!r}")
+        return config
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One callable model as ``/v1/models`` shows it."""
+
+    id: str
+    owned_by: str
+    created: int
+
+
+class Upstream(Protocol):
+    """The seam the chat route talks to (litellm in production and tests)."""
+
+    def models(self) -> list[ModelInfo]: ...
+
+    async def resolve(self, name: str) -> str: ...
+
+    async def complete(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> Any:
+        """A ``litellm.ModelResponse``."""
+        ...
+
+    async def stream(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> AsyncIterator[Any]:
+        """``litellm`` stream chunks (``ModelResponseStream``)."""
+        ...
+
+
+AdapterSource = Callable[[], Sequence[str]]
+
+
+class LitellmUpstreams:
+    """The configured models behind one ``litellm.Router``."""
+
+    def __init__(self, config: UpstreamsConfig, *, adapters: AdapterSource | None = None) -> None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        self.config = config
+        self._adapters = adapters if config.local_adapters else None
+        self._local: tuple[str, ...] = ()
+        self._refreshed = 0.0
+        self._created = int(time.time())
+        self._router = self._build()
+
+    def _build(self) -> Any:
+        from litellm.router import Router
+
+        model_list = [
+            {"model_name": entry.name, "litellm_params": dict(entry.litellm)}
+            for entry in self.config.models
+        ]
+        configured = {entry.name for entry in self.config.models}
+        model_list += [
+            {
+                "model_name": name,
+                "litellm_params": {
+                    "model": f"openai/{name}",
+                    "api_base": self.config.local_api_base,
+                    "api_key": LOCAL_API_KEY,
+                },
+            }
+            for name in self._local
+            if name not in configured
+        ]
+        return Router(
+            model_list=model_list,
+            model_group_alias=dict(self.config.aliases),
+            fallbacks=[{model: chain} for model, chain in self.config.fallbacks.items()],
+            num_retries=self.config.num_retries,
+            timeout=self.config.timeout_s,
+            stream_timeout=self.config.timeout_s,
+        )
+
+    def refresh(self) -> bool:
+        """Read the deployed adapters again; True when the list changed."""
+        if self._adapters is None:
+            return False
+        self._refreshed = time.monotonic()
+        try:
+            found = tuple(sorted(self._adapters()))
+        except Exception as exc:  # noqa: BLE001 - the configured models keep working
+            log.warning("cannot read deployed adapters", extra={"error": type(exc).__name__})
+            return False
+        if found == self._local:
+            return False
+        self._local = found
+        self._router = self._build()
+        log.info("upstreams refreshed", extra={"adapters": list(found)})
+        return True
+
+    def known(self, name: str) -> bool:
+        names = {entry.name for entry in self.config.models} | set(self._local)
+        return name in names or name in self.config.aliases
+
+    def models(self) -> list[ModelInfo]:
+        configured = [ModelInfo(e.name, "safegate", self._created) for e in self.config.models]
+        local = [
+            ModelInfo(name, "safegate-local", self._created)
+            for name in self._local
+            if name not in {e.name for e in self.config.models}
+        ]
+        aliases = [ModelInfo(alias, "safegate", self._created) for alias in self.config.aliases]
+        return configured + local + aliases
+
+    async def resolve(self, name: str) -> str:
+        """The name itself when callable; a 404 in OpenAI's words otherwise."""
+        if not self.known(name) and time.monotonic() - self._refreshed >= MIN_REFRESH_GAP_S:
+            import asyncio
+
+            await asyncio.to_thread(self.refresh)
+        if not self.known(name):
+            raise NotFound(
+                f"The model '{name}' does not exist or you do not have access to it; "
+                "GET /v1/models lists the models this gateway serves",
+                param="model",
+                code="model_not_found",
+            )
+        return name
+
+    async def complete(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> Any:
+        try:
+            return await self._router.acompletion(model=model, messages=list(messages), **params)
+        except Exception as exc:
+            raise upstream_error(exc, model=model) from exc
+
+    async def stream(
+        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> AsyncIterator[Any]:
+        try:
+            chunks = await self._router.acompletion(
+                model=model, messages=list(messages), stream=True, **params
+            )
+        except Exception as exc:
+            raise upstream_error(exc, model=model) from exc
+        return _guarded(chunks, model=model)
+
+
+def registry_adapters(database_url: str) -> AdapterSource:
+    """The names of the adapters deployed in the model registry (its read API)."""
+    state: dict[str, Any] = {}
+
+    def read() -> list[str]:
+        from finetune.db import Database
+        from finetune.registry import ModelKind, ModelRegistry
+
+        if "registry" not in state:
+            database = Database(database_url)
+            database.migrate()
+            state["registry"] = ModelRegistry(database)
+        registry: ModelRegistry = state["registry"]
+        return [m.name for m in registry.deployed_models() if m.kind is ModelKind.ADAPTER]
+
+    return read
+
+
+async def _guarded(chunks: Any, *, model: str) -> AsyncIterator[Any]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:
+        raise upstream_error(exc, model=model) from exc
+
+
+def upstream_error(exc: BaseException, *, model: str) -> ApiError:
+    """Map a litellm (openai-style) exception to the gateway's error for the client.
+
+    The upstream's own message is kept to its first line: it names the cause (a refused
+    connection, an unknown model upstream) without echoing request content.
+    """
+    from litellm import exceptions
+
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, exceptions.Timeout):
+        return UpstreamTimeout(
+            f"model {model!r} did not answer in time: {detail}", code="upstream_timeout"
+        )
+    if isinstance(exc, exceptions.ContextWindowExceededError | exceptions.BadRequestError):
+        return InvalidRequest(
+            f"model {model!r} rejected the request: {detail}", code="upstream_bad_request"
+        )
+    return UpstreamFailed(
+        f"model {model!r} failed ({type(exc).__name__}): {detail}", code="upstream_error"
+    )

@@ -1,0 +1,103 @@
+"""The gateway in front of the local model server, as ``make run`` wires them: a deployed
+adapter on a tiny Phi-3 base, served by ``safegate models serve`` in a child process that
+``LocalModelProcess`` starts, reached through litellm under the adapter's own name."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from finetune.db import Database as FinetuneDatabase
+from finetune.registry import ModelRegistry
+from gateway.auth import Role
+from gateway.config import Settings
+from gateway.local_models import LocalModelProcess, port_in_use
+from tests.finetune.tiny_phi3 import build_base, register, train_adapter
+from tests.gateway.conftest import EngineFactory, issue_key, ready_client
+
+ANSWER = "the sun is happy"
+PROMPTS = ("hello tell me a story", "what is the sky")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("local-upstream")
+    home = root / "home"
+    settings = Settings(home=home)
+    base = build_base(root / "base")
+    adapter = train_adapter(base, root / "sunny", prompts=PROMPTS, answer=ANSWER)
+    database = FinetuneDatabase(settings.database)
+    database.migrate()
+    register(ModelRegistry(database), base_name="tiny", base_path=base, adapters={"sunny": adapter})
+    database.dispose()
+    return home
+
+
+@pytest.fixture(scope="module")
+def local_server(home: Path) -> Iterator[LocalModelProcess]:
+    port = _free_port()
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SAFEGATE_HOME", str(home))
+    process = LocalModelProcess(port=port, log_file=home / "logs" / "local-models.log")
+    try:
+        assert process.start(timeout_s=120), process.log_file.read_text()
+        yield process
+    finally:
+        process.stop()
+        patch.undo()
+    assert not port_in_use(port)
+
+
+@pytest.fixture
+def gateway(
+    home: Path, local_server: LocalModelProcess, tmp_path: Path, engine_factory: EngineFactory
+) -> Iterator[TestClient]:
+    upstreams = tmp_path / "upstreams.yaml"
+    upstreams.write_text(
+        yaml.safe_dump(
+            {
+                "models": [],
+                "local_adapters": True,
+                "local_api_base": f"{local_server.url}/v1",
+                "num_retries": 0,
+            }
+        )
+    )
+    client = ready_client(Settings(home=home, upstreams={"file": upstreams}), engine_factory)
+    yield client
+    client.__exit__(None, None, None)
+
+
+def test_deployed_adapter_is_callable_by_name_through_the_gateway(gateway: TestClient) -> None:
+    key = issue_key(gateway, Role.DEVELOPER)
+    api = openai.OpenAI(
+        api_key=key, base_url="http://testserver/v1", http_client=gateway, max_retries=0
+    )
+    assert "sunny" in {model.id for model in api.models.list().data}
+    response = api.chat.completions.create(
+        model="sunny", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0
+    )
+    assert response.choices[0].message.content == ANSWER
+    assert response.choices[0].finish_reason == "stop"
+    extra = response.choices[0].model_extra or {}
+    assert extra["content_filter_results"]["hate"] == {"filtered": False, "severity": "safe"}
+    streamed = api.chat.completions.create(
+        model="sunny",
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == ANSWER
