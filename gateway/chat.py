@@ -11,15 +11,17 @@ assistant turns are checked for harm and jailbreaks; tool results and content pa
 "indirect" attack; ``SafetyEngine.decide(ignore=...)``).
 
 Completion check: a whole completion is checked before a byte leaves (non-streaming); a
-stream is released window by window through a ``StreamGuard``: text is held back until
-``window_chars`` have arrived, checked together with the last ``overlap_chars`` already
-released (so a phrase cut by a window edge is still seen whole), and released only if it
-passes. A window that fails ends the stream with ``finish_reason: "content_filter"``;
+stream is released sentence by sentence through a ``StreamGuard``: text is held back until
+a sentence ends (or ``window_chars`` arrive without one), checked together with the whole
+sentences released just before it (up to ``overlap_chars``: a phrase cut by a release
+edge is still seen whole, and no check reads half a sentence out of context), and released
+only if it passes. A part that fails ends the stream with ``finish_reason: "content_filter"``;
 nothing after it reaches the client.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,8 +35,8 @@ DEFAULT_MAX_MESSAGES = 256
 DEFAULT_MAX_MESSAGE_CHARS = 32_000
 DEFAULT_MAX_TOKENS = 4096  # the most a request may ask for (max_tokens / max_completion_tokens)
 DEFAULT_MAX_CHOICES = 4
-DEFAULT_STREAM_WINDOW_CHARS = 128
-DEFAULT_STREAM_OVERLAP_CHARS = 128
+DEFAULT_STREAM_WINDOW_CHARS = 160  # held back at most without a sentence end
+DEFAULT_STREAM_OVERLAP_CHARS = 160  # of released text checked again with the next part
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DOCUMENT_ROLES = frozenset({"tool", "function"})
@@ -182,7 +184,14 @@ class Release:
 
 @dataclass(slots=True)
 class StreamGuard:
-    """Holds back streamed text until it has been checked; see the module docstring."""
+    """Holds back streamed text until it has been checked; see the module docstring.
+
+    Text is released a sentence at a time: at the last sentence end in what is held back,
+    or, when ``window_chars`` arrive without one, at the last space before that. Each
+    release is checked together with the whole sentences that end the text already
+    released (up to ``overlap_chars``), so a check never sees half a sentence out of
+    context and a phrase split across releases is still seen whole.
+    """
 
     check: Check
     window_chars: int = DEFAULT_STREAM_WINDOW_CHARS
@@ -198,9 +207,10 @@ class StreamGuard:
         if self.blocked is not None:
             return None
         self.pending += piece
-        if len(self.pending) < self.window_chars:
+        cut = self._cut()
+        if cut is None:
             return None
-        return await self._release()
+        return await self._release(cut)
 
     async def flush(self) -> Release | None:
         """The stream ended: check and release what is still held back."""
@@ -210,14 +220,32 @@ class StreamGuard:
                 self.released += released
                 return Release(released, None)
             return None
-        return await self._release()
+        return await self._release(len(self.pending))
 
-    async def _release(self) -> Release | None:
-        window = (
-            self.released[-self.overlap_chars :] + self.pending
-            if self.overlap_chars
-            else self.pending
-        )
+    def _cut(self) -> int | None:
+        """Where the held-back text may be cut for release, if anywhere yet."""
+        ends = [match.end() for match in _SENTENCE_END.finditer(self.pending)]
+        if ends:
+            return ends[-1]
+        if len(self.pending) < self.window_chars:
+            return None
+        space = self.pending.rfind(" ", 0, self.window_chars)
+        return space + 1 if space > 0 else self.window_chars
+
+    def _context(self) -> str:
+        """The whole sentences at the end of the released text, up to ``overlap_chars``."""
+        if not self.overlap_chars or not self.released:
+            return ""
+        tail = self.released[-self.overlap_chars :]
+        if len(tail) < len(self.released):
+            first = _SENTENCE_END.search(tail)
+            if first is not None and tail[first.end() :].strip():
+                tail = tail[first.end() :]
+        return tail
+
+    async def _release(self, cut: int) -> Release | None:
+        part, rest = self.pending[:cut], self.pending[cut:]
+        window = self._context() + part
         verdict = await self.check(window)
         self.verdicts.append(verdict)
         self.checked_windows.append(window)
@@ -225,9 +253,14 @@ class StreamGuard:
             self.blocked = verdict
             self.pending = ""
             return None
-        released, self.pending = self.pending, ""
-        self.released += released
-        return Release(released, verdict)
+        self.pending = rest
+        self.released += part
+        return Release(part, verdict)
+
+
+# A sentence ends at . ! ? ; or : followed by white space (which must have arrived, so
+# "3.5" and "e.g" mid-stream do not cut), or at a line break.
+_SENTENCE_END = re.compile(r"[.!?;:]+[\"')\]]*\s+|\n+")
 
 
 def usage_dict(usage: Any) -> dict[str, int] | None:

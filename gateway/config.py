@@ -184,12 +184,12 @@ class ChatSettings(BaseModel):
     stream_window_chars: int = Field(
         default=DEFAULT_STREAM_WINDOW_CHARS,
         ge=1,
-        description="streamed text held back and checked before release, in characters",
+        description="most streamed characters held back without a sentence end",
     )
     stream_overlap_chars: int = Field(
         default=DEFAULT_STREAM_OVERLAP_CHARS,
         ge=0,
-        description="released text checked again with the next window",
+        description="released text (whole sentences) checked again with the next part",
     )
 
 
