@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy gateway finetune safegate
+	$(BIN)/mypy gateway finetune safegate evals
 
 pytest: install
 	$(BIN)/python -m pytest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from evals.cli import app as eval_app
 from finetune.cli import app as finetune_app
 from finetune.cli import models as models_app
 from gateway.cli import app as gateway_app
@@ -15,6 +16,7 @@ app = typer.Typer(
 app.add_typer(gateway_app)
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
 
 
 def main() -> None:

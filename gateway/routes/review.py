@@ -317,8 +317,8 @@ def add_to_blocklist(
 ) -> BlocklistAddition:
     stored = store.get_item(item_id)
     value = body.term.strip() if body.kind is ItemKind.TERM else body.term
-    _check_occurs(body.kind, value, stored.item.text)
-    created = _ensure_blocklist(state.blocklists, body.blocklist)
+    check_term_occurs(body.kind, value, stored.item.text)
+    created = ensure_blocklist(state.blocklists, body.blocklist)
     try:
         [entry] = state.blocklists.add_items(body.blocklist, [NewItem(kind=body.kind, value=value)])
     except InvalidRequest as error:
@@ -350,7 +350,7 @@ def review_stats(
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _check_occurs(kind: ItemKind, value: str, text: str) -> None:
+def check_term_occurs(kind: ItemKind, value: str, text: str) -> None:
     """Raise unless ``value`` matches ``text`` the way the blocklist member would."""
     folded = normalize(text).folded
     if kind is ItemKind.TERM:
@@ -393,7 +393,7 @@ def _check_occurs(kind: ItemKind, value: str, text: str) -> None:
         )
 
 
-def _ensure_blocklist(blocklists: BlocklistStore, name: str) -> bool:
+def ensure_blocklist(blocklists: BlocklistStore, name: str) -> bool:
     """Create the list unless it exists; True when this call created it."""
     try:
         blocklists.get(name)

@@ -1,0 +1,76 @@
+"""F1 of predicted labels as a local ``evaluate`` module (scikit-learn).
+
+F1 is a corpus-level score (macro over labels by default): it is not the mean of a
+per-sample value. ``per_sample`` is each prediction's correctness, the paired outcome
+McNemar's test compares between two runs. Loaded by path, so it works offline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import evaluate
+from sklearn.metrics import f1_score
+
+_DESCRIPTION = "F1 of predicted labels against reference labels (sklearn.metrics.f1_score)."
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (list of str): predicted labels.
+    references (list of str): reference labels.
+    average (str): "macro" (default), "micro" or "weighted", as scikit-learn defines them.
+    pos_label (str or None): with average="binary", the positive label.
+Returns:
+    f1 (float): the corpus-level F1, in [0, 1].
+    per_label (dict): F1 of each reference label.
+    per_sample (list of int): 1 where the label is right, else 0.
+"""
+AVERAGES = ("macro", "micro", "weighted", "binary")
+
+
+class F1(evaluate.Metric):  # type: ignore[misc]
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"
+            ],
+        )
+
+    def _compute(
+        self,
+        predictions: list[str],
+        references: list[str],
+        average: str = "macro",
+        pos_label: str | None = None,
+    ) -> dict[str, Any]:
+        if average not in AVERAGES:
+            raise ValueError(f"average must be one of {', '.join(AVERAGES)}, got {average!r}")
+        if average == "binary" and pos_label is None:
+            raise ValueError('average="binary" needs pos_label')
+        per_sample = [int(p == r) for p, r in zip(predictions, references, strict=True)]
+        if not references:
+            return {"f1": float("nan"), "per_label": {}, "per_sample": per_sample}
+        labels = sorted(set(references))
+        extra: dict[str, Any] = {"pos_label": pos_label} if average == "binary" else {}
+        score = f1_score(
+            references,
+            predictions,
+            labels=None if average == "binary" else labels,
+            average=average,
+            zero_division=0.0,
+            **extra,
+        )
+        per_label = f1_score(
+            references, predictions, labels=labels, average=None, zero_division=0.0
+        )
+        return {
+            "f1": float(score),
+            "per_label": {label: float(v) for label, v in zip(labels, per_label, strict=True)},
+            "per_sample": per_sample,
+        }

@@ -1,0 +1,1 @@
+"""Local Hugging Face ``evaluate`` module (loaded by path: works offline)."""

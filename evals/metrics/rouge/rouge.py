@@ -1,0 +1,70 @@
+"""ROUGE as a local ``evaluate`` module (Google's rouge-score): F-measure per sample and mean.
+
+``rouge1``/``rouge2`` are unigram/bigram overlap, ``rougeL`` the longest common
+subsequence over the whole text. Each sample's F-measure is kept (for paired
+statistics); the aggregate is their mean. rouge-score's default tokenizer keeps ASCII
+letters and digits only. Loaded by path, so it works offline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import evaluate
+from rouge_score import rouge_scorer
+
+_DESCRIPTION = "ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score), per sample and mean."
+_CITATION = """@inproceedings{lin-2004-rouge,
+  title = "{ROUGE}: A Package for Automatic Evaluation of Summaries",
+  author = "Lin, Chin-Yew",
+  booktitle = "Text Summarization Branches Out",
+  year = "2004",
+  pages = "74--81",
+}"""
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (list of str): model answers.
+    references (list of str): one reference per prediction.
+    rouge_types (list of str): default ["rouge1", "rouge2", "rougeL"].
+    use_stemmer (bool): Porter-stem tokens before matching. Default False.
+Returns:
+    <type> (float): mean F-measure for each rouge type, in [0, 1].
+    per_sample (dict of list of float): F-measure of each sample, per rouge type.
+"""
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+class Rouge(evaluate.Metric):  # type: ignore[misc]
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+            codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
+        )
+
+    def _compute(
+        self,
+        predictions: list[str],
+        references: list[str],
+        rouge_types: list[str] | None = None,
+        use_stemmer: bool = False,
+    ) -> dict[str, Any]:
+        types = list(rouge_types or ROUGE_TYPES)
+        scorer = rouge_scorer.RougeScorer(types, use_stemmer=use_stemmer)
+        per_sample: dict[str, list[float]] = {kind: [] for kind in types}
+        for prediction, reference in zip(predictions, references, strict=True):
+            # rouge-score's argument order is (target, prediction)
+            scores = scorer.score(reference, prediction)
+            for kind in types:
+                per_sample[kind].append(float(scores[kind].fmeasure))
+        result: dict[str, Any] = {
+            kind: (sum(values) / len(values) if values else float("nan"))
+            for kind, values in per_sample.items()
+        }
+        result["per_sample"] = per_sample
+        return result
