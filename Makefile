@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export LITELLM_LOCAL_MODEL_COST_MAP ?= True
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run dashboard browser test lint typecheck pytest bench clean
 
 install: $(STAMP)
 
@@ -34,12 +34,23 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy gateway finetune safegate evals
+	$(BIN)/mypy gateway finetune safegate evals dashboard
 
-pytest: install
+# The dashboard's browser test drives Debian's chromium headless; install it when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } || \
+	  echo "chromium/chromium-driver missing, not installable here: the browser test will say so"
+
+pytest: install browser
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
+
+# The dashboard on http://127.0.0.1:8501, over the same SAFEGATE_HOME as `make run`.
+dashboard: install
+	$(BIN)/safegate dashboard
 
 bench: install
 	$(BIN)/python bench/engine_latency.py

@@ -507,7 +507,7 @@ def ensure_local_key(store: KeyStore, home: Path) -> str | None:
     except Conflict:  # another replica starting at the same moment
         return None
     try:
-        _write_private(local_key_path(home), issued.secret + "\n")
+        write_private(local_key_path(home), issued.secret + "\n")
     except OSError:
         store.revoke(issued.key.id)  # nobody could ever read it: do not leave it live
         raise
@@ -515,7 +515,7 @@ def ensure_local_key(store: KeyStore, home: Path) -> str | None:
     return issued.secret
 
 
-def _write_private(path: Path, content: str) -> None:
+def write_private(path: Path, content: str) -> None:
     """Write ``content`` readable by the owner only, replacing ``path`` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from dashboard.cli import app as dashboard_app
 from evals.cli import app as eval_app
 from finetune.cli import app as finetune_app
 from finetune.cli import models as models_app
@@ -17,6 +18,7 @@ app.add_typer(gateway_app)
 app.add_typer(finetune_app, name="finetune")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
+app.add_typer(dashboard_app)
 
 
 def main() -> None:

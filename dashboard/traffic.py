@@ -1,0 +1,225 @@
+"""The traffic page's data: what the gateway filtered, from the audit store's ``request_log``.
+
+The gateway keeps one metadata record per filtered request (``gateway.audit.RequestRecord``:
+model, route, status, what was blocked, the labels flagged anywhere in it, latency per
+stage; never text). This module reads a time window of them (newest first, at most
+``MAX_REQUESTS``) and aggregates in pandas: requests and blocks per category over time,
+block rate per model, and latency per stage (``prompt_check``, ``upstream``,
+``completion_check``, ``first_token``, ``total``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from gateway.audit import AuditStore, RequestLogRow
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+MAX_REQUESTS = 200_000
+REQUEST_COLUMNS = (
+    "created_at",
+    "model",
+    "route",
+    "status",
+    "blocked",
+    "categories",
+    "latency_ms",
+    "stream",
+)
+OUTCOMES = ("allowed", "flagged", "blocked")
+STAGE_ORDER = ("prompt_check", "upstream", "first_token", "completion_check", "total")
+NO_MODEL = "(none)"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The requests of a time window, and whether ``MAX_REQUESTS`` cut it short."""
+
+    requests: pd.DataFrame
+    truncated: bool
+
+
+def read_requests(
+    audit: AuditStore,
+    *,
+    since: datetime,
+    until: datetime | None = None,
+    limit: int = MAX_REQUESTS,
+) -> Window:
+    """Request records created in ``[since, until)``, newest first."""
+    import pandas as pd
+
+    table = RequestLogRow
+    query = select(
+        table.created_at,
+        table.model,
+        table.route,
+        table.status,
+        table.blocked,
+        table.categories,
+        table.latency_ms,
+        table.stream,
+    ).where(table.created_at >= since)
+    if until is not None:
+        query = query.where(table.created_at < until)
+    query = query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
+    with audit.database.session() as session:
+        rows = [tuple(row) for row in session.execute(query)]
+    truncated = len(rows) > limit
+    frame = pd.DataFrame(rows[:limit], columns=list(REQUEST_COLUMNS))
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
+    frame["model"] = frame["model"].fillna(NO_MODEL)
+    frame["blocked"] = frame["blocked"].astype(object).where(frame["blocked"].notna(), None)
+    flagged = frame["categories"].map(lambda labels: bool(labels))
+    frame["outcome"] = "allowed"
+    frame.loc[flagged, "outcome"] = "flagged"
+    frame.loc[frame["blocked"].notna(), "outcome"] = "blocked"
+    return Window(requests=frame, truncated=truncated)
+
+
+def bucket_for(span: timedelta) -> str:
+    """A pandas frequency giving a readable number of points over ``span``."""
+    if span <= timedelta(hours=6):
+        return "5min"
+    if span <= timedelta(days=2):
+        return "1h"
+    return "1D"
+
+
+def totals(requests: pd.DataFrame) -> dict[str, float]:
+    """Requests, blocked, flagged (not blocked) and the block rate of a window."""
+    total = len(requests)
+    blocked = int((requests["outcome"] == "blocked").sum()) if total else 0
+    flagged = int((requests["outcome"] == "flagged").sum()) if total else 0
+    return {
+        "requests": total,
+        "blocked": blocked,
+        "flagged": flagged,
+        "block_rate": blocked / total if total else 0.0,
+    }
+
+
+def requests_over_time(requests: pd.DataFrame, *, freq: str) -> pd.DataFrame:
+    """``time, outcome, requests``: requests per bucket, split allowed / flagged / blocked."""
+    import pandas as pd
+
+    if requests.empty:
+        return pd.DataFrame(columns=["time", "outcome", "requests"])
+    counted = (
+        requests.assign(time=requests["created_at"].dt.floor(freq))
+        .groupby(["time", "outcome"])
+        .size()
+        .rename("requests")
+        .reset_index()
+    )
+    return counted.sort_values(["time", "outcome"], ignore_index=True)
+
+
+def categories_over_time(requests: pd.DataFrame, *, freq: str) -> pd.DataFrame:
+    """``time, category, outcome, requests``: flagged and blocked requests per label.
+
+    A request that flagged several labels counts once under each.
+    """
+    import pandas as pd
+
+    columns = ["time", "category", "outcome", "requests"]
+    hits = requests[requests["outcome"] != "allowed"]
+    if hits.empty:
+        return pd.DataFrame(columns=columns)
+    exploded = hits.assign(
+        time=hits["created_at"].dt.floor(freq), category=hits["categories"]
+    ).explode("category")
+    exploded = exploded.dropna(subset=["category"])
+    counted = (
+        exploded.groupby(["time", "category", "outcome"]).size().rename("requests").reset_index()
+    )
+    return counted[columns].sort_values(["time", "category", "outcome"], ignore_index=True)
+
+
+def per_category(requests: pd.DataFrame) -> pd.DataFrame:
+    """``category, blocked, flagged``: requests per label over the whole window."""
+    import pandas as pd
+
+    hits = requests[requests["outcome"] != "allowed"]
+    if hits.empty:
+        return pd.DataFrame(columns=["category", "blocked", "flagged"])
+    exploded = hits.assign(category=hits["categories"]).explode("category")
+    table = pd.crosstab(exploded["category"], exploded["outcome"])
+    for outcome in ("blocked", "flagged"):
+        if outcome not in table:
+            table[outcome] = 0
+    table = table[["blocked", "flagged"]].reset_index()
+    table.columns = ["category", "blocked", "flagged"]
+    return table.sort_values(["blocked", "flagged", "category"], ascending=[False, False, True])
+
+
+def block_rate_per_model(requests: pd.DataFrame) -> pd.DataFrame:
+    """``model, requests, blocked, blocked_prompt, blocked_completion, block_rate``."""
+    import pandas as pd
+
+    columns = [
+        "model",
+        "requests",
+        "blocked",
+        "blocked_prompt",
+        "blocked_completion",
+        "block_rate",
+    ]
+    if requests.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = requests.groupby("model")
+    table = pd.DataFrame(
+        {
+            "requests": grouped.size(),
+            "blocked": grouped["outcome"].apply(lambda s: int((s == "blocked").sum())),
+            "blocked_prompt": grouped["blocked"].apply(lambda s: int((s == "prompt").sum())),
+            "blocked_completion": grouped["blocked"].apply(
+                lambda s: int((s == "completion").sum())
+            ),
+        }
+    ).reset_index()
+    table["block_rate"] = table["blocked"] / table["requests"]
+    return table[columns].sort_values(["block_rate", "model"], ascending=[False, True])
+
+
+def stage_latencies(requests: pd.DataFrame) -> pd.DataFrame:
+    """Long form ``stage, ms``: one row per request and stage it went through."""
+    import pandas as pd
+
+    rows = [
+        {"stage": stage, "ms": float(ms)}
+        for latencies in requests["latency_ms"]
+        for stage, ms in (latencies or {}).items()
+    ]
+    frame = pd.DataFrame(rows, columns=["stage", "ms"])
+    return frame
+
+
+def latency_per_stage(requests: pd.DataFrame) -> pd.DataFrame:
+    """``stage, requests, p50_ms, p95_ms, p99_ms, max_ms`` in the order a request runs."""
+    import pandas as pd
+
+    samples = stage_latencies(requests)
+    columns = ["stage", "requests", "p50_ms", "p95_ms", "p99_ms", "max_ms"]
+    if samples.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = samples.groupby("stage")["ms"]
+    table = pd.DataFrame(
+        {
+            "requests": grouped.size(),
+            "p50_ms": grouped.quantile(0.50),
+            "p95_ms": grouped.quantile(0.95),
+            "p99_ms": grouped.quantile(0.99),
+            "max_ms": grouped.max(),
+        }
+    ).reset_index()
+    order = {stage: index for index, stage in enumerate(STAGE_ORDER)}
+    table["_order"] = table["stage"].map(lambda stage: order.get(stage, len(order)))
+    table = table.sort_values(["_order", "stage"]).drop(columns="_order")
+    return table[columns].reset_index(drop=True)

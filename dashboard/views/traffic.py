@@ -1,0 +1,81 @@
+"""Traffic: requests and blocks per category over time, block rate per model, latency."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import streamlit as st
+
+from dashboard import charts, session, traffic
+
+WINDOWS = {
+    "last hour": timedelta(hours=1),
+    "last 6 hours": timedelta(hours=6),
+    "last 24 hours": timedelta(days=1),
+    "last 7 days": timedelta(days=7),
+    "last 30 days": timedelta(days=30),
+}
+
+session.require_principal()
+stores = session.stores()
+
+st.title("Traffic")
+choice = st.selectbox("Window", list(WINDOWS), index=2, key="window")
+span = WINDOWS[choice]
+window = traffic.read_requests(stores.audit, since=datetime.now(UTC) - span)
+requests = window.requests
+if requests.empty:
+    st.info(
+        f"No request went through the filter in the {choice}. Start the gateway with "
+        "`make run` and send one (README: *Chat through the filter*); each filtered "
+        "request is recorded here, without its text."
+    )
+    st.stop()
+if window.truncated:
+    st.warning(f"Showing the newest {traffic.MAX_REQUESTS:,} requests of this window.")
+
+summary = traffic.totals(requests)
+columns = st.columns(4)
+columns[0].metric("requests", f"{summary['requests']:,}")
+columns[1].metric("blocked", f"{summary['blocked']:,}")
+columns[2].metric("flagged, not blocked", f"{summary['flagged']:,}")
+columns[3].metric("block rate", f"{summary['block_rate']:.1%}")
+
+freq = traffic.bucket_for(span)
+st.subheader("Requests over time")
+st.altair_chart(
+    charts.requests_over_time(traffic.requests_over_time(requests, freq=freq)), width="stretch"
+)
+
+st.subheader("Flags and blocks per category")
+by_category = traffic.categories_over_time(requests, freq=freq)
+if by_category.empty:
+    st.caption("Nothing was flagged in this window.")
+else:
+    st.altair_chart(charts.categories_over_time(by_category))
+    st.dataframe(traffic.per_category(requests), hide_index=True, width="stretch")
+
+st.subheader("Block rate per model")
+per_model = traffic.block_rate_per_model(requests)
+st.altair_chart(charts.block_rate_per_model(per_model), width="stretch")
+st.dataframe(
+    per_model,
+    hide_index=True,
+    width="stretch",
+    column_config={"block_rate": st.column_config.NumberColumn("block rate", format="percent")},
+)
+
+st.subheader("Latency per stage")
+st.dataframe(
+    traffic.latency_per_stage(requests),
+    hide_index=True,
+    width="stretch",
+    column_config={
+        name: st.column_config.NumberColumn(name, format="%.1f")
+        for name in ("p50_ms", "p95_ms", "p99_ms", "max_ms")
+    },
+)
+st.altair_chart(
+    charts.latency_per_stage(traffic.stage_latencies(requests), order=list(traffic.STAGE_ORDER)),
+    width="stretch",
+)
