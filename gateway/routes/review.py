@@ -290,13 +290,27 @@ def _ndjson(items: Iterator[StoredItem]) -> Iterator[bytes]:
 
 
 def eval_example(stored: StoredItem) -> dict[str, object]:
-    """One labelled item as an eval example: the text as a chat turn and what to expect."""
+    """One labelled item as an eval example: the text as a chat turn and what to expect.
+
+    ``labels`` is what ``safegate eval`` suites read: a prompt reviewers confirmed is
+    ``harmful`` (a model should refuse it: ``refusal_rate``), one they called a false
+    positive is ``benign_risky`` (a model should answer it: ``over_refusal_rate``), so the
+    prompt items of an export load as a suite dataset (``format: chat``). Completion items
+    carry only the assistant's text (the prompt behind them is not kept).
+    """
     item = stored.item
     role = "user" if item.direction is Direction.PROMPT else "assistant"
     expected = {
         ReviewState.TRUE_POSITIVE: "flag",
         ReviewState.FALSE_POSITIVE: "allow",
     }.get(stored.review_state)
+    labels: dict[str, object] = {
+        "review": stored.review_state.value,
+        "direction": item.direction.value,
+        "categories": list(item.categories),
+    }
+    if expected is not None:
+        labels["harmful" if expected == "flag" else "benign_risky"] = True
     return {
         "id": item.id,
         "messages": [{"role": role, "content": item.text}],
@@ -304,6 +318,7 @@ def eval_example(stored: StoredItem) -> dict[str, object]:
         "categories": list(item.categories),
         "label": stored.review_state.value,
         "expected": expected,
+        "labels": labels,
     }
 
 
