@@ -15,7 +15,12 @@ Top to bottom, for ``safegate eval run SUITE.yaml``:
    once. Each outcome is written to ``eval_samples`` as it completes, so an interrupted
    run loses at most the calls in flight. A failed call is recorded on its sample and the
    run goes on.
-3. **Score and store**: each metric scores all samples; the run gets its metrics, counts
+3. **Score and store**: each metric scores all samples, unless an earlier succeeded run of
+   the suite scored it on the same inputs (``metric_inputs_sha256``: metric, options, its
+   code and weights, and every sample's id, labels, reference and output): then that
+   run's record is reused, marked ``reused_from``, and nothing is loaded (no engine, no
+   evaluate), which keeps an unchanged rerun's cost to reading the cache. Each metric
+   record keeps its ``inputs_sha256``. The run gets its metrics, counts
    and final status (``failed`` when a metric failed or more than ``max_error_rate`` of
    the calls failed), and its files are written under ``SAFEGATE_HOME/evals/<run_id>/``
    (``run.json``, ``samples.jsonl``, and ``report.md``/``report.json`` by ``evals.report``).
@@ -55,6 +60,7 @@ from evals.metrics.base import (
     MetricError,
     MetricOptionsError,
     build_metric,
+    metric_inputs_sha256,
     metric_record,
 )
 from evals.models import Completion, ModelCaller, build_caller, describe_error
@@ -283,7 +289,8 @@ class Runner:
     def execute(self, plan: Plan, *, use_cache: bool = True) -> Run:
         """Generate, score and store one plan; returns the finished run.
 
-        With ``use_cache=False`` every call is made afresh (and refreshes the cache).
+        With ``use_cache=False`` every call is made afresh (and refreshes the cache), and
+        every metric scores afresh.
         An interruption (Ctrl-C, or any ``BaseException`` from a caller) marks the run
         failed, saying how to resume it, and is raised again.
         """
@@ -327,7 +334,7 @@ class Runner:
                 highlight=False,
             )
             raise
-        return self._finish(plan, run, tally)
+        return self._finish(plan, run, tally, reuse_scores=use_cache)
 
     async def _generate(self, plan: Plan, run: Run, tally: _Tally, *, use_cache: bool) -> None:
         """Answer every sample not done yet: from the cache in bulk, else one call per
@@ -417,15 +424,35 @@ class Runner:
             finally:
                 await caller.aclose()
 
-    def _finish(self, plan: Plan, run: Run, tally: _Tally) -> Run:
+    def _finish(self, plan: Plan, run: Run, tally: _Tally, *, reuse_scores: bool) -> Run:
         outputs = [tally.outputs[sample.id] for sample in plan.samples]
         metrics: dict[str, Any] = {}
         problems: list[str] = []
         for spec, metric in plan.metrics:
             try:
-                metrics[spec.name] = metric_record(metric, metric.score(plan.samples, outputs))
+                digest: str | None = metric_inputs_sha256(
+                    spec.name, spec.options, plan.samples, outputs
+                )
+            except (TypeError, ValueError):  # a label JSON cannot spell: score, never reuse
+                digest = None
+            earlier = (
+                self.store.scored_metric(spec.name, digest, suite=plan.suite.name)
+                if reuse_scores and digest is not None
+                else None
+            )
+            if earlier is not None:
+                scored_in, record = earlier
+                metrics[spec.name] = {
+                    **record,
+                    "reused_from": record.get("reused_from") or scored_in,
+                }
+                continue
+            try:
+                record = metric_record(metric, metric.score(plan.samples, outputs))
             except Exception as exc:  # one metric's failure fails the run, not the others
                 problems.append(f"metric {spec.name}: {describe_error(exc)}")
+                continue
+            metrics[spec.name] = {**record, "inputs_sha256": digest} if digest else record
         errors = sum(output.error is not None for output in outputs)
         rate = errors / len(outputs) if outputs else 0.0
         if errors and rate > plan.suite.spec.max_error_rate:

@@ -363,6 +363,30 @@ class RunStore:
                 row.metrics = dumps(dict(metrics))
             return Run.from_row(row)
 
+    def scored_metric(
+        self, name: str, inputs_sha256: str, *, suite: str
+    ) -> tuple[str, dict[str, Any]] | None:
+        """The newest succeeded run of ``suite`` whose metric ``name`` was scored on inputs
+        hashing to ``inputs_sha256``, with that metric's record; None when there is none.
+
+        The hash is matched as text first (``LIKE``), so only candidate rows are parsed.
+        """
+        with self.database.session() as session:
+            rows = session.execute(
+                select(RunRow.id, RunRow.metrics)
+                .where(
+                    RunRow.suite == suite,
+                    RunRow.status == RunStatus.SUCCEEDED.value,
+                    RunRow.metrics.contains(inputs_sha256, autoescape=True),
+                )
+                .order_by(RunRow.finished_at.desc())
+            ).all()
+        for run_id, metrics in rows:
+            record = json.loads(metrics or "{}").get(name)
+            if isinstance(record, dict) and record.get("inputs_sha256") == inputs_sha256:
+                return run_id, record
+        return None
+
     def delete(self, run_id: str) -> None:
         """Remove a run, its samples and its files."""
         with self.database.session() as session:

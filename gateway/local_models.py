@@ -14,8 +14,10 @@ from outside the machine; clients reach its models only through the gateway.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,18 @@ LOCAL_HOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.5
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: have the kernel send SIGTERM when the parent dies.
+
+    uvicorn re-raises the SIGTERM it caught once it has shut down, so ``safegate serve``
+    dies by that signal without running ``stop()``; without this its model server would
+    live on, holding the port and the model's memory.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def port_in_use(port: int, host: str = LOCAL_HOST) -> bool:
@@ -66,7 +80,11 @@ class LocalModelProcess:
         ]
         with self.log_file.open("ab") as log_handle:
             self._process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-                command, stdout=log_handle, stderr=subprocess.STDOUT, env=dict(os.environ)
+                command,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ),
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -11,6 +11,11 @@ Metrics are built by name through ``METRICS``, one ``Registry`` of factories wit
 from ``MetricName``; a factory takes the suite's options for the metric and checks them
 (unknown option, bad value: ``MetricOptionsError``) before any model is called.
 
+A metric's scores are a function of its inputs: ``metric_inputs_sha256`` hashes them (name,
+options, the code and weight files the metric's module reads, and per sample its id,
+labels, reference and output), and the runner reuses an earlier run's record for the same
+hash instead of scoring again, so an unchanged rerun loads neither the engine nor evaluate.
+
 Exceptions (``EvalError`` is the harness's base, see ``evals.errors``)::
 
     EvalError
@@ -21,16 +26,19 @@ Exceptions (``EvalError`` is the harness's base, see ``evals.errors``)::
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 from evals.errors import EvalError
-from evals.records import Output, Sample
+from evals.records import Output, Sample, sha256_json
 from gateway.registry import Registry
 
 
@@ -163,6 +171,28 @@ _METRIC_MODULES: Mapping[MetricName, str] = MappingProxyType(
 )
 
 
+# The files besides its inputs that a module's scores depend on (globs under the project
+# root): its code, the local evaluate modules, the engine's and refusal detector's weights.
+# A change to any of them changes ``metric_inputs_sha256``, so earlier scores are not reused.
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_MODULE_FILES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "evals.metrics.quality": (
+            "evals/metrics/base.py",
+            "evals/metrics/quality.py",
+            "evals/metrics/*/*.py",
+        ),
+        "evals.metrics.safety": (
+            "evals/metrics/base.py",
+            "evals/metrics/safety.py",
+            "evals/refusal.py",
+            "evals/weights/*",
+            "gateway/safety/weights/*",
+        ),
+    }
+)
+
+
 def metric_names() -> list[str]:
     """The names ``build_metric`` accepts, sorted."""
     return sorted(name.value for name in MetricName)
@@ -195,6 +225,56 @@ def metric_record(metric: Metric, scores: Scores) -> dict[str, Any]:
         "per_sample": dict(scores.per_sample),
         "details": dict(scores.details),
     }
+
+
+@lru_cache(maxsize=8)
+def _module_files_sha256(module: str) -> str:
+    digest = hashlib.sha256()
+    paths = sorted({p for g in _MODULE_FILES[module] for p in _PROJECT_ROOT.glob(g) if p.is_file()})
+    for path in paths:
+        digest.update(path.relative_to(_PROJECT_ROOT).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def metric_inputs_sha256(
+    name: str,
+    options: Mapping[str, Any] | None,
+    samples: Sequence[Sample],
+    outputs: Sequence[Output],
+) -> str:
+    """sha256 of everything metric ``name``'s scores depend on, for reusing them.
+
+    That is its name and options, the files its module reads (``_MODULE_FILES``, hashed
+    once per process), and per sample, in order: id, labels, reference, and the output's
+    text, finish reason, filter and error (not its latency, nor whether it was cached).
+    Not covered: a model named in the options (perplexity) changing on disk, or the safety
+    judge's settings (``SAFEGATE_*``); ``--no-cache`` scores afresh.
+    """
+    if not is_metric(name):
+        raise UnknownMetric(name)
+    by_id = {output.sample_id: output for output in outputs}
+    rows: list[list[Any]] = []
+    for sample in samples:
+        output = by_id.get(sample.id)
+        rows.append(
+            [
+                sample.id,
+                dict(sample.labels),
+                sample.reference,
+                None
+                if output is None
+                else [output.text, output.finish_reason, output.filtered, output.error],
+            ]
+        )
+    return sha256_json(
+        {
+            "metric": name,
+            "options": dict(options or {}),
+            "files": _module_files_sha256(_METRIC_MODULES[MetricName(name)]),
+            "samples": rows,
+        }
+    )
 
 
 class OptionReader:

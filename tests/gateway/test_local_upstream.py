@@ -101,3 +101,44 @@ def test_deployed_adapter_is_callable_by_name_through_the_gateway(gateway: TestC
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == ANSWER
+
+
+def test_the_model_server_does_not_outlive_a_killed_gateway(tmp_path: Path) -> None:
+    # uvicorn re-raises SIGTERM after shutting down, so `safegate serve` dies by the signal
+    # without running its cleanup; the child must go with it. A parent process starts a
+    # child the way LocalModelProcess does and is then killed.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen(  # noqa: S603 - this interpreter, a fixed script
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from gateway.local_models import _die_with_parent\n"
+            "child = subprocess.Popen(['sleep', '60'], preexec_fn=_die_with_parent)\n"
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(60)\n",
+        ]
+    )
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the parent never started its child"
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in _state(child):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return "gone"
