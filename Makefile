@@ -7,22 +7,37 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
+# Every dependency's exact version from the last green `make test`; `make lock` refreshes it.
+CONSTRAINTS := constraints.txt
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export LITELLM_LOCAL_MODEL_COST_MAP ?= True
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run dashboard browser test lint typecheck pytest bench clean
+.PHONY: lock install run dashboard browser test lint typecheck pytest bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "safegate needs Python 3.11+"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --constraint $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
+
+# Refresh constraints.txt: resolve the newest releases in a scratch venv and pin them.
+# Run `make test` afterwards and commit constraints.txt only when it passes.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	.lock-venv/bin/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	{ echo "# Exact versions of a green run; made by 'make lock' on $$(date -u +%F). torch is"; \
+	  echo "# pinned by TORCH_SPEC in the Makefile (a CPU or CUDA build per machine)."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)'; \
+	} > $(CONSTRAINTS)
+	rm -rf .lock-venv
 
 # First start: trains and deploys the offline demo model (about a minute on 2 cores).
 run: install

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
+import httpx2  # the HTTP client openai>=3 is built on
 import openai
 
 from evals.errors import ModelNotFound, SuiteError
@@ -86,7 +86,7 @@ class GatewayCaller:
         spec: GatewayModel,
         *,
         api_key: str,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: httpx2.AsyncClient | None = None,
     ) -> None:
         self.spec = spec
         self._client = openai.AsyncOpenAI(
@@ -213,7 +213,7 @@ class LitellmCaller:
 def build_caller(
     spec: GatewayModel | LitellmModel,
     *,
-    http_client: httpx.AsyncClient | None = None,
+    http_client: httpx2.AsyncClient | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ModelCaller:
     """The caller for a suite model; raises ``SuiteError`` when a secret it needs is unset."""

@@ -21,12 +21,13 @@ nothing after it reaches the client.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from gateway.safety.taxonomy import Label, Shield
 from gateway.safety.verdict import Verdict
@@ -35,6 +36,8 @@ DEFAULT_MAX_MESSAGES = 256
 DEFAULT_MAX_MESSAGE_CHARS = 32_000
 DEFAULT_MAX_TOKENS = 4096  # the most a request may ask for (max_tokens / max_completion_tokens)
 DEFAULT_MAX_CHOICES = 4
+DEFAULT_MAX_TOOLS = 128  # OpenAI's own limit on tools per request
+DEFAULT_MAX_PROMPT_CHARS = 256_000  # every text the model reads, together
 DEFAULT_STREAM_WINDOW_CHARS = 160  # held back at most without a sentence end
 DEFAULT_STREAM_OVERLAP_CHARS = 160  # of released text checked again with the next part
 
@@ -45,40 +48,78 @@ DOCUMENT_ROLES = frozenset({"tool", "function"})
 NOT_IN_TURNS: frozenset[Label] = frozenset({Shield.INDIRECT_ATTACK})
 
 
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains invalid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _valid_json_unicode(value: Any) -> Any:
+    """Every string (keys too) inside a JSON value must be valid Unicode."""
+    if isinstance(value, str):
+        _valid_unicode(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(str(key))
+            _valid_json_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_json_unicode(item)
+    return value
+
+
+# Strings and JSON objects from clients: valid Unicode (a lone surrogate is a 400 naming
+# the field, not an upstream failure) and no infinities or NaN anywhere.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_valid_json_unicode)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ContentPart(_Strict):
     """A text part. ``document: true`` (a safegate extension) marks retrieved content."""
 
     type: Literal["text"]
-    text: str
+    text: Text
     document: bool = False
 
 
-class ToolFunction(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    arguments: str = ""
+class ToolFunction(_Strict):
+    name: Text = Field(min_length=1, max_length=64)
+    arguments: Text = ""
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
+class ToolCall(_Strict):
+    id: Text = Field(min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: ToolFunction
 
 
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = Field(default=None, max_length=64)
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = Field(default=None, max_length=64)
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    refusal: str | None = None
+    tool_call_id: Text | None = Field(default=None, max_length=256)
+    refusal: Text | None = None
+
+    @model_validator(mode="after")
+    def _required_fields(self) -> Message:
+        """What OpenAI requires of each role, so a bad message is a 400, not a 502."""
+        if self.role == "assistant":
+            if self.content is None and not self.tool_calls and self.refusal is None:
+                raise ValueError("an assistant message needs content, tool_calls or refusal")
+        elif self.content is None:
+            raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry tool_calls")
+        return self
 
     def to_upstream(self) -> dict[str, Any]:
         """The message as the upstream gets it: safegate's ``document`` marks removed."""
@@ -105,16 +146,16 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = Field(default=None)
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    user: str | None = Field(default=None, max_length=256)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: Text | None = Field(default=None, max_length=256)
+    tools: list[JsonObject] | None = None
+    tool_choice: Text | JsonObject | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: JsonObject | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> ChatCompletionRequest:
@@ -137,12 +178,68 @@ class PromptText:
     document: bool
 
 
+# JSON-Schema words that carry no instruction: left out of a schema's checkable text.
+_SCHEMA_WORDS = frozenset(
+    {
+        "type", "object", "string", "integer", "number", "boolean", "array", "null",
+        "properties", "required", "items", "additionalProperties", "enum", "description",
+        "title", "function", "parameters", "name", "json_schema", "json_object", "text",
+        "schema", "strict", "anyOf", "oneOf", "allOf", "$defs", "definitions", "$ref",
+        "default", "format", "minimum", "maximum", "minItems", "maxItems", "pattern",
+        "const", "examples", "auto", "none",
+    }
+)  # fmt: skip
+
+
+def json_text(value: Any) -> str:
+    """Every string a model would read in a JSON value (keys and values), one per line,
+    less the schema's own vocabulary: tool definitions and response formats are prompts
+    too."""
+    words: list[str] = []
+
+    def walk(item: Any) -> None:
+        if isinstance(item, str):
+            if item not in _SCHEMA_WORDS:
+                words.append(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                if str(key) not in _SCHEMA_WORDS:
+                    words.append(str(key))
+                walk(inner)
+        elif isinstance(item, list):
+            for inner in item:
+                walk(inner)
+        elif item is not None and not isinstance(item, bool):
+            words.append(str(item))
+
+    walk(value)
+    return "\n".join(words)
+
+
+def arguments_text(arguments: str) -> str:
+    """A tool call's arguments as a model reads them: the strings of its JSON, or the raw
+    text when it is not JSON."""
+    try:
+        return json_text(json.loads(arguments))
+    except ValueError:
+        return arguments
+
+
 def prompt_texts(request: ChatCompletionRequest) -> list[PromptText]:
-    """Every text the prompt check reads, in message order; empty texts are skipped."""
+    """Every text the model will read, in request order; empty texts are skipped.
+
+    Messages (content, content parts, names, refusals, tool calls and their ids), tool
+    definitions, the response format's schema, tool_choice and stop sequences: anything
+    the upstream turns into model input is checked and counts toward the limits.
+    """
     texts: list[PromptText] = []
     for index, message in enumerate(request.messages):
         where = f"messages[{index}]"
         document = message.role in DOCUMENT_ROLES
+        for field_name in ("name", "refusal", "tool_call_id"):
+            value = getattr(message, field_name)
+            if value:
+                texts.append(PromptText(f"{where}.{field_name}", value, False))
         if isinstance(message.content, str):
             texts.append(PromptText(where, message.content, document))
         elif isinstance(message.content, list):
@@ -152,12 +249,23 @@ def prompt_texts(request: ChatCompletionRequest) -> list[PromptText]:
                         f"{where}.content[{part_index}]", part.text, document or part.document
                     )
                 )
-        for call in message.tool_calls or ():
+        for call_index, call in enumerate(message.tool_calls or ()):
             texts.append(
                 PromptText(
-                    f"{where}.tool_calls", f"{call.function.name} {call.function.arguments}", False
+                    f"{where}.tool_calls[{call_index}]",
+                    f"{call.id} {call.function.name}\n{arguments_text(call.function.arguments)}",
+                    False,
                 )
             )
+    for index, tool in enumerate(request.tools or ()):
+        texts.append(PromptText(f"tools[{index}]", json_text(tool), False))
+    if request.response_format is not None:
+        texts.append(PromptText("response_format", json_text(request.response_format), False))
+    if isinstance(request.tool_choice, dict):
+        texts.append(PromptText("tool_choice", json_text(request.tool_choice), False))
+    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    for index, stop in enumerate(stops):
+        texts.append(PromptText(f"stop[{index}]", stop, False))
     return [text for text in texts if text.text.strip()]
 
 

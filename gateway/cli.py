@@ -252,14 +252,22 @@ def _print_result(result: ModerationResult) -> None:
         out.print(f"- {reason}")
 
 
+OWN_EXAMPLES = (
+    Path("data/safety/own_examples.jsonl"),
+    Path("data/safety/reply_examples.jsonl"),
+    Path("data/safety/intent_examples.jsonl"),
+)
+
+
 @safety.command("train")
 def safety_train(
     data_dir: Annotated[Path, typer.Option(help="Folder of the public data sets.")] = Path(
         "../shared/data"
     ),
-    own_examples: Annotated[Path, typer.Option(help="The project's own examples.")] = Path(
-        "data/safety/own_examples.jsonl"
-    ),
+    own_examples: Annotated[
+        list[Path] | None,
+        typer.Option(help="The project's own examples (JSONL; repeat for several files)."),
+    ] = None,
     output_dir: Annotated[
         Path, typer.Option(help="Where to write the weights and model card.")
     ] = Path("gateway/safety/weights"),
@@ -267,19 +275,28 @@ def safety_train(
         float, typer.Option(help="Max share of benign prompts flagged.")
     ] = 0.04,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    tune_encoder: Annotated[
+        bool, typer.Option(help="Also fine-tune the encoder end to end with LoRA (engine v2).")
+    ] = True,
+    tune_epochs: Annotated[int, typer.Option(help="Passes of the encoder fine-tuning.")] = 2,
 ) -> None:
-    """Train the encoder heads from ../shared/data and the project's own examples."""
+    """Train the safety engine's model from ../shared/data and the project's own examples.
+
+    Resumes after a kill: run the same command again.
+    """
     _offline_defaults()
     from gateway.safety.train import TrainConfig, run
 
     settings = get_settings()
     config = TrainConfig(
         data_dir=data_dir,
-        own_examples=own_examples,
+        own_examples=tuple(own_examples or OWN_EXAMPLES),
         output_dir=output_dir,
         cache_dir=settings.home_dir / "cache",
         benign_flag_budget=benign_budget,
         seed=seed,
+        tune_encoder=tune_encoder,
+        tune_epochs=tune_epochs,
     )
     columns = (
         TextColumn("{task.description}"),
@@ -291,9 +308,10 @@ def safety_train(
         tasks: dict[str, TaskID] = {}
 
         def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=total)
-            progress.update(tasks[stage], completed=done, total=total)
+            key = stage.split(" (", 1)[0]  # "fine-tuning (loss 0.12)" stays one bar
+            if key not in tasks:
+                tasks[key] = progress.add_task(stage, total=total)
+            progress.update(tasks[key], completed=done, total=total, description=stage)
 
         card = run(config, progress=report)
     console.print(f"wrote {output_dir}/heads.safetensors and model_card.json")

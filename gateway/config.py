@@ -20,7 +20,9 @@ from gateway.chat import (
     DEFAULT_MAX_CHOICES,
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_PROMPT_CHARS,
     DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_TOOLS,
     DEFAULT_STREAM_OVERLAP_CHARS,
     DEFAULT_STREAM_WINDOW_CHARS,
 )
@@ -181,6 +183,12 @@ class ChatSettings(BaseModel):
         default=DEFAULT_MAX_TOKENS, ge=1, description="most max_tokens a request may ask for"
     )
     max_choices: int = Field(default=DEFAULT_MAX_CHOICES, ge=1)
+    max_tools: int = Field(default=DEFAULT_MAX_TOOLS, ge=0)
+    max_prompt_chars: int = Field(
+        default=DEFAULT_MAX_PROMPT_CHARS,
+        ge=1,
+        description="characters of every text the model reads, together",
+    )
     stream_window_chars: int = Field(
         default=DEFAULT_STREAM_WINDOW_CHARS,
         ge=1,

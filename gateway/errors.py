@@ -124,6 +124,13 @@ def _response(
     return JSONResponse(status_code=status, content=body, headers=headers)
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_type_tag(part: object) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every failure into an OpenAI-style body."""
 
@@ -151,7 +158,10 @@ def install(app: FastAPI) -> None:
         loc = list(first.get("loc", ()))
         if loc and loc[0] in ("body", "query", "path", "header"):  # where, not which field
             loc = loc[1:]
-        location = [str(part) for part in loc]
+        # Union members show up in the location as type tags ("str",
+        # "function-after[_valid_unicode(), str]", "list[ContentPart]"): the client named
+        # a field, so the param names only fields and indexes.
+        location = [str(part) for part in loc if not _is_type_tag(part)]
         param = ".".join(location) or None
         if first.get("type") == "json_invalid":
             position = first.get("ctx", {}).get("error", "")

@@ -32,6 +32,7 @@ connection, 5xx, bad credentials on our side) is a 502 ``upstream_error``; an up
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -248,8 +249,6 @@ class LitellmUpstreams:
     async def resolve(self, name: str) -> str:
         """The name itself when callable; a 404 in OpenAI's words otherwise."""
         if not self.known(name) and time.monotonic() - self._refreshed >= MIN_REFRESH_GAP_S:
-            import asyncio
-
             await asyncio.to_thread(self.refresh)
         if not self.known(name):
             raise NotFound(
@@ -263,21 +262,41 @@ class LitellmUpstreams:
     async def complete(
         self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
     ) -> Any:
+        """The whole call, retries and fallbacks included, ends within ``timeout_s``."""
+        limit = self.config.timeout_s
         try:
-            return await self._router.acompletion(model=model, messages=list(messages), **params)
+            async with asyncio.timeout(limit):
+                response = await self._router.acompletion(
+                    model=model, messages=list(messages), **params
+                )
+        except TimeoutError as exc:
+            raise _timed_out(model, limit) from exc
         except Exception as exc:
             raise upstream_error(exc, model=model) from exc
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise UpstreamFailed(
+                f"model {model!r} returned a malformed answer (no choices)", code="upstream_error"
+            )
+        return response
 
     async def stream(
         self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
     ) -> AsyncIterator[Any]:
+        """The first chunk arrives within ``timeout_s`` of the call (retries included), and
+        each later one within ``timeout_s`` of the one before."""
+        limit = self.config.timeout_s
+        deadline = asyncio.get_running_loop().time() + limit
         try:
-            chunks = await self._router.acompletion(
-                model=model, messages=list(messages), stream=True, **params
-            )
+            async with asyncio.timeout(limit):
+                chunks = await self._router.acompletion(
+                    model=model, messages=list(messages), stream=True, **params
+                )
+        except TimeoutError as exc:
+            raise _timed_out(model, limit) from exc
         except Exception as exc:
             raise upstream_error(exc, model=model) from exc
-        return _guarded(chunks, model=model)
+        return _guarded(chunks, model=model, first_deadline=deadline, gap_s=limit)
 
 
 def registry_adapters(database_url: str) -> AdapterSource:
@@ -298,12 +317,70 @@ def registry_adapters(database_url: str) -> AdapterSource:
     return read
 
 
-async def _guarded(chunks: Any, *, model: str) -> AsyncIterator[Any]:
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except Exception as exc:
-        raise upstream_error(exc, model=model) from exc
+def _timed_out(model: str, limit: float) -> UpstreamTimeout:
+    return UpstreamTimeout(
+        f"model {model!r} did not answer within {limit:g} s (timeout_s, retries included)",
+        code="upstream_timeout",
+    )
+
+
+def _meaningful(chunk: Any) -> bool:
+    """A chunk that carries something of an answer: a choice with a role, content or tool
+    calls. (litellm makes up a bare ``finish_reason`` chunk for a body it cannot parse.)"""
+    for choice in getattr(chunk, "choices", None) or ():
+        delta = getattr(choice, "delta", None)
+        if delta is not None and (
+            getattr(delta, "content", None)
+            or getattr(delta, "tool_calls", None)
+            or getattr(delta, "role", None)
+        ):
+            return True
+    return False
+
+
+async def _guarded(
+    chunks: Any, *, model: str, first_deadline: float, gap_s: float
+) -> AsyncIterator[Any]:
+    """Map failures to the gateway's errors, bound the waits, refuse an empty stream.
+
+    Chunks before the first one that carries an answer are held back, so a stream with no
+    answer at all fails on the first read, before the client is sent a 200.
+    """
+    loop = asyncio.get_running_loop()
+    iterator = aiter(chunks)
+    valid = False
+    held: list[Any] = []
+    wait = max(0.0, first_deadline - loop.time())
+    while True:
+        try:
+            async with asyncio.timeout(wait):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            break
+        except TimeoutError as exc:
+            raise _timed_out(model, gap_s) from exc
+        except Exception as exc:
+            raise upstream_error(exc, model=model) from exc
+        if getattr(chunk, "choices", None) is None:
+            raise UpstreamFailed(
+                f"model {model!r} sent a malformed stream chunk", code="upstream_error"
+            )
+        wait = gap_s
+        if not valid:
+            held.append(chunk)
+            if not _meaningful(chunk):
+                continue
+            valid = True
+            for early in held:
+                yield early
+            held.clear()
+            continue
+        yield chunk
+    if not valid:
+        raise UpstreamFailed(
+            f"model {model!r} ended its stream without a valid chunk (a malformed answer)",
+            code="upstream_error",
+        )
 
 
 def upstream_error(exc: BaseException, *, model: str) -> ApiError:

@@ -18,7 +18,7 @@ from alembic import command
 from alembic.config import Config
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 5_000
@@ -94,3 +94,33 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def run_migrations(metadata: MetaData, *, version_table: str = "alembic_version") -> None:
+    """The body of every package's Alembic ``env.py``.
+
+    Runs on the connection ``Database.migrate`` hands over, or on ``sqlalchemy.url`` when
+    Alembic's own command line calls it. Batch mode, because SQLite alters tables only by
+    copying them. Each package keeps its own history under its own ``version_table``.
+    """
+    from alembic import context
+
+    def migrate(connection: Connection) -> None:
+        context.configure(
+            connection=connection,
+            target_metadata=metadata,
+            version_table=version_table,
+            render_as_batch=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+    connection = context.config.attributes.get("connection")
+    if connection is not None:
+        migrate(connection)
+        return
+    url = context.config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("alembic needs a connection or sqlalchemy.url")
+    with create_engine(url).begin() as own:
+        migrate(own)

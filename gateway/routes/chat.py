@@ -235,7 +235,25 @@ def _enforce_limits(body: ChatCompletionRequest, state: AppState) -> None:
             param="messages",
             code="too_many_messages",
         )
-    for text in prompt_texts(body):
+    tools = len(body.tools or ())
+    if tools > limits.max_tools:
+        raise InvalidRequest(
+            f"tools has {tools} items; at most {limits.max_tools} are allowed "
+            "(SAFEGATE_CHAT__MAX_TOOLS)",
+            param="tools",
+            code="too_many_tools",
+        )
+    texts = prompt_texts(body)
+    total = sum(len(text.text) for text in texts)
+    if total > limits.max_prompt_chars:
+        raise InvalidRequest(
+            f"the request holds {total} characters the model would read (messages, tools, "
+            f"response_format, stop); at most {limits.max_prompt_chars} are allowed "
+            "(SAFEGATE_CHAT__MAX_PROMPT_CHARS)",
+            param="messages",
+            code="prompt_too_long",
+        )
+    for text in texts:
         if len(text.text) > limits.max_message_chars:
             raise InvalidRequest(
                 f"{text.source} has {len(text.text)} characters; at most "
@@ -493,6 +511,18 @@ async def _events(
             if verdict is not guard.blocked:
                 run.saw(verdict, text=window, source=f"choices[{index}]")
 
+    finished = False
+
+    async def write_audit() -> None:
+        """Write the audit records once: before ``[DONE]``, or when the stream breaks."""
+        nonlocal finished
+        if finished:
+            return
+        finished = True
+        for index, guard in sorted(guards.items()):
+            record(index, guard)
+        await run.finish(status=status, blocked="completion" if blocked_any else None, usage=usage)
+
     try:
         yield _sse({**head, "choices": [], "prompt_filter_results": prompt_results})
         chunk = first
@@ -575,12 +605,13 @@ async def _events(
             yield final_chunk(index, finish.get(index, "stop"), last)
         if include_usage and usage is not None:
             yield _sse({**head, "choices": [], "usage": usage})
+        # The audit records are durable (database or spool) before the client hears the
+        # stream is complete: a crash after [DONE] loses nothing.
+        await write_audit()
         yield b"data: [DONE]\n\n"
     except ApiError as error:
         status = error.status
         run.state.metrics.upstream_errors.labels(run.model, error.code or "upstream_error").inc()
         yield _sse(error_body(error.message, type=error.type, param=error.param, code=error.code))
     finally:
-        for index, guard in sorted(guards.items()):
-            record(index, guard)
-        await run.finish(status=status, blocked="completion" if blocked_any else None, usage=usage)
+        await write_audit()

@@ -73,6 +73,7 @@ class SentenceEncoder:
         threads: int | None = None,
         backend: Backend = Backend.TORCH,
         cache_dir: Path | None = None,
+        delta: Path | None = None,
     ) -> None:
         if not 16 <= max_tokens <= 512:
             raise ValueError(f"max_tokens must be within 16..512, got {max_tokens}")
@@ -90,6 +91,11 @@ class SentenceEncoder:
             path, local_files_only=local_only
         )
         self.model: PreTrainedModel = AutoModel.from_pretrained(path, local_files_only=local_only)
+        self.delta = delta
+        if delta is not None:
+            from gateway.safety.delta import merge_into
+
+            merge_into(self.model, delta)
         self.model.eval().to(self.device)
         self.dimension = int(self.model.config.hidden_size)
         self.backend = Backend(backend)
@@ -104,9 +110,10 @@ class SentenceEncoder:
         folder.mkdir(parents=True, exist_ok=True)
         import transformers
 
+        delta = "" if self.delta is None else hashlib.sha256(self.delta.read_bytes()).hexdigest()
         key = hashlib.sha256(
             f"{Path(path).resolve() if Path(path).exists() else path}|{transformers.__version__}|"
-            f"{torch.__version__}|{ONNX_OPSET}".encode()
+            f"{torch.__version__}|{ONNX_OPSET}|{delta}".encode()
         ).hexdigest()[:16]
         target = folder / f"encoder-{key}.onnx"
         if not target.exists():
@@ -125,6 +132,10 @@ class SentenceEncoder:
         eager = AutoModel.from_pretrained(
             path, local_files_only=local_only, attn_implementation="eager"
         ).eval()
+        if self.delta is not None:
+            from gateway.safety.delta import merge_into
+
+            merge_into(eager, self.delta)
         names = ["input_ids", "attention_mask", "token_type_ids"]
         sample = self.tokenizer(["an example sentence"], return_tensors="pt")
         names = [name for name in names if name in sample]

@@ -2,12 +2,16 @@
 
 Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
 
-1. Build the corpus (``gateway.safety.corpus``): permissive public sets plus the
-   project's own examples, with known-label masks and train/dev/test splits.
+1. Build the corpus (``gateway.safety.corpus``): permissive public sets (capped per
+   source) plus the project's own examples, with known-label masks and train/dev/test
+   splits (the own examples' held-out rows are the test split, never tuned on).
 2. Embed every text once with the frozen sentence encoder, on the same normalised view
    the engine classifies at run time. Embeddings are cached by text hash.
-3. Fit heads with a masked, weighted binary cross-entropy: a linear layer, and a
-   one-hidden-layer MLP; keep whichever has the better mean dev AUPRC.
+3. Candidates, all fitted with a masked, weighted binary cross-entropy: a linear head and
+   a one-hidden-layer MLP on the frozen embeddings, and (``tune_encoder``) the encoder
+   itself fine-tuned end to end with LoRA together with a linear head
+   (``gateway.safety.training.encoder_tuning``). Keep whichever has the best mean dev
+   AUPRC; the model card records every candidate's score.
 4. Calibrate each label with Platt scaling on the dev split.
 5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
    benign prompts (refusal-direction harmless validation split plus the benign part of
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +43,7 @@ from gateway.safety.corpus import HEAD_LABELS, Corpus, Example, Split, file_sha2
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.normalize import normalize
+from gateway.safety.training.encoder_tuning import TuningConfig, TuningData, tune
 
 FloatArray = npt.NDArray[np.float32]
 Progress = Callable[[str, int, int], None]
@@ -48,7 +54,9 @@ class TrainConfig:
     """Options of ``safegate safety train``; saved inside the model card."""
 
     data_dir: Path = field(metadata={"help": "folder holding the public data sets"})
-    own_examples: Path = field(metadata={"help": "the project's own labelled examples (JSONL)"})
+    own_examples: tuple[Path, ...] = field(
+        metadata={"help": "the project's own labelled examples (JSONL files)"}
+    )
     output_dir: Path = field(metadata={"help": "where heads.safetensors and model_card.json go"})
     cache_dir: Path = field(metadata={"help": "embedding cache"})
     encoder: str = field(default=BUNDLED_ENCODER, metadata={"help": "sentence encoder"})
@@ -62,6 +70,17 @@ class TrainConfig:
         default=0.04, metadata={"help": "max share of benign prompts flagged"}
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
+    tune_encoder: bool = field(
+        default=True, metadata={"help": "also fine-tune the encoder with LoRA (engine v2)"}
+    )
+    tune_epochs: int = field(default=2, metadata={"help": "fine-tuning passes"})
+    tune_rank: int = field(default=16, metadata={"help": "LoRA rank of the fine-tuning"})
+    cap_per_source: int | None = field(
+        default=3000, metadata={"help": "most rows per public set and split"}
+    )
+    max_tune_steps: int | None = field(
+        default=None, metadata={"help": "stop fine-tuning after this many steps (tests)"}
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.benign_flag_budget < 1.0:
@@ -70,10 +89,14 @@ class TrainConfig:
             raise ValueError("epochs must be >= 1 and hidden >= 0")
 
     def to_json(self) -> dict[str, object]:
-        return {
-            key: str(value) if isinstance(value, Path) else value
-            for key, value in sorted(asdict(self).items())
-        }
+        def plain(value: object) -> object:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, tuple):
+                return [plain(item) for item in value]
+            return value
+
+        return {key: plain(value) for key, value in sorted(asdict(self).items())}
 
 
 @dataclass
@@ -90,14 +113,13 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
-    corpus = Corpus(config.data_dir, config.own_examples)
+    corpus = Corpus(config.data_dir, config.own_examples, cap_per_source=config.cap_per_source)
     examples = corpus.training_examples()
     benign_tune, benign_test = _benign_sets(config, examples)
     encoder = SentenceEncoder(config.encoder)
     embed = _embedder(encoder, config.cache_dir, progress)
-    matrices = {
-        split: _matrix([e for e in examples if e.split == split], embed, config) for split in Split
-    }
+    by_split = {split: [e for e in examples if e.split == split] for split in Split}
+    matrices = {split: _matrix(by_split[split], embed, config) for split in Split}
     benign_tune_x = {name: embed(texts) for name, texts in benign_tune.items()}
     benign_test_x = {name: embed(texts) for name, texts in benign_test.items()}
 
@@ -106,7 +128,36 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         name: _fit(matrices[Split.TRAIN], hidden, config) for name, hidden in variants.items()
     }
     dev_scores = {name: _mean_auprc(model, matrices[Split.DEV]) for name, model in fitted.items()}
+    delta_path: Path | None = None
+    if config.tune_encoder:
+        tuned = tune(
+            _tuning_data(matrices[Split.TRAIN]),
+            TuningConfig(
+                encoder=config.encoder,
+                work_dir=config.cache_dir,
+                epochs=config.tune_epochs,
+                rank=config.tune_rank,
+                alpha=2 * config.tune_rank,
+                seed=config.seed,
+                max_steps=config.max_tune_steps,
+            ),
+            progress=progress,
+        )
+        tuned_encoder = SentenceEncoder(config.encoder, delta=tuned.delta_path)
+        tuned_embed = _embedder(tuned_encoder, config.cache_dir, progress)
+        tuned_matrices = {
+            split: _matrix(by_split[split], tuned_embed, config)
+            for split in (Split.DEV, Split.TEST)
+        }
+        fitted["lora"] = tuned.head
+        dev_scores["lora"] = _mean_auprc(tuned.head, tuned_matrices[Split.DEV])
+        variants["lora"] = 0
     chosen = max(dev_scores, key=lambda name: dev_scores[name])
+    if chosen == "lora":
+        matrices.update(tuned_matrices)
+        benign_tune_x = {name: tuned_embed(texts) for name, texts in benign_tune.items()}
+        benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
+        delta_path = tuned.delta_path
     heads = _calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
     heads = _tune_thresholds(
         heads, matrices[Split.DEV], list(benign_tune_x.values()), config.benign_flag_budget
@@ -168,7 +219,16 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     }
     config.output_dir.mkdir(parents=True, exist_ok=True)
     heads.save(config.output_dir / "heads.safetensors")
-    card["weights_sha256"] = file_sha256(config.output_dir / "heads.safetensors")
+    files = {"heads.safetensors": file_sha256(config.output_dir / "heads.safetensors")}
+    stale = config.output_dir / "encoder_delta.safetensors"
+    if delta_path is not None:
+        shutil.copyfile(delta_path, stale)
+        files[stale.name] = file_sha256(stale)
+        card["encoder_delta"] = stale.name
+    elif stale.exists():
+        stale.unlink()
+    card["files"] = files
+    card["weights_sha256"] = files["heads.safetensors"]
     (config.output_dir / "model_card.json").write_text(
         json.dumps(card, indent=2, sort_keys=True) + "\n"
     )
@@ -206,7 +266,8 @@ def _embedder(
     encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None
 ) -> Callable[[Sequence[str]], FloatArray]:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(f"{encoder.name}|{encoder.max_tokens}".encode()).hexdigest()[:12]
+    delta = "" if encoder.delta is None else file_sha256(encoder.delta)
+    tag = hashlib.sha256(f"{encoder.name}|{encoder.max_tokens}|{delta}".encode()).hexdigest()[:12]
     path = cache_dir / f"embeddings-{tag}.npz"
     cache: dict[str, FloatArray] = {}
     if path.exists():
@@ -260,6 +321,15 @@ def _matrix(
         if example.source == "own":
             weight[row] = config.own_weight
     return Matrix(embed([e.text for e in examples]), y, known, weight, examples)
+
+
+def _tuning_data(matrix: Matrix) -> TuningData:
+    return TuningData(
+        texts=[normalize(e.text).folded for e in matrix.examples],
+        y=matrix.y,
+        known=matrix.known,
+        weight=matrix.weight,
+    )
 
 
 def _positive_counts(matrix: Matrix) -> dict[str, int]:

@@ -7,17 +7,23 @@ jailbreak prompts are read whole), and sentence chunks of about ``CHUNK_CHARS``
 characters (so one harmful sentence buried in a long document is not averaged away by
 the mean pooling of a window full of benign text). The heads, their Platt calibration
 and their tuned thresholds live in one safetensors file written by
-``safegate safety train``; its model card sits beside it.
+``safegate safety train``; its model card sits beside it. When the encoder was fine-tuned
+(engine v2), the card names the delta over the bundled encoder (``gateway.safety.delta``).
+
+Every file the card lists is checked against its sha256 before it is used: weights that
+differ from what the card describes never load, so the engine is not ready (fail closed).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from gateway.safety.delta import DeltaError, verify
 from gateway.safety.encoder import Backend, SentenceEncoder
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
@@ -51,6 +57,28 @@ def sentence_chunks(text: str, *, limit: int = CHUNK_CHARS) -> list[str]:
     return chunks if len(chunks) > 1 else []
 
 
+def verified_delta(heads_path: Path) -> Path | None:
+    """Check every file the model card beside ``heads_path`` lists; return the delta.
+
+    Raises ``MemberLoadError`` when the card is missing or a file differs from it.
+    """
+    card_path = heads_path.with_name("model_card.json")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise MemberLoadError(f"cannot read the model card {card_path.name}: {error}") from error
+    files: dict[str, str] = card.get("files") or {heads_path.name: card.get("weights_sha256", "")}
+    if heads_path.name not in files:
+        raise MemberLoadError(f"the model card does not list {heads_path.name}")
+    try:
+        for name, sha256 in files.items():
+            verify(heads_path.parent / name, sha256)
+    except DeltaError as error:
+        raise MemberLoadError(str(error)) from error
+    delta = card.get("encoder_delta")
+    return heads_path.parent / delta if delta else None
+
+
 class EncoderHeadsClassifier:
     """Scores every head label from one embedding per window."""
 
@@ -65,15 +93,20 @@ class EncoderHeadsClassifier:
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
+        delta = verified_delta(heads_path)
         try:
             self._heads = Heads.load(heads_path)
         except HeadsFormatError as error:
             raise MemberLoadError(str(error)) from error
         try:
             self._encoder = encoder or SentenceEncoder(
-                self._heads.encoder, backend=backend, cache_dir=cache_dir, threads=threads
+                self._heads.encoder,
+                backend=backend,
+                cache_dir=cache_dir,
+                threads=threads,
+                delta=delta,
             )
-        except (OSError, RuntimeError) as error:
+        except (OSError, RuntimeError, DeltaError) as error:
             raise MemberLoadError(
                 f"cannot load encoder {self._heads.encoder!r}: {error}"
             ) from error

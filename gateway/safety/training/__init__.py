@@ -1,0 +1,6 @@
+"""Offline training of the safety engine's own model (``safegate safety train``).
+
+Nothing here runs in the gateway: the runtime loads only what these modules write.
+``own_set`` consolidates the project's hand-written examples and their held-out split;
+``encoder_tuning`` fine-tunes the sentence encoder end to end with LoRA.
+"""
