@@ -11,12 +11,18 @@ assistant turns are checked for harm and jailbreaks; tool results and content pa
 "indirect" attack; ``SafetyEngine.decide(ignore=...)``).
 
 Completion check: a whole completion is checked before a byte leaves (non-streaming); a
-stream is released sentence by sentence through a ``StreamGuard``: text is held back until
-a sentence ends (or ``window_chars`` arrive without one), checked together with the whole
-sentences released just before it (up to ``overlap_chars``: a phrase cut by a release
-edge is still seen whole, and no check reads half a sentence out of context), and released
-only if it passes. A part that fails ends the stream with ``finish_reason: "content_filter"``;
-nothing after it reaches the client.
+stream goes through a ``StreamGuard``. In the default ``sync`` mode text is held back until
+at least ``increment_chars`` have arrived (cut at the last space, so words stay whole) or a
+sentence ends, checked together with the text released just before it (up to
+``overlap_chars``, from a sentence start where one is in reach: a phrase cut by a release
+edge is still seen whole), and released only if it passes. A part that fails ends the
+stream with ``finish_reason: "content_filter"``; nothing after it reaches the client. When
+the stream ends, the whole completion is checked once more, so a stream is blocked
+whenever the same completion would be blocked unstreamed (its last part is withheld).
+
+The ``async`` mode (a policy option, Azure's "asynchronous filter") sends text as it
+arrives and checks it in the same increments right after; a violation ends the stream.
+It is not leak-proof: the failing increment has already been sent.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ DEFAULT_MAX_TOKENS = 4096  # the most a request may ask for (max_tokens / max_co
 DEFAULT_MAX_CHOICES = 4
 DEFAULT_MAX_TOOLS = 128  # OpenAI's own limit on tools per request
 DEFAULT_MAX_PROMPT_CHARS = 256_000  # every text the model reads, together
-DEFAULT_STREAM_WINDOW_CHARS = 160  # held back at most without a sentence end
+DEFAULT_STREAM_WINDOW_CHARS = 160  # held back at most without a space
+DEFAULT_STREAM_INCREMENT_CHARS = (
+    24  # released once this much has arrived (bench/stream_increments.py)
+)
 DEFAULT_STREAM_OVERLAP_CHARS = 160  # of released text checked again with the next part
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -290,30 +299,39 @@ class Release:
     verdict: Verdict | None
 
 
+StreamMode = Literal["sync", "async"]
+
+
 @dataclass(slots=True)
 class StreamGuard:
-    """Holds back streamed text until it has been checked; see the module docstring.
+    """Checks streamed text in small increments; see the module docstring.
 
-    Text is released a sentence at a time: at the last sentence end in what is held back,
-    or, when ``window_chars`` arrive without one, at the last space before that. Each
-    release is checked together with the whole sentences that end the text already
-    released (up to ``overlap_chars``), so a check never sees half a sentence out of
-    context and a phrase split across releases is still seen whole.
+    ``sync``: held-back text is released at the last space once ``increment_chars`` have
+    arrived, or at a sentence end, or, when ``window_chars`` arrive without a space, at
+    that length. Each release is checked together with up to ``overlap_chars`` of the text
+    released before it. ``async``: text is released as it arrives and checked afterwards
+    in the same increments.
     """
 
     check: Check
     window_chars: int = DEFAULT_STREAM_WINDOW_CHARS
     overlap_chars: int = DEFAULT_STREAM_OVERLAP_CHARS
+    increment_chars: int = DEFAULT_STREAM_INCREMENT_CHARS
+    mode: StreamMode = "sync"
+    final_check: bool = True
     pending: str = ""
     released: str = ""
     blocked: Verdict | None = None
     verdicts: list[Verdict] = field(default_factory=list)
     checked_windows: list[str] = field(default_factory=list)
+    _unchecked: str = ""
 
     async def feed(self, piece: str) -> Release | None:
         """Take a piece of the stream; return what may be sent now, if anything."""
         if self.blocked is not None:
             return None
+        if self.mode == "async":
+            return await self._feed_async(piece)
         self.pending += piece
         cut = self._cut()
         if cut is None:
@@ -321,18 +339,70 @@ class StreamGuard:
         return await self._release(cut)
 
     async def flush(self) -> Release | None:
-        """The stream ended: check and release what is still held back."""
-        if self.blocked is not None or not self.pending.strip():
-            released, self.pending = self.pending, ""
-            if self.blocked is None and released:
-                self.released += released
-                return Release(released, None)
+        """The stream ended: check and release what is still held back, then check the
+        whole completion once (unless it was checked whole already)."""
+        if self.blocked is not None:
             return None
-        return await self._release(len(self.pending))
+        if self.mode == "async":
+            if self._unchecked.strip():
+                verdict = await self._checked(self._context(self._unchecked) + self._unchecked)
+                self._unchecked = ""
+                if verdict.blocked:
+                    return None
+            await self._check_whole(self.released)
+            return None
+        release: Release | None = None
+        if not self.pending.strip():
+            remainder, self.pending = self.pending, ""
+            if remainder:
+                release = Release(remainder, None)
+        else:
+            part = self.pending
+            window = self._context(part) + part
+            verdict = await self._checked(window)
+            self.pending = ""
+            if verdict.blocked:
+                return None
+            release = Release(part, verdict)
+        whole = self.released + (release.text if release is not None else "")
+        if await self._check_whole(whole):
+            return None  # the whole completion fails: its last part is withheld
+        self.released = whole
+        return release
+
+    async def _check_whole(self, whole: str) -> bool:
+        """Check the entire completion unless the last check already read all of it."""
+        if not self.final_check or not whole.strip():
+            return False
+        if self.checked_windows and self.checked_windows[-1] == whole:
+            return False
+        verdict = await self._checked(whole)
+        return verdict.blocked
+
+    async def _checked(self, window: str) -> Verdict:
+        verdict = await self.check(window)
+        self.verdicts.append(verdict)
+        self.checked_windows.append(window)
+        if verdict.blocked:
+            self.blocked = verdict
+        return verdict
+
+    async def _feed_async(self, piece: str) -> Release:
+        self.released += piece
+        self._unchecked += piece
+        verdict: Verdict | None = None
+        if len(self._unchecked) >= self.increment_chars or _SENTENCE_END.search(piece):
+            part, self._unchecked = self._unchecked, ""
+            verdict = await self._checked(self._context(part) + part)
+        return Release(piece, verdict)
 
     def _cut(self) -> int | None:
         """Where the held-back text may be cut for release, if anywhere yet."""
         ends = [match.end() for match in _SENTENCE_END.finditer(self.pending)]
+        if len(self.pending) >= self.increment_chars:
+            space = max(self.pending.rfind(" "), self.pending.rfind("\n"))
+            if space > 0:
+                return max(space + 1, ends[-1] if ends else 0)
         if ends:
             return ends[-1]
         if len(self.pending) < self.window_chars:
@@ -340,25 +410,30 @@ class StreamGuard:
         space = self.pending.rfind(" ", 0, self.window_chars)
         return space + 1 if space > 0 else self.window_chars
 
-    def _context(self) -> str:
-        """The whole sentences at the end of the released text, up to ``overlap_chars``."""
-        if not self.overlap_chars or not self.released:
+    def _context(self, part: str) -> str:
+        """The end of the released text (before ``part``), up to ``overlap_chars``,
+        starting at a sentence start where one is in reach, else at a word."""
+        released = (
+            self.released[: len(self.released) - len(part)]
+            if self.mode == "async"
+            else (self.released)
+        )
+        if not self.overlap_chars or not released:
             return ""
-        tail = self.released[-self.overlap_chars :]
-        if len(tail) < len(self.released):
+        tail = released[-self.overlap_chars :]
+        if len(tail) < len(released):
             first = _SENTENCE_END.search(tail)
             if first is not None and tail[first.end() :].strip():
                 tail = tail[first.end() :]
+            else:
+                space = tail.find(" ")
+                tail = tail[space + 1 :] if space >= 0 else tail
         return tail
 
     async def _release(self, cut: int) -> Release | None:
         part, rest = self.pending[:cut], self.pending[cut:]
-        window = self._context() + part
-        verdict = await self.check(window)
-        self.verdicts.append(verdict)
-        self.checked_windows.append(window)
+        verdict = await self._checked(self._context(part) + part)
         if verdict.blocked:
-            self.blocked = verdict
             self.pending = ""
             return None
         self.pending = rest

@@ -23,6 +23,7 @@ from gateway.chat import (
     DEFAULT_MAX_PROMPT_CHARS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOOLS,
+    DEFAULT_STREAM_INCREMENT_CHARS,
     DEFAULT_STREAM_OVERLAP_CHARS,
     DEFAULT_STREAM_WINDOW_CHARS,
 )
@@ -193,6 +194,11 @@ class ChatSettings(BaseModel):
         default=DEFAULT_STREAM_WINDOW_CHARS,
         ge=1,
         description="most streamed characters held back without a sentence end",
+    )
+    stream_increment_chars: int = Field(
+        default=DEFAULT_STREAM_INCREMENT_CHARS,
+        ge=1,
+        description="streamed characters gathered (to the last space) before each check",
     )
     stream_overlap_chars: int = Field(
         default=DEFAULT_STREAM_OVERLAP_CHARS,

@@ -473,6 +473,8 @@ async def _events(
                 check=lambda text: _check_completion(run, text),
                 window_chars=settings.stream_window_chars,
                 overlap_chars=settings.stream_overlap_chars,
+                increment_chars=settings.stream_increment_chars,
+                mode=run.policy.stream_mode,
             )
         return guards[index]
 

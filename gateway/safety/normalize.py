@@ -13,6 +13,12 @@ Two views come out of :func:`normalize`:
     words that mix letters with digits or symbols (``k1ll``, ``h@te``). The classifiers
     read this view.
 
+``views``
+    Decoded readings of encoded spans, folded like the text: base64 and hex spans that
+    decode to readable UTF-8, and the ROT13 reading of a text that reads better rotated.
+    The classifiers score each view as well as the text, and a label takes its highest
+    score, so "aG93IHRvIGtpbGwgbXkgbmVpZ2hib3Vy" is judged as what it says.
+
 Folding is deliberately conservative where it could damage ordinary text: a word made
 only of Cyrillic or Greek letters stays as it is unless every letter imitates a Latin
 one, identifiers such as ``python3`` and ordinals such as ``4th`` keep their digits, and
@@ -21,6 +27,9 @@ runs of fewer than three spaced letters are left alone.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import codecs
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -69,6 +78,17 @@ _SPACES = re.compile(r"[ \t]{2,}")
 _MAX_FOLD_ROUNDS = 4
 
 
+# Encoded spans worth decoding: long enough that ordinary words never match.
+_BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
+_HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
+_MAX_VIEWS = 8
+# Frequent English words: a text that holds more of them rotated than as written is
+# read as ROT13.
+_COMMON = frozenset(
+    ["the", "be", "to", "of", "and", "a", "in", "that", "have", "i", "it", "for", "not", "on", "with", "he", "as", "you", "do", "at", "this", "but", "his", "by", "from", "they", "we", "say", "her", "she", "or", "an", "will", "my", "one", "all", "would", "there", "their", "what", "so", "up", "out", "if", "about", "who", "get", "which", "go", "me", "when", "make", "can", "like", "how", "kill", "want", "need", "help", "write"]
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NormalizedText:
     """A text and its normalised views; members pick the view they need."""
@@ -76,12 +96,79 @@ class NormalizedText:
     original: str
     light: str
     folded: str
+    views: tuple[str, ...] = ()
 
 
 def normalize(text: str) -> NormalizedText:
-    """Return the ``light`` and ``folded`` views of ``text``."""
+    """Return the ``light``, ``folded`` and decoded views of ``text``."""
     light = _strip_invisible(unicodedata.normalize("NFKC", text))
-    return NormalizedText(original=text, light=light, folded=fold(light))
+    views = tuple(dict.fromkeys(fold(view) for view in decoded_views(light)))
+    return NormalizedText(original=text, light=light, folded=fold(light), views=views)
+
+
+def decoded_views(text: str) -> list[str]:
+    """Readings of base64 and hex spans that decode to text, and a ROT13 reading."""
+    views: list[str] = []
+    for match in _BASE64.finditer(text):
+        decoded = _readable(_b64decode(match.group()))
+        if decoded:
+            views.append(decoded)
+    for match in _HEX.finditer(text):
+        digits = re.sub(r"[ :]", "", match.group())
+        if len(digits) % 2 == 0:
+            decoded = _readable(binascii.unhexlify(digits))
+            if decoded:
+                views.append(decoded)
+    rotated = codecs.encode(text, "rot13")
+    if _common_words(rotated) >= _common_words(text) + 2:
+        views.append(rotated)
+    leet = _full_leet(text)
+    if leet is not None:
+        views.append(leet)
+    return views[:_MAX_VIEWS]
+
+
+def _full_leet(text: str) -> str | None:
+    """In a text written in leetspeak (two or more words mixing letters with leet
+    symbols), fold every word, "4nd" and a lone "1" included, which folding alone keeps."""
+    words = text.split()
+    mixed = 0
+    for word in words:
+        core = word.strip(_EDGE_PUNCT)
+        if _KEEP_DIGITS.match(core) or _ADDRESS.match(core):
+            continue  # python3, 10am, 4th: identifiers, not leetspeak
+        mixed += any(c.isalpha() for c in core) and any(c in _LEET_CHARS for c in core)
+    if mixed < 2:
+        return None
+    return " ".join(
+        word if _ADDRESS.match(word.strip(_EDGE_PUNCT)) else word.translate(_LEET) for word in words
+    )
+
+
+def _b64decode(span: str) -> bytes:
+    padded = span + "=" * (-len(span) % 4)
+    try:
+        if "-" in span or "_" in span:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _readable(data: bytes) -> str | None:
+    """``data`` as text when it is UTF-8 made mostly of letters and spaces."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if len(text) < 6 or not text.isprintable():
+        return None
+    letters = sum(char.isalpha() or char.isspace() for char in text)
+    return text if letters / len(text) >= 0.8 and " " in text.strip() else None
+
+
+def _common_words(text: str) -> int:
+    return sum(word in _COMMON for word in re.findall(r"[a-z]+", text.casefold()))
 
 
 def fold(light: str) -> str:

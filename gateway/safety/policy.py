@@ -10,6 +10,7 @@ points elsewhere)::
     completion:
       jailbreak: {action: annotate}
     fail_open: [llm_judge]               # members allowed to fail without blocking
+    stream_mode: sync                    # or async: stream at once, check after (leaks)
 
 Labels the file does not name get the default rule: ``block`` for harm categories and
 attack shields, ``annotate`` for profanity and PII, ``block`` for blocklists. A
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -64,6 +66,10 @@ class Policy(BaseModel):
     prompt: dict[str, Rule] = Field(default_factory=dict)
     completion: dict[str, Rule] = Field(default_factory=dict)
     fail_open: frozenset[str] = frozenset()
+    # How streamed completions are filtered: "sync" holds text back until it is checked;
+    # "async" (Azure's asynchronous filter) sends at once, checks right after, and ends
+    # the stream at a violation. Not leak-proof.
+    stream_mode: Literal["sync", "async"] = "sync"
 
     @field_validator("prompt", "completion")
     @classmethod

@@ -21,6 +21,7 @@ from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import Policy
+from gateway.safety.taxonomy import Direction
 from gateway.safety.verdict import Detection
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
 
@@ -259,10 +260,22 @@ def test_official_client_streams_the_whole_answer(chat: TestClient, developer: s
     assert prompt_results[0]["content_filter_results"]["hate"]["filtered"] is False
 
 
+@pytest.fixture
+def sentence_chat(chat_settings: Settings, engine_factory: EngineFactory) -> Iterator[TestClient]:
+    """Streams released a whole sentence at a time (an increment no sentence reaches)."""
+    settings = chat_settings.model_copy(
+        update={"chat": chat_settings.chat.model_copy(update={"stream_increment_chars": 10_000})}
+    )
+    client = ready_client(settings, engine_factory)
+    yield client
+    client.__exit__(None, None, None)
+
+
 def test_stream_is_released_only_after_each_window_is_checked(
-    chat: TestClient, developer: str
+    sentence_chat: TestClient,
 ) -> None:
-    events = _stream_events(chat, developer, _ask(stream=True))
+    developer = issue_key(sentence_chat, Role.DEVELOPER)
+    events = _stream_events(sentence_chat, developer, _ask(stream=True))
     assert events[-1] == {"done": True}
     assert events[0]["choices"] == []
     assert "prompt_filter_results" in events[0]
@@ -276,10 +289,41 @@ def test_stream_is_released_only_after_each_window_is_checked(
     assert "".join(e["choices"][0]["delta"]["content"] for e in content) == ANSWER
 
 
-def test_stream_turning_harmful_stops_with_content_filter_and_leaks_nothing(
+def test_stream_is_released_a_few_words_at_a_time_by_default(
     chat: TestClient, developer: str
 ) -> None:
+    events = _stream_events(chat, developer, _ask(stream=True))
+    content = [e for e in events[1:-1] if e["choices"] and e["choices"][0]["delta"].get("content")]
+    parts = [e["choices"][0]["delta"]["content"] for e in content]
+    assert "".join(parts) == ANSWER
+    # several releases per sentence: the first words go out before the sentence ends
+    assert len(parts) > ANSWER.count(". ") + 2
+    assert not parts[0].endswith(". ")
+    assert all("content_filter_results" in e["choices"][0] for e in content)
+
+
+def test_default_stream_turning_harmful_is_cut_before_the_harm(
+    chat: TestClient, developer: str, real_engine: SafetyEngine
+) -> None:
+    """Word increments may send the first words of a sentence that turns out harmful,
+    never a part that fails a check: what the client got passes the engine alone."""
     events = _stream_events(chat, developer, _ask(model="rogue", stream=True))
+    received = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events[1:-1] if e.get("choices")
+    )
+    finishes = [e["choices"][0]["finish_reason"] for e in events[1:-1] if e.get("choices")]
+    assert finishes[-1] == "content_filter"
+    assert received.startswith(ANSWER)
+    assert "thrown out of this country" not in received
+    (verdict,) = real_engine.check([received], direction=Direction.COMPLETION)
+    assert not verdict.blocked
+
+
+def test_stream_turning_harmful_stops_with_content_filter_and_leaks_nothing(
+    sentence_chat: TestClient,
+) -> None:
+    developer = issue_key(sentence_chat, Role.DEVELOPER)
+    events = _stream_events(sentence_chat, developer, _ask(model="rogue", stream=True))
     received = "".join(
         e["choices"][0]["delta"].get("content") or "" for e in events[1:-1] if e.get("choices")
     )
@@ -294,9 +338,10 @@ def test_stream_turning_harmful_stops_with_content_filter_and_leaks_nothing(
 
 
 def test_stream_whose_first_window_is_harmful_sends_no_content(
-    chat: TestClient, developer: str
+    sentence_chat: TestClient,
 ) -> None:
-    events = _stream_events(chat, developer, _ask(model="hateful", stream=True))
+    developer = issue_key(sentence_chat, Role.DEVELOPER)
+    events = _stream_events(sentence_chat, developer, _ask(model="hateful", stream=True))
     content = [
         e for e in events[1:-1] if e.get("choices") and e["choices"][0]["delta"].get("content")
     ]

@@ -142,7 +142,8 @@ class EncoderHeadsClassifier:
         segments = [text.folded for text in texts]
         owners = list(range(len(texts)))
         for index, text in enumerate(texts):
-            chunks = sentence_chunks(text.folded, limit=CHUNK_CHARS)
+            # sentence chunks of the text, and its decoded views (base64, hex, ROT13)
+            chunks = [*sentence_chunks(text.folded, limit=CHUNK_CHARS), *text.views]
             segments.extend(chunks)
             owners.extend([index] * len(chunks))
         windows = self._encoder.embed(segments, batch_size=self._batch_size)
