@@ -29,7 +29,8 @@ from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
 from gateway.ratelimit import build_limiter
 from gateway.routes import blocklists, chat, health, moderations, review
-from gateway.safety.engine import MicroBatcher, SafetyEngine
+from gateway.safety.batcher import MicroBatcher
+from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
 from gateway.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
 
@@ -129,8 +130,13 @@ async def _load(
         log.error("safety engine failed to load", extra={"error": app.state.safegate_error})
         return
     batcher = MicroBatcher(
-        engine, max_batch=settings.engine.max_batch, max_wait_s=settings.engine.max_wait_s
+        engine,
+        max_batch=settings.engine.max_batch,
+        max_batch_chars=settings.engine.max_batch_chars,
+        queue_capacity_chars=settings.engine.queue_capacity_chars,
+        max_wait_s=settings.engine.max_wait_s,
     )
+    app.state.metrics.track_engine_queue(lambda: batcher.pending_chars)
     app.state.safegate = AppState(
         settings=settings,
         database=database,

@@ -33,11 +33,15 @@ from gateway.ratelimit import (
     DEFAULT_REQUESTS_PER_MINUTE,
     MAX_REQUESTS_PER_MINUTE,
 )
+from gateway.safety.batcher import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BATCH_CHARS,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_QUEUE_CAPACITY_CHARS,
+)
 from gateway.safety.encoder import Backend
 from gateway.safety.engine import (
-    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TEXT_CHARS,
-    DEFAULT_MAX_WAIT_S,
     DEFAULT_MEMBER_TIMEOUT_S,
     DEFAULT_TIMEOUT_PER_KCHAR_S,
 )
@@ -116,9 +120,22 @@ class EngineSettings(BaseModel):
     timeout_per_kchar_s: float = Field(
         default=DEFAULT_TIMEOUT_PER_KCHAR_S,
         ge=0,
-        description="extra time budget per member per 1,000 characters in a batch",
+        description="extra time budget per member per 1,000 characters in a batch "
+        "(a batch holds at most max_batch_chars, or one longer text)",
     )
     max_batch: int = Field(default=DEFAULT_MAX_BATCH, ge=1)
+    max_batch_chars: int = Field(
+        default=DEFAULT_MAX_BATCH_CHARS,
+        ge=1,
+        description="characters in one detection batch (a longer text runs alone); "
+        "requests take turns, so a short one waits about one such batch per request ahead",
+    )
+    queue_capacity_chars: int = Field(
+        default=DEFAULT_QUEUE_CAPACITY_CHARS,
+        ge=1,
+        description="characters waiting for detection; a request past it gets a 429 "
+        "engine_overloaded with Retry-After (an idle engine admits any valid request)",
+    )
     max_wait_s: float = Field(default=DEFAULT_MAX_WAIT_S, ge=0)
 
 

@@ -11,15 +11,21 @@ with a 4xx or 5xx status; no traceback and no request text ever reaches the body
      +-- NotFound                 404     not_found_error
      +-- Conflict                 409     conflict_error
      +-- RateLimited              429     requests
+     |    +-- Overloaded          429     server_error
      +-- ServiceUnavailable       503     service_unavailable
 
-An error may carry response headers: ``RateLimited`` sets ``Retry-After`` (whole seconds,
-rounded up), ``Unauthorized`` may set ``WWW-Authenticate``. ``requests`` is the type
-OpenAI's own 429 for a request-rate limit carries.
+An error may carry response headers: ``RateLimited`` (and so ``Overloaded``) sets
+``Retry-After`` (whole seconds, rounded up), ``Unauthorized`` may set
+``WWW-Authenticate``. ``requests`` is the type OpenAI's own 429 for a request-rate limit
+carries; ``Overloaded`` is the service's load, not the caller's rate, hence
+``server_error``.
 
-The engine's ``InputTooLong`` maps to 400, FastAPI's validation errors and broken JSON
-to 400, anything unexpected to a 500 whose body says only that an error occurred and
-gives the request id to look up in the logs.
+The engine's ``InputTooLong`` maps to 400; its ``EngineOverloaded`` (the safety engine's
+queue is full) to ``Overloaded``, 429 ``engine_overloaded`` with the queue's estimate as
+``Retry-After``, at once rather than after a wait that would end in a fail-closed 503.
+FastAPI's validation errors and broken JSON map to 400, anything unexpected to a 500
+whose body says only that an error occurred and gives the request id to look up in the
+logs.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.safety.engine import InputTooLong
+from gateway.safety.engine import EngineOverloaded, InputTooLong
 
 log = logging.getLogger("safegate.errors")
 
@@ -107,6 +113,16 @@ class RateLimited(ApiError):
         )
 
 
+class Overloaded(RateLimited):
+    """The service has more work queued than it takes; retry after ``Retry-After``."""
+
+    type = "server_error"
+
+    @classmethod
+    def from_engine(cls, error: EngineOverloaded) -> Overloaded:
+        return cls(str(error), retry_after_s=error.retry_after_s, code="engine_overloaded")
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     type = "service_unavailable"
@@ -149,6 +165,24 @@ def install(app: FastAPI) -> None:
             error_body(
                 str(exc), type="invalid_request_error", param="input", code="input_too_long"
             ),
+        )
+
+    @app.exception_handler(EngineOverloaded)
+    async def _overloaded(request: Request, exc: EngineOverloaded) -> JSONResponse:
+        log.warning(
+            "safety engine overloaded",
+            extra={
+                "request_id": getattr(request.state, "request_id", None),
+                "characters": exc.characters,
+                "pending_chars": exc.pending,
+                "retry_after_s": round(exc.retry_after_s, 1),
+            },
+        )
+        error = Overloaded.from_engine(exc)
+        return _response(
+            error.status,
+            error_body(error.message, type=error.type, param=error.param, code=error.code),
+            error.headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -11,6 +11,7 @@ Each app owns its ``CollectorRegistry`` (tests build many apps in one process)::
     safegate_flags_total{direction, category}                labels flagged (block or annotate)
     safegate_upstream_errors_total{model, code}              upstream failures by gateway code
     safegate_audit_spool_pending                             audit records waiting on disk
+    safegate_engine_queue_chars                              characters waiting for detection
 
 Labels never carry content; ``route`` is the route's template (``/v1/blocklists/{name}``),
 never the raw path, so cardinality stays bounded.
@@ -82,6 +83,11 @@ class Metrics:
             "database was unavailable.",
             registry=self.registry,
         )
+        self.engine_queue_chars = Gauge(
+            "safegate_engine_queue_chars",
+            "Characters admitted to the safety engine's queue and not yet detected.",
+            registry=self.registry,
+        )
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -101,6 +107,9 @@ class Metrics:
 
     def track_spool(self, pending: Callable[[], int]) -> None:
         self.spool_pending.set_function(lambda: float(pending()))
+
+    def track_engine_queue(self, pending_chars: Callable[[], int]) -> None:
+        self.engine_queue_chars.set_function(lambda: float(pending_chars()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

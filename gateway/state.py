@@ -13,7 +13,8 @@ from gateway.db import Database
 from gateway.errors import ServiceUnavailable
 from gateway.key_policies import PolicyCatalog
 from gateway.metrics import Metrics
-from gateway.safety.engine import MicroBatcher, SafetyEngine
+from gateway.safety.batcher import MicroBatcher
+from gateway.safety.engine import SafetyEngine
 from gateway.upstreams import LitellmUpstreams
 
 

@@ -10,6 +10,9 @@ leaves its metadata (never its text) in the audit store's request log and its ti
   "ResponsibleAIPolicyViolation", "content_filter_result": {...}}}}``; no upstream call.
 - A prompt blocked only because a classifier failed (the policy fails closed): 503
   ``safety_check_failed``, so clients retry instead of rewording.
+- A prompt the engine's queue cannot take: 429 ``engine_overloaded`` with ``Retry-After``
+  (``gateway.errors``); no upstream call. A completion's check is never refused this way
+  (its prompt was admitted): it waits its turn in the queue.
 - A blocked completion: its choice's ``finish_reason`` is ``content_filter`` and its
   content is withheld (``null``); ``content_filter_reasons`` says why.
 - Azure's route ``/openai/deployments/{deployment}/chat/completions?api-version=...``
@@ -44,6 +47,7 @@ from gateway.chat import (
 )
 from gateway.content_filter import FilterResults, filter_results, merge
 from gateway.errors import ApiError, InvalidRequest, error_body
+from gateway.safety.engine import EngineOverloaded
 from gateway.safety.policy import Policy
 from gateway.safety.taxonomy import Direction
 from gateway.safety.verdict import Verdict
@@ -187,7 +191,11 @@ async def _complete(
         stream=body.stream,
     )
     texts = prompt_texts(body)
-    verdicts = await _check_prompt(run, texts)
+    try:
+        verdicts = await _check_prompt(run, texts)
+    except EngineOverloaded:
+        await run.finish(status=429, blocked=None, usage=None)
+        raise
     prompt_results = [
         {
             "prompt_index": 0,
@@ -339,7 +347,9 @@ async def _check_completion(run: _Run, text: str) -> Verdict:
     started = time.perf_counter()
     limit = run.state.engine.max_text_chars
     pieces = [text[i : i + limit] for i in range(0, len(text), limit)] or [text]
-    reports = await run.state.batcher.detect(pieces)
+    # Never shed: the prompt was admitted and the upstream has answered; refusing now
+    # would waste the answer and cut a stream short.
+    reports = await run.state.batcher.detect(pieces, sheddable=False)
     verdicts = [
         run.state.engine.decide(r, direction=Direction.COMPLETION, policy=run.policy)
         for r in reports

@@ -8,8 +8,14 @@ Flow for a batch of texts::
               -> Verdict
 
 Detection (the expensive part) does not depend on direction or policy, so concurrent
-requests are micro-batched into one detection pass (``MicroBatcher``) and each request
-then gets its own decision.
+requests are micro-batched into one detection pass (``gateway.safety.batcher``) and each
+request then gets its own decision.
+
+Time budgets: in one ``detect`` call every member gets ``timeout_s`` plus
+``timeout_per_kchar_s`` for each 1,000 characters of that call's texts
+(``MemberSpec.budget``). The batcher bounds a call to one slice of
+``max_batch_chars`` characters (a longer text runs alone), so a budget covers a text's
+own work plus at most one slice of other requests' texts, never a whole queue.
 
 Fail closed: a member that raises or overruns its budget yields a report with an
 ``error``; the verdict is blocked, with that reason, unless the policy lists the member
@@ -18,13 +24,14 @@ under ``fail_open``.
 Exceptions (all subclass ``SafetyError``)::
 
     SafetyError
-     +-- InputTooLong     a text exceeds ``max_text_chars``
-     +-- EngineNotReady   members failed to load
+     +-- InputTooLong      a text exceeds ``max_text_chars``
+     +-- EngineNotReady    members failed to load, or the batcher stopped
+     +-- EngineOverloaded  the batcher's queue is full; carries ``retry_after_s``
 """
 
 from __future__ import annotations
 
-import asyncio
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -51,8 +58,6 @@ DEFAULT_MEMBER_TIMEOUT_S = 5.0
 # 1,000 characters, so 64 long documents are not held to the budget of one prompt.
 DEFAULT_TIMEOUT_PER_KCHAR_S = 0.1
 DEFAULT_MAX_TEXT_CHARS = 32_000
-DEFAULT_MAX_BATCH = 32
-DEFAULT_MAX_WAIT_S = 0.002
 
 ALL_LABELS: tuple[Label, ...] = (*Category, *Shield)
 
@@ -73,7 +78,24 @@ class InputTooLong(SafetyError):
 
 
 class EngineNotReady(SafetyError):
-    """The engine has no loaded members."""
+    """The engine has no loaded members, or its batcher has stopped."""
+
+
+class EngineOverloaded(SafetyError):
+    """The batcher's queue cannot take a request's characters; retry in ``retry_after_s``."""
+
+    def __init__(
+        self, *, characters: int, pending: int, capacity: int, retry_after_s: float
+    ) -> None:
+        super().__init__(
+            f"the safety engine is overloaded: {pending} characters are waiting and this "
+            f"request adds {characters}; the queue holds {capacity} "
+            f"(SAFEGATE_ENGINE__QUEUE_CAPACITY_CHARS). Retry in {math.ceil(retry_after_s)} s"
+        )
+        self.characters = characters
+        self.pending = pending
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +107,7 @@ class MemberSpec:
     timeout_per_kchar_s: float = DEFAULT_TIMEOUT_PER_KCHAR_S
 
     def budget(self, characters: int) -> float:
-        """Seconds this member may take for a batch of ``characters`` characters."""
+        """Seconds this member may take for one ``detect`` call over ``characters``."""
         return self.timeout_s + self.timeout_per_kchar_s * characters / 1000
 
 
@@ -124,7 +146,10 @@ class SafetyEngine:
                 raise InputTooLong(index=index, length=len(text), limit=self.max_text_chars)
 
     def detect(self, texts: Sequence[str]) -> list[tuple[MemberReport, ...]]:
-        """Run every member over ``texts``; return each text's member reports."""
+        """Run every member over ``texts``; return each text's member reports.
+
+        Each member's budget is computed from the characters of ``texts`` alone.
+        """
         self.validate(texts)
         normalized = [normalize(text) for text in texts]
         started = time.perf_counter()
@@ -265,92 +290,6 @@ class SafetyEngine:
                 for label, value in thresholds.items():
                     tuned[label] = max(tuned.get(label, 0.0), value)
         return tuned
-
-
-_Request = tuple[list[str], "asyncio.Future[list[tuple[MemberReport, ...]]]"]
-
-
-class MicroBatcher:
-    """Collects concurrent detection requests and runs them as one batch in one thread.
-
-    CPU inference never runs on the event loop: a single worker thread executes
-    ``engine.detect`` for up to ``max_batch`` texts gathered within ``max_wait_s``.
-    """
-
-    def __init__(
-        self,
-        engine: SafetyEngine,
-        *,
-        max_batch: int = DEFAULT_MAX_BATCH,
-        max_wait_s: float = DEFAULT_MAX_WAIT_S,
-    ) -> None:
-        self.engine = engine
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[_Request] | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safety-batch")
-
-    async def detect(self, texts: Sequence[str]) -> list[tuple[MemberReport, ...]]:
-        self.engine.validate(texts)
-        if not texts:
-            return []
-        loop = asyncio.get_running_loop()
-        if self._queue is None or self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
-            self._worker = loop.create_task(self._run(self._queue), name="safety-microbatcher")
-        future: asyncio.Future[list[tuple[MemberReport, ...]]] = loop.create_future()
-        await self._queue.put((list(texts), future))
-        return await future
-
-    async def check(
-        self,
-        texts: Sequence[str],
-        *,
-        direction: Direction,
-        policy: Policy | None = None,
-        ignore: Collection[Label] = (),
-    ) -> list[Verdict]:
-        reports = await self.detect(texts)
-        return [
-            self.engine.decide(r, direction=direction, policy=policy, ignore=ignore)
-            for r in reports
-        ]
-
-    async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
-    async def _run(self, queue: asyncio.Queue[_Request]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await queue.get()]
-            size = len(batch[0][0])
-            deadline = loop.time() + self.max_wait_s
-            while size < self.max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    break
-                batch.append(item)
-                size += len(item[0])
-            texts = [text for request_texts, _ in batch for text in request_texts]
-            try:
-                reports = await loop.run_in_executor(self._thread, self.engine.detect, texts)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            offset = 0
-            for request_texts, future in batch:
-                if not future.done():
-                    future.set_result(reports[offset : offset + len(request_texts)])
-                offset += len(request_texts)
 
 
 def _flag_parents(labels: dict[Label, LabelResult]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import Policy
-from gateway.safety.taxonomy import Direction
+from gateway.safety.taxonomy import Category, Direction
 from gateway.safety.verdict import Detection
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
 
@@ -585,3 +585,60 @@ def test_metrics_count_blocks_per_category_and_stage_latency(
         'safegate_requests_total{method="POST",route="/v1/chat/completions",status="400"} 1.0'
         in text
     )
+
+
+class _Gate:
+    """Holds every batch until ``open`` is set, so the engine's queue stays full."""
+
+    id = "gate"
+    labels = frozenset({Category.HATE})
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
+        self.entered.set()
+        self.open.wait(_GATE_WAIT_S)
+        return [Detection(scores={Category.HATE: 0.0}) for _ in texts]
+
+
+_GATE_WAIT_S = 10.0
+
+
+def test_a_prompt_the_engine_cannot_queue_gets_429_before_the_upstream(tmp_path: Path) -> None:
+    gate = _Gate()
+
+    def gated(settings: Settings, store: BlocklistStore) -> SafetyEngine:
+        return SafetyEngine([MemberSpec(gate)], policy=Policy())
+
+    settings = Settings(
+        home=tmp_path / "home",
+        upstreams={"file": _upstreams(tmp_path)},
+        engine={"queue_capacity_chars": 1_000},
+    )
+    client = ready_client(settings, gated)
+    first: list[int] = []
+    waiting = threading.Thread(
+        target=lambda: first.append(
+            client.post("/v1/moderations", json={"input": "a" * 800}).status_code
+        )
+    )
+    try:
+        waiting.start()
+        assert gate.entered.wait(_GATE_WAIT_S)
+        # "down" has no server behind it: a 429 means the upstream was never called.
+        refused = [
+            client.post("/v1/chat/completions", json=_ask("q" * 300, model="down", stream=stream))
+            for stream in (False, True)
+        ]
+        gate.open.set()
+        waiting.join(_GATE_WAIT_S)
+    finally:
+        gate.open.set()
+        client.__exit__(None, None, None)
+    for response in refused:
+        assert response.status_code == 429
+        assert int(response.headers["Retry-After"]) >= 1
+        assert response.json()["error"]["code"] == "engine_overloaded"
+    assert first == [200]

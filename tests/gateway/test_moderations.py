@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import openai
 import pytest
@@ -247,3 +250,62 @@ def test_a_harmful_sentence_inside_a_benign_paragraph_is_flagged(client: TestCli
     result = moderate(client, {"input": paragraph})["results"][0]
     assert result["categories"]["hate"] is True
     assert result["action"] == "block"
+
+
+class Gate:
+    """Holds every batch until ``open`` is set, so the engine's queue stays full."""
+
+    id = "gate"
+    labels = frozenset({Category.HATE})
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
+        self.entered.set()
+        self.open.wait(GATE_WAIT_S)
+        return [Detection(scores={Category.HATE: 0.0}) for _ in texts]
+
+
+GATE_WAIT_S = 10.0
+
+
+def test_an_overloaded_engine_answers_429_with_retry_after_at_once(tmp_path: Path) -> None:
+    gate = Gate()
+
+    def gated(app_settings: Settings, store: object) -> SafetyEngine:
+        return SafetyEngine([MemberSpec(gate)], policy=Policy())
+
+    settings = Settings(home=tmp_path / "home", engine={"queue_capacity_chars": 1_000})
+    client = ready_client(settings, gated)
+    first: list[int] = []
+    waiting = threading.Thread(
+        target=lambda: first.append(
+            client.post("/v1/moderations", json={"input": "a" * 800}).status_code
+        )
+    )
+    try:
+        waiting.start()
+        assert gate.entered.wait(GATE_WAIT_S)  # 800 characters are in the engine's queue
+        started = time.perf_counter()
+        refused = client.post("/v1/moderations", json={"input": ["b" * 150, "c" * 150]})
+        refused_after = time.perf_counter() - started
+        queued = client.get("/metrics").text
+        gate.open.set()
+        waiting.join(GATE_WAIT_S)
+    finally:
+        gate.open.set()
+        client.__exit__(None, None, None)
+    assert refused_after < GATE_WAIT_S / 2  # refused at once, not after the gate opened
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    error = refused.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "engine_overloaded"
+    assert error["type"] == "server_error"
+    assert error["param"] is None
+    assert "overloaded" in error["message"]
+    assert "bbb" not in error["message"]  # never the request's text
+    assert first == [200]  # the request already queued was served
+    assert "safegate_engine_queue_chars 800.0" in queued

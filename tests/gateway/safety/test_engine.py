@@ -6,7 +6,6 @@ so each member's behaviour (a score, an exception, a stall) is set by the test.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -15,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.safety.engine import InputTooLong, MemberSpec, MicroBatcher, SafetyEngine
+from gateway.safety.engine import InputTooLong, MemberSpec, SafetyEngine
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import Policy, Rule
 from gateway.safety.taxonomy import AzureCategory, Category, Direction, Label, Severity, Shield
@@ -172,22 +171,6 @@ def test_text_over_the_limit_is_refused_not_truncated() -> None:
     )
     with pytest.raises(InputTooLong, match="input 1 has 11 characters; the limit is 10"):
         run.check(["short", "x" * 11])
-
-
-def test_micro_batcher_runs_concurrent_requests_as_one_batch() -> None:
-    member = Fixed("a", {Category.HATE: 0.0})
-    batcher = MicroBatcher(engine(member), max_batch=16, max_wait_s=0.05)
-
-    async def many() -> list[list[object]]:
-        results = await asyncio.gather(
-            *(batcher.check([f"text {i}"], direction=Direction.PROMPT) for i in range(5))
-        )
-        await batcher.close()
-        return results  # type: ignore[return-value]
-
-    results = asyncio.run(many())
-    assert [len(r) for r in results] == [1] * 5
-    assert member.calls == [5]
 
 
 def test_duplicate_member_ids_are_refused() -> None:
