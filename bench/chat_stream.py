@@ -7,7 +7,10 @@ that speed. The gateway runs as ``safegate serve`` (real engine, auth on, the ke
 makes on a first start) with the stub as its only model, once per stream window size.
 
 Usage: .venv/bin/python bench/chat_stream.py [--requests 30] [--token-ms 20]
-       [--windows 160]
+       [--windows 160] [--increments 10000,96,48,24,12,1]
+
+``--increments`` sets SAFEGATE_CHAT__STREAM_INCREMENT_CHARS per run (10000 releases whole
+sentences, as before word increments).
 """
 
 from __future__ import annotations
@@ -149,7 +152,9 @@ def measure(base: str, headers: dict[str, str], requests: int) -> dict[str, floa
     }
 
 
-def gateway(stub_port: int, window: int) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+def gateway(
+    stub_port: int, window: int, increment: int
+) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     home = Path(tempfile.mkdtemp())
     upstreams = home / "upstreams.yaml"
     upstreams.write_text(
@@ -178,6 +183,7 @@ def gateway(stub_port: int, window: int) -> tuple[subprocess.Popen[bytes], str, 
         "SAFEGATE_UPSTREAMS__SERVE_LOCAL": "false",
         "SAFEGATE_CHAT__STREAM_WINDOW_CHARS": str(window),
         "SAFEGATE_CHAT__STREAM_OVERLAP_CHARS": str(window),
+        "SAFEGATE_CHAT__STREAM_INCREMENT_CHARS": str(increment),
         "SAFEGATE_RATE_LIMIT__REQUESTS_PER_MINUTE": "100000",
     }
     process = subprocess.Popen(  # noqa: S603 - our own CLI
@@ -207,6 +213,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--token-ms", type=float, default=20.0)
     parser.add_argument("--windows", default="160")
+    parser.add_argument("--increments", default="24")
     args = parser.parse_args()
     stub_port = start_stub(args.token_ms / 1000)
     results: dict[str, object] = {
@@ -217,8 +224,11 @@ def main() -> None:
     }
     direct = measure(f"http://127.0.0.1:{stub_port}", {}, args.requests)
     results["direct"] = direct
-    for window in (int(w) for w in args.windows.split(",")):
-        process, base, headers = gateway(stub_port, window)
+    runs = [
+        (int(w), int(i)) for w in args.windows.split(",") for i in args.increments.split(",")
+    ]
+    for window, increment in runs:
+        process, base, headers = gateway(stub_port, window, increment)
         try:
             measure(base, headers, 3)  # warm-up
             via = measure(base, headers, args.requests)
@@ -229,7 +239,7 @@ def main() -> None:
         via["added_non_stream_ms"] = round(
             via["non_stream_p50_ms"] - direct["non_stream_p50_ms"], 1
         )
-        results[f"gateway_window_{window}"] = via
+        results[f"gateway_window_{window}_increment_{increment}"] = via
     print(json.dumps(results, indent=2))
 
 

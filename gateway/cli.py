@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -304,10 +305,15 @@ def safety_train(
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    # A terminal gets live bars; a log file (nohup, CI) gets one line per update.
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         tasks: dict[str, TaskID] = {}
 
         def report(stage: str, done: int, total: int) -> None:
+            if not console.is_terminal:
+                stamp = time.strftime("%H:%M:%S")
+                print(f"{stamp} {stage}: {done}/{total}", file=sys.stderr, flush=True)  # noqa: T201
+                return
             key = stage.split(" (", 1)[0]  # "fine-tuning (loss 0.12)" stays one bar
             if key not in tasks:
                 tasks[key] = progress.add_task(stage, total=total)

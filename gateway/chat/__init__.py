@@ -1,0 +1,43 @@
+"""The filtered chat completion: its request, its checks, its stream.
+
+- ``schemas``: the request as OpenAI defines it (checked as OpenAI checks it) and the
+  response models.
+- ``prompt``: which texts of a request (and of an upstream answer) the engine reads.
+- ``stream_guard``: streamed text checked in increments before it is released.
+- ``service``: one request from limits to audit records (``ChatService``).
+- ``streaming``: the server-sent events of a filtered stream.
+"""
+
+from gateway.chat.prompt import PromptText, json_text, prompt_texts
+from gateway.chat.schemas import (
+    DEFAULT_MAX_CHOICES,
+    DEFAULT_MAX_MESSAGE_CHARS,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_PROMPT_CHARS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MAX_TOOLS,
+    ChatCompletionRequest,
+)
+from gateway.chat.stream_guard import (
+    DEFAULT_STREAM_INCREMENT_CHARS,
+    DEFAULT_STREAM_OVERLAP_CHARS,
+    DEFAULT_STREAM_WINDOW_CHARS,
+    StreamGuard,
+)
+
+__all__ = [
+    "DEFAULT_MAX_CHOICES",
+    "DEFAULT_MAX_MESSAGES",
+    "DEFAULT_MAX_MESSAGE_CHARS",
+    "DEFAULT_MAX_PROMPT_CHARS",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_MAX_TOOLS",
+    "DEFAULT_STREAM_INCREMENT_CHARS",
+    "DEFAULT_STREAM_OVERLAP_CHARS",
+    "DEFAULT_STREAM_WINDOW_CHARS",
+    "ChatCompletionRequest",
+    "PromptText",
+    "StreamGuard",
+    "json_text",
+    "prompt_texts",
+]

@@ -1,0 +1,408 @@
+"""The filtered chat completion, start to end, for one request.
+
+``ChatService.start`` runs::
+
+    limits -> prompt check (every text the model reads) -> upstream (litellm)
+           -> completion check (whole, or streamed in increments by ``gateway.chat.streaming``)
+           -> Azure content_filter annotations, audit records, metrics
+
+and returns what the route renders: a ``PromptBlocked`` error, a ``ChatCompletion``, or a
+``Streaming`` body of server-sent events.
+
+- A blocked prompt: HTTP 400 in Azure OpenAI's shape, ``{"error": {"code":
+  "content_filter", "param": "prompt", "message", "innererror": {"code":
+  "ResponsibleAIPolicyViolation", "content_filter_result": {...}}}}``; no upstream call.
+- A prompt blocked only because a classifier failed (the policy fails closed): 503
+  ``safety_check_failed``, so clients retry instead of rewording.
+- A prompt the engine's queue cannot take: 429 ``engine_overloaded`` with ``Retry-After``
+  (``gateway.safety.batcher``); no upstream call.
+- A blocked completion: its choice's ``finish_reason`` is ``content_filter`` and its
+  content is withheld (``null``); ``content_filter_reasons`` says why.
+
+What was flagged goes to the audit store with the request's metadata (never its text in
+the request log), before the response or the stream's ``[DONE]`` leaves.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from gateway.audit import FlaggedItem, RequestRecord, flagged_item
+from gateway.auth import Principal
+from gateway.chat.prompt import (
+    PromptText,
+    completion_text,
+    prompt_texts,
+    usage_dict,
+    worst_reasons,
+)
+from gateway.chat.schemas import (
+    NOT_IN_TURNS,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    FunctionCall,
+    PromptFilterResult,
+    ToolCallOut,
+    Usage,
+)
+from gateway.content_filter import FilterResults, filter_results, merge
+from gateway.errors import ApiError, InvalidRequest, error_body
+from gateway.safety.engine import EngineOverloaded
+from gateway.safety.policy import Policy
+from gateway.safety.taxonomy import Direction
+from gateway.safety.verdict import Verdict
+from gateway.state import AppState
+from gateway.upstreams import FORWARDED_PARAMS
+
+CONTENT_FILTER_MESSAGE = (
+    "The prompt was blocked by safegate's content filter: {reasons}. "
+    "Rephrase the request; see content_filter_result for each category."
+)
+
+
+@dataclass(frozen=True)
+class PromptBlocked:
+    """The prompt failed its check: an error body and its status (400, or 503)."""
+
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """A stream that passed its prompt check: server-sent events to send as they come."""
+
+    events: AsyncIterator[bytes]
+
+
+@dataclass
+class ChatRun:
+    """One request's bookkeeping: what to audit, what to time."""
+
+    state: AppState
+    principal: Principal
+    request_id: str
+    model: str
+    policy: Policy
+    stream: bool
+    started: float = field(default_factory=time.perf_counter)
+    items: list[FlaggedItem] = field(default_factory=list)
+    categories: set[str] = field(default_factory=set)
+    latency_ms: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str, seconds: float) -> None:
+        self.latency_ms[stage] = round(self.latency_ms.get(stage, 0.0) + seconds * 1000, 3)
+        self.state.metrics.observe_stage(stage, seconds)
+
+    def saw(self, verdict: Verdict, *, text: str, source: str) -> None:
+        self.state.metrics.observe_verdict(verdict)
+        if not verdict.flagged:
+            return
+        self.categories.update(label.value for label in verdict.flagged_labels)
+        self.items.append(
+            flagged_item(
+                verdict,
+                text=text,
+                request_id=self.request_id,
+                key_id=self.principal.key_id,
+                model=self.model,
+                source=source,
+            )
+        )
+
+    async def finish(
+        self, *, status: int, blocked: str | None, usage: Mapping[str, int] | None
+    ) -> None:
+        """Write the audit records; shielded so a client that hangs up loses none."""
+        self.latency_ms["total"] = round((time.perf_counter() - self.started) * 1000, 3)
+        record = RequestRecord(
+            request_id=self.request_id,
+            key_id=self.principal.key_id,
+            model=self.model,
+            route="chat.completions",
+            status=status,
+            blocked=blocked,
+            categories=tuple(sorted(self.categories)),
+            latency_ms=dict(self.latency_ms),
+            prompt_tokens=usage.get("prompt_tokens") if usage else None,
+            completion_tokens=usage.get("completion_tokens") if usage else None,
+            stream=self.stream,
+        )
+        with anyio.CancelScope(shield=True):
+            await self.state.audit.record(self.items, request=record)
+
+    async def check_completion(self, text: str) -> Verdict:
+        """One completion text (or stream window) through the engine, under the policy."""
+        started = time.perf_counter()
+        limit = self.state.engine.max_text_chars
+        pieces = [text[i : i + limit] for i in range(0, len(text), limit)] or [text]
+        # Never shed: the prompt was admitted and the upstream has answered; refusing now
+        # would waste the answer and cut a stream short.
+        reports = await self.state.batcher.detect(pieces, sheddable=False)
+        verdicts = [
+            self.state.engine.decide(r, direction=Direction.COMPLETION, policy=self.policy)
+            for r in reports
+        ]
+        self.timed("completion_check", time.perf_counter() - started)
+        blocked = [v for v in verdicts if v.blocked]
+        return blocked[0] if blocked else max(verdicts, key=lambda v: len(v.flagged_labels))
+
+    def upstream_failed(self, error: ApiError) -> None:
+        self.state.metrics.upstream_errors.labels(self.model, error.code or "upstream_error").inc()
+
+
+class ChatService:
+    """Filtered chat completions over the app's engine, upstreams and audit store."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+
+    async def start(
+        self, body: ChatCompletionRequest, *, principal: Principal, request_id: str
+    ) -> PromptBlocked | ChatCompletion | Streaming:
+        texts = prompt_texts(body)
+        self._enforce_limits(body, texts)
+        model = await self.state.upstreams.resolve(body.model)
+        run = ChatRun(
+            state=self.state,
+            principal=principal,
+            request_id=request_id,
+            model=model,
+            policy=self.state.policies.get(principal.policy),
+            stream=body.stream,
+        )
+        try:
+            verdicts = await self._check_prompt(run, texts)
+        except EngineOverloaded:
+            await run.finish(status=429, blocked=None, usage=None)
+            raise
+        prompt_results = [
+            PromptFilterResult(
+                prompt_index=0,
+                content_filter_results=merge(filter_results(v) for v in verdicts.values()),
+            )
+        ]
+        blocked = {source: v for source, v in verdicts.items() if v.blocked}
+        if blocked:
+            outcome = _prompt_blocked(blocked, prompt_results[0].content_filter_results)
+            await run.finish(status=outcome.status, blocked="prompt", usage=None)
+            return outcome
+        messages = [message.to_upstream() for message in body.messages]
+        params = body.upstream_params(forwarded=FORWARDED_PARAMS)
+        if body.stream:
+            from gateway.chat.streaming import open_stream
+
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return Streaming(
+                await open_stream(
+                    run,
+                    messages,
+                    params,
+                    prompt_results=prompt_results,
+                    include_usage=include_usage,
+                )
+            )
+        return await self._complete(run, messages, params, prompt_results)
+
+    async def _complete(
+        self,
+        run: ChatRun,
+        messages: list[dict[str, Any]],
+        params: dict[str, Any],
+        prompt_results: list[PromptFilterResult],
+    ) -> ChatCompletion:
+        upstream_started = time.perf_counter()
+        try:
+            response = await self.state.upstreams.complete(run.model, messages, **params)
+        except ApiError as error:
+            run.upstream_failed(error)
+            await run.finish(status=error.status, blocked=None, usage=None)
+            raise
+        run.timed("upstream", time.perf_counter() - upstream_started)
+        choices, any_blocked = await _check_choices(run, response.choices)
+        usage = usage_dict(getattr(response, "usage", None))
+        await run.finish(status=200, blocked="completion" if any_blocked else None, usage=usage)
+        return ChatCompletion(
+            id=getattr(response, "id", None) or f"chatcmpl-{uuid.uuid4().hex}",
+            object="chat.completion",
+            created=int(getattr(response, "created", None) or time.time()),
+            model=run.model,
+            choices=choices,
+            usage=Usage(**usage) if usage else None,
+            prompt_filter_results=prompt_results,
+            system_fingerprint=getattr(response, "system_fingerprint", None),
+        )
+
+    def _enforce_limits(self, body: ChatCompletionRequest, texts: list[PromptText]) -> None:
+        limits = self.state.settings.chat
+        if len(body.messages) > limits.max_messages:
+            raise InvalidRequest(
+                f"messages has {len(body.messages)} items; at most {limits.max_messages} are "
+                "allowed (SAFEGATE_CHAT__MAX_MESSAGES)",
+                param="messages",
+                code="too_many_messages",
+            )
+        tools = len(body.tools or ())
+        if tools > limits.max_tools:
+            raise InvalidRequest(
+                f"tools has {tools} items; at most {limits.max_tools} are allowed "
+                "(SAFEGATE_CHAT__MAX_TOOLS)",
+                param="tools",
+                code="too_many_tools",
+            )
+        total = sum(len(text.text) for text in texts)
+        if total > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"the request holds {total} characters the model would read (messages, "
+                f"tools, response_format, stop); at most {limits.max_prompt_chars} are "
+                "allowed (SAFEGATE_CHAT__MAX_PROMPT_CHARS)",
+                param="messages",
+                code="prompt_too_long",
+            )
+        for text in texts:
+            if len(text.text) > limits.max_message_chars:
+                raise InvalidRequest(
+                    f"{text.source} has {len(text.text)} characters; at most "
+                    f"{limits.max_message_chars} are allowed (SAFEGATE_CHAT__MAX_MESSAGE_CHARS)",
+                    param=text.source,
+                    code="message_too_long",
+                )
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, name)
+            if value is not None and value > limits.max_tokens:
+                raise InvalidRequest(
+                    f"{name} is {value}; at most {limits.max_tokens} is allowed "
+                    "(SAFEGATE_CHAT__MAX_TOKENS)",
+                    param=name,
+                    code="max_tokens_too_large",
+                )
+        if body.n is not None and body.n > limits.max_choices:
+            raise InvalidRequest(
+                f"n is {body.n}; at most {limits.max_choices} choices are allowed "
+                "(SAFEGATE_CHAT__MAX_CHOICES)",
+                param="n",
+                code="too_many_choices",
+            )
+
+    async def _check_prompt(self, run: ChatRun, texts: list[PromptText]) -> dict[str, Verdict]:
+        started = time.perf_counter()
+        reports = await self.state.batcher.detect([t.text for t in texts]) if texts else []
+        verdicts: dict[str, Verdict] = {}
+        for text, report in zip(texts, reports, strict=True):
+            verdict = self.state.engine.decide(
+                report,
+                direction=Direction.PROMPT,
+                policy=run.policy,
+                ignore=() if text.document else NOT_IN_TURNS,
+            )
+            verdicts[text.source] = verdict
+            run.saw(verdict, text=text.text, source=text.source)
+        run.timed("prompt_check", time.perf_counter() - started)
+        return verdicts
+
+
+def _only_failures(verdict: Verdict) -> bool:
+    """Blocked because a member failed, with no label that blocked on its own."""
+    return not any(
+        verdict.labels[label].action.value == "block" for label in verdict.flagged_labels
+    )
+
+
+def _prompt_blocked(blocked: Mapping[str, Verdict], results: FilterResults) -> PromptBlocked:
+    reasons = worst_reasons(blocked)
+    if all(_only_failures(v) for v in blocked.values()):
+        body = error_body(
+            "the safety check could not run, so the request was refused (the policy fails "
+            f"closed): {'; '.join(reasons)}",
+            type="service_unavailable",
+            code="safety_check_failed",
+        )
+        return PromptBlocked(503, body)
+    error: dict[str, Any] = {
+        "message": CONTENT_FILTER_MESSAGE.format(reasons="; ".join(reasons)),
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "content_filter",
+        "status": 400,
+        "innererror": {
+            "code": "ResponsibleAIPolicyViolation",
+            "content_filter_result": results,
+            "reasons": reasons,
+        },
+    }
+    return PromptBlocked(400, {"error": error})
+
+
+async def _check_choices(run: ChatRun, choices: Any) -> tuple[list[Choice], bool]:
+    out: list[Choice] = []
+    any_blocked = False
+    for choice in choices:
+        message = choice.message
+        text = completion_text(message)
+        index = int(getattr(choice, "index", len(out)))
+        verdict = await run.check_completion(text) if text.strip() else None
+        if verdict is not None:
+            run.saw(verdict, text=text, source=f"choices[{index}]")
+        results = filter_results(verdict) if verdict else safe_results()
+        if verdict is not None and verdict.blocked:
+            any_blocked = True
+            out.append(
+                Choice(
+                    index=index,
+                    message=AssistantMessage(role="assistant", content=None),
+                    finish_reason="content_filter",
+                    logprobs=None,
+                    content_filter_results=results,
+                    content_filter_reasons=list(verdict.reasons),
+                )
+            )
+            continue
+        out.append(
+            Choice(
+                index=index,
+                message=_assistant_message(message),
+                finish_reason=getattr(choice, "finish_reason", None) or "stop",
+                logprobs=None,
+                content_filter_results=results,
+            )
+        )
+    return out, any_blocked
+
+
+def _assistant_message(message: Any) -> AssistantMessage:
+    calls = getattr(message, "tool_calls", None)
+    if not calls:
+        return AssistantMessage(role="assistant", content=getattr(message, "content", None))
+    return AssistantMessage(
+        role="assistant",
+        content=getattr(message, "content", None),
+        tool_calls=[
+            ToolCallOut(
+                id=call.id,
+                type="function",
+                function=FunctionCall(name=call.function.name, arguments=call.function.arguments),
+            )
+            for call in calls
+        ],
+    )
+
+
+def safe_results() -> FilterResults:
+    """Annotations for an empty completion: nothing detected, nothing filtered."""
+    return {
+        **{
+            c: {"filtered": False, "severity": "safe"}
+            for c in ("hate", "sexual", "violence", "self_harm")
+        },
+        "profanity": {"filtered": False, "detected": False},
+        "pii": {"filtered": False, "detected": False, "kinds": []},
+        "custom_blocklists": {"filtered": False, "details": []},
+    }
