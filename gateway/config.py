@@ -67,6 +67,13 @@ class EncoderSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
 
 
+class LanguageSettings(BaseModel):
+    """Language identification: texts the engine's model does not cover are marked."""
+
+    enabled: bool = True
+    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
+
+
 class ProfanitySettings(BaseModel):
     enabled: bool = True
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
@@ -249,6 +256,7 @@ class Settings(StorageSettings):
 
     engine: EngineSettings = EngineSettings()
     encoder: EncoderSettings = EncoderSettings()
+    language: LanguageSettings = LanguageSettings()
     profanity: ProfanitySettings = ProfanitySettings()
     pii: PiiSettings = PiiSettings()
     blocklist: BlocklistSettings = BlocklistSettings()

@@ -10,6 +10,8 @@ A chat response carries these where Azure OpenAI puts them: ``prompt_filter_resu
     profanity                          {"filtered": bool, "detected": bool}
     pii                                {"filtered": bool, "detected": bool, "kinds": [...]}
     custom_blocklists                  {"filtered": bool, "details": [{"filtered", "id"}]}
+    language                           {"filtered", "detected": "fr" | null, "low_confidence"}
+                                       (safegate's: the engine's model does not cover it)
 
 A request's messages are checked one by one and reported as one prompt (index 0), each
 field the worst over the messages: ``filtered`` if any message was filtered, the highest
@@ -59,6 +61,14 @@ def filter_results(verdict: Verdict) -> FilterResults:
         "filtered": filtered,
         "details": [{"filtered": filtered, "id": name} for name in names],
     }
+    label_blocked = any(
+        verdict.labels[label].action is Action.BLOCK for label in verdict.flagged_labels
+    )
+    out["language"] = {
+        "filtered": verdict.low_confidence and verdict.blocked and not label_blocked,
+        "detected": verdict.language,
+        "low_confidence": verdict.low_confidence,
+    }
     return out
 
 
@@ -78,6 +88,8 @@ def merge(results: Iterable[FilterResults]) -> FilterResults:
                 into["detected"] = into["detected"] or entry["detected"]
             if "kinds" in entry:
                 into["kinds"] = sorted({*into["kinds"], *entry["kinds"]})
+            if "low_confidence" in entry:
+                into["low_confidence"] = into["low_confidence"] or entry["low_confidence"]
             if "details" in entry:
                 seen = {d["id"]: d for d in into["details"]}
                 for detail in entry["details"]:

@@ -24,6 +24,7 @@ _MEMBER_MODULES = {
     MemberKind.BLOCKLIST: "gateway.safety.members.blocklist",
     MemberKind.DETOXIFY: "gateway.safety.members.detoxify_model",
     MemberKind.LLM_JUDGE: "gateway.safety.members.llm_judge",
+    MemberKind.LANGUAGE: "gateway.safety.members.language",
 }
 
 
@@ -39,6 +40,9 @@ def build_members(settings: Settings, *, blocklists: BlocklistSource | None) -> 
             threads=encoder.threads,
         )
         specs.append(MemberSpec(member, encoder.timeout_s))
+    if settings.language.enabled:
+        factory = _factory(MemberKind.LANGUAGE)
+        specs.append(MemberSpec(factory(), settings.language.timeout_s))
     if settings.profanity.enabled:
         factory = _factory(MemberKind.PROFANITY)
         specs.append(MemberSpec(factory(), settings.profanity.timeout_s))

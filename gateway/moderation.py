@@ -11,7 +11,10 @@ the official client parses the response unchanged. Beside them each result has:
   the kinds found, never the text);
 - ``action``: ``block``, ``annotate`` or ``allow`` under the policy;
 - ``reasons``: why, in words (never quoting the input);
-- ``members``: each member's latency, the labels it fired on, and its error if it failed.
+- ``members``: each member's latency, the labels it fired on, and its error if it failed;
+- ``language`` (when clear) and ``low_confidence``: true when the text is in a language the
+  engine's model does not cover (its model card's ``languages``), so its scores are less
+  reliable; a policy can block such texts (``unsupported_language: block``).
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ class ModerationResult(BaseModel):
     action: Literal["block", "annotate", "allow"]
     reasons: list[str]
     members: list[MemberResult]
+    language: str | None
+    low_confidence: bool
 
 
 class ModerationResponse(BaseModel):
@@ -155,6 +160,8 @@ def to_result(verdict: Verdict) -> ModerationResult:
         action=action,
         reasons=list(verdict.reasons),
         members=members,
+        language=verdict.language,
+        low_confidence=verdict.low_confidence,
     )
 
 

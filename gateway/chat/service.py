@@ -405,4 +405,5 @@ def safe_results() -> FilterResults:
         "profanity": {"filtered": False, "detected": False},
         "pii": {"filtered": False, "detected": False, "kinds": []},
         "custom_blocklists": {"filtered": False, "details": []},
+        "language": {"filtered": False, "detected": None, "low_confidence": False},
     }

@@ -133,6 +133,7 @@ class SafetyEngine:
             max_workers=max(2, 2 * len(members)), thread_name_prefix="safety-member"
         )
         self._tuned = self._tuned_thresholds()
+        self.covered_languages = self._covered_languages()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -259,6 +260,25 @@ class SafetyEngine:
             if report.detection is not None
             for finding in report.detection.findings
         )
+        language = next(
+            (
+                report.detection.language
+                for report in reports
+                if report.detection is not None and report.detection.language
+            ),
+            None,
+        )
+        low_confidence = (
+            language is not None
+            and self.covered_languages is not None
+            and language not in self.covered_languages
+        )
+        if low_confidence and policy.unsupported_language == "block":
+            blocked = True
+            reasons.append(
+                f"{direction.value} is in a language ({language}) the engine's model does not "
+                "cover; the policy blocks low-confidence verdicts"
+            )
         return Verdict(
             direction=direction,
             labels=labels,
@@ -267,6 +287,8 @@ class SafetyEngine:
             blocked=blocked,
             reasons=tuple(reasons),
             findings=findings,
+            language=language,
+            low_confidence=low_confidence,
         )
 
     def check(
@@ -281,6 +303,18 @@ class SafetyEngine:
             self.decide(reports, direction=direction, policy=policy)
             for reports in self.detect(texts)
         ]
+
+    def _covered_languages(self) -> frozenset[str] | None:
+        """Languages some member's model was trained and measured in; None if no member
+        says (then nothing is marked low-confidence)."""
+        covered: set[str] = set()
+        declared = False
+        for spec in self.members:
+            languages: Collection[str] | None = getattr(spec.classifier, "languages", None)
+            if languages is not None:
+                declared = True
+                covered.update(languages)
+        return frozenset(covered) if declared else None
 
     def _tuned_thresholds(self) -> Mapping[Label, float]:
         tuned: dict[Label, float] = {}

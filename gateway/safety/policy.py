@@ -11,6 +11,7 @@ points elsewhere)::
       jailbreak: {action: annotate}
     fail_open: [llm_judge]               # members allowed to fail without blocking
     stream_mode: sync                    # or async: stream at once, check after (leaks)
+    unsupported_language: annotate       # or block: refuse texts the model does not cover
 
 Labels the file does not name get the default rule: ``block`` for harm categories and
 attack shields, ``annotate`` for profanity and PII, ``block`` for blocklists. A
@@ -70,6 +71,9 @@ class Policy(BaseModel):
     # "async" (Azure's asynchronous filter) sends at once, checks right after, and ends
     # the stream at a violation. Not leak-proof.
     stream_mode: Literal["sync", "async"] = "sync"
+    # A text in a language the engine's model does not cover gets low-confidence scores:
+    # "annotate" marks it (low_confidence in every response), "block" refuses it.
+    unsupported_language: Literal["annotate", "block"] = "annotate"
 
     @field_validator("prompt", "completion")
     @classmethod

@@ -183,6 +183,14 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         "metrics": {
             "dev": _label_metrics(heads, matrices[Split.DEV]),
             "test": _label_metrics(heads, matrices[Split.TEST]),
+            "calibration": {
+                "expected_calibration_error_test": _calibration_error(heads, matrices[Split.TEST]),
+                "reliability_test": _reliability(heads, matrices[Split.TEST]),
+                "bins": CALIBRATION_BINS,
+                "note": "every known (text, label) pair of the test split (the own examples' "
+                "held-out part and the public sets' test splits), calibrated probability "
+                "against the label",
+            },
             "benign_flag_rate": {
                 **{f"tuning: {name}": _flag_rate(heads, x) for name, x in benign_tune_x.items()},
                 **{f"test: {name}": _flag_rate(heads, x) for name, x in benign_test_x.items()},
@@ -471,6 +479,47 @@ def _label_metrics(heads: Heads, matrix: Matrix) -> dict[str, dict[str, float | 
             )
         out[label] = row
     return out
+
+
+CALIBRATION_BINS = 10
+
+
+def _known_pairs(heads: Heads, matrix: Matrix) -> tuple[FloatArray, FloatArray]:
+    probabilities = heads.probabilities(matrix.x)
+    mask = matrix.known > 0
+    return probabilities[mask], matrix.y[mask]
+
+
+def _reliability(heads: Heads, matrix: Matrix) -> list[dict[str, float | int]]:
+    """Per probability bin: how many pairs, their mean score, and how many were positive."""
+    scores, truth = _known_pairs(heads, matrix)
+    bins = np.minimum((scores * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    rows: list[dict[str, float | int]] = []
+    for b in range(CALIBRATION_BINS):
+        chosen = bins == b
+        if chosen.any():
+            rows.append(
+                {
+                    "bin": round(b / CALIBRATION_BINS, 2),
+                    "pairs": int(chosen.sum()),
+                    "mean_score": round(float(scores[chosen].mean()), 4),
+                    "positive_rate": round(float(truth[chosen].mean()), 4),
+                }
+            )
+    return rows
+
+
+def _calibration_error(heads: Heads, matrix: Matrix) -> float:
+    """Expected calibration error over ``CALIBRATION_BINS`` equal-width bins."""
+    scores, _ = _known_pairs(heads, matrix)
+    total = len(scores)
+    if not total:
+        return 0.0
+    error = sum(
+        row["pairs"] / total * abs(float(row["mean_score"]) - float(row["positive_rate"]))
+        for row in _reliability(heads, matrix)
+    )
+    return round(float(error), 4)
 
 
 def _flag_rate(heads: Heads, x: FloatArray) -> float:

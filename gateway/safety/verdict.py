@@ -44,10 +44,12 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class Detection:
-    """What one member says about one text: calibrated scores per label, and findings."""
+    """What one member says about one text: calibrated scores per label, findings, and
+    (from the language member) the language the text is written in, when it is clear."""
 
     scores: Mapping[Label, float]
     findings: tuple[Finding, ...] = ()
+    language: str | None = None
 
     def __post_init__(self) -> None:
         checked = {
@@ -119,6 +121,10 @@ class Verdict:
     blocked: bool
     reasons: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = field(default=())
+    # The text's language when the language member is sure of it, and whether the
+    # engine's model does not cover that language: its scores are then low-confidence.
+    language: str | None = None
+    low_confidence: bool = False
 
     @property
     def flagged(self) -> bool:

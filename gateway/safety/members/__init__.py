@@ -21,6 +21,7 @@ class MemberKind(StrEnum):
     BLOCKLIST = "blocklist"
     PII = "pii"
     LLM_JUDGE = "llm_judge"
+    LANGUAGE = "language"
 
 
 class MemberLoadError(Exception):

@@ -79,6 +79,16 @@ def verified_delta(heads_path: Path) -> Path | None:
     return heads_path.parent / delta if delta else None
 
 
+def card_languages(heads_path: Path) -> tuple[str, ...]:
+    """The languages the model card says the model was trained and measured in."""
+    try:
+        card = json.loads(heads_path.with_name("model_card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ("en",)
+    languages = card.get("languages", ["en"])
+    return tuple(str(language) for language in languages)
+
+
 class EncoderHeadsClassifier:
     """Scores every head label from one embedding per window."""
 
@@ -116,6 +126,7 @@ class EncoderHeadsClassifier:
                 f"encoder {self._encoder.name!r} gives {self._encoder.dimension}"
             )
         self._labels = tuple(parse_label(name) for name in self._heads.labels)
+        self.languages = card_languages(heads_path)
         self._id = id
         self._batch_size = batch_size
 

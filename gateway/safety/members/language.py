@@ -1,0 +1,112 @@
+"""Which language a text is written in, so texts the engine's model does not cover are
+marked low-confidence instead of silently scored as if they were English.
+
+py3langid's model ships inside its wheel (numeric arrays, loaded with
+``allow_pickle=False``). The guess is restricted to ``CANDIDATES`` and trusted only for
+texts of at least ``DEFAULT_MIN_WORDS`` words at a normalised probability of at least
+``DEFAULT_MIN_PROBABILITY``: short or mixed texts get no language, and are not marked.
+Whether a language is covered is the engine's business (the model card's ``languages``);
+this member only says what it sees, as ``Detection.language``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
+from gateway.safety.normalize import NormalizedText
+from gateway.safety.taxonomy import Label
+from gateway.safety.verdict import Detection
+
+DEFAULT_MIN_WORDS = 4
+DEFAULT_MIN_PROBABILITY = 0.9
+# Widely used languages; restricting the guess keeps short texts from landing on rare
+# languages whose n-grams happen to match.
+CANDIDATES = [
+    "ar",
+    "bg",
+    "bn",
+    "cs",
+    "da",
+    "de",
+    "el",
+    "en",
+    "es",
+    "et",
+    "fa",
+    "fi",
+    "fr",
+    "he",
+    "hi",
+    "hr",
+    "hu",
+    "id",
+    "it",
+    "ja",
+    "ko",
+    "lt",
+    "lv",
+    "ms",
+    "nl",
+    "no",
+    "pl",
+    "pt",
+    "ro",
+    "ru",
+    "sk",
+    "sl",
+    "sr",
+    "sv",
+    "sw",
+    "th",
+    "tl",
+    "tr",
+    "uk",
+    "ur",
+    "vi",
+    "zh",
+]
+
+
+class LanguageClassifier:
+    """Guesses each text's language; scores no label."""
+
+    def __init__(
+        self,
+        *,
+        id: str = "language",
+        min_words: int = DEFAULT_MIN_WORDS,
+        min_probability: float = DEFAULT_MIN_PROBABILITY,
+    ) -> None:
+        if min_words < 1 or not 0.0 < min_probability <= 1.0:
+            raise MemberLoadError("min_words must be >= 1 and min_probability within (0, 1]")
+        try:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+            self._identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+            self._identifier.set_languages(CANDIDATES)
+        except (ImportError, OSError, ValueError) as error:
+            raise MemberLoadError(f"cannot load the language identifier: {error}") from error
+        self._id = id
+        self._min_words = min_words
+        self._min_probability = min_probability
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def labels(self) -> frozenset[Label]:
+        return frozenset()
+
+    def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
+        return [Detection(scores={}, language=self._guess(text.light)) for text in texts]
+
+    def _guess(self, text: str) -> str | None:
+        if len(text.split()) < self._min_words:
+            return None
+        language, probability = self._identifier.classify(text)
+        return str(language) if float(probability) >= self._min_probability else None
+
+
+MEMBERS.add(MemberKind.LANGUAGE, LanguageClassifier)
