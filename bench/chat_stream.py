@@ -224,9 +224,7 @@ def main() -> None:
     }
     direct = measure(f"http://127.0.0.1:{stub_port}", {}, args.requests)
     results["direct"] = direct
-    runs = [
-        (int(w), int(i)) for w in args.windows.split(",") for i in args.increments.split(",")
-    ]
+    runs = [(int(w), int(i)) for w in args.windows.split(",") for i in args.increments.split(",")]
     for window, increment in runs:
         process, base, headers = gateway(stub_port, window, increment)
         try:

@@ -102,3 +102,46 @@ def test_sentence_chunks_pack_whole_sentences() -> None:
     assert all(len(chunk) <= 100 for chunk in chunks)
     assert " ".join(chunks) == " ".join(text.split())
     assert chunks[-1].endswith("The last one!")
+
+
+def _tampered_copy(tmp_path: Path, name: str) -> Path:
+    """The shipped weights folder with one matrix of ``name`` zeroed: still a valid
+    safetensors file, no longer the one the model card describes."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for path in WEIGHTS.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    target = folder / name
+    with safe_open(str(target), framework="numpy") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        metadata = handle.metadata()
+    first = sorted(tensors)[0]
+    tensors[first] = np.zeros_like(tensors[first])
+    save_file(tensors, str(target), metadata=metadata)
+    return folder / "heads.safetensors"
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(json.loads((WEIGHTS / "model_card.json").read_text()).get("files", {}))
+    or ["heads.safetensors"],
+)
+def test_weights_that_differ_from_the_model_card_never_load(tmp_path: Path, name: str) -> None:
+    from gateway.safety.members import MemberLoadError
+    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
+
+    heads = _tampered_copy(tmp_path, name)
+    with pytest.raises(MemberLoadError, match="sha256"):
+        EncoderHeadsClassifier(heads_path=heads)
+
+
+def test_every_shipped_weights_file_matches_the_model_card() -> None:
+    from gateway.safety.delta import sha256_of
+
+    card = json.loads((WEIGHTS / "model_card.json").read_text())
+    files = card.get("files") or {"heads.safetensors": card["weights_sha256"]}
+    for name, sha256 in files.items():
+        assert sha256_of(WEIGHTS / name) == sha256, name
