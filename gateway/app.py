@@ -51,7 +51,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level)
-        settings.home_dir.mkdir(parents=True, exist_ok=True)
+        settings.ensure_home()  # 0700: the database under it holds flagged text
         database = Database(settings.database)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
