@@ -46,8 +46,7 @@ class Stores:
     @classmethod
     def open(cls, settings: Settings) -> Stores:
         """Open (and migrate) every package's tables in the configured database."""
-        home = settings.home_dir
-        home.mkdir(parents=True, exist_ok=True)
+        home = settings.ensure_home()
         url = settings.database
         gateway = GatewayDatabase(url)
         finetune = FinetuneDatabase(url)

@@ -27,8 +27,9 @@ from gateway.ensemble import build_engine
 from gateway.key_policies import PolicyCatalog
 from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
+from gateway.openapi import SafegateAPI
 from gateway.ratelimit import build_limiter
-from gateway.routes import blocklists, chat, health, moderations, review
+from gateway.routes import blocklists, chat, docs, health, moderations, review
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
@@ -52,7 +53,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level)
-        settings.home_dir.mkdir(parents=True, exist_ok=True)
+        settings.ensure_home()  # 0700: the database under it holds flagged text
         database = Database(settings.database)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
@@ -94,11 +95,15 @@ def create_app(
             await audit.close()
             database.dispose()
 
-    app = FastAPI(
+    app = SafegateAPI(
         title="safegate",
         version="0.1.0",
         summary="Safety-first content filter and evaluation gateway",
         lifespan=lifespan,
+        # FastAPI's own docs routes answer anyone; ``routes.docs`` serves them behind a key.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -111,6 +116,11 @@ def create_app(
         dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
     )
     app.include_router(review.router)  # each route names its role (reviewer, admin)
+    if settings.api_docs:
+        app.include_router(
+            docs.router,
+            dependencies=[Depends(require(Role.ADMIN, Role.DEVELOPER, Role.REVIEWER))],
+        )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     return app
@@ -126,8 +136,9 @@ async def _load(
     try:
         engine = await asyncio.to_thread(engine_factory, settings, store)
     except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests fail closed
-        app.state.safegate_error = f"{type(exc).__name__}: {exc}"
-        log.error("safety engine failed to load", extra={"error": app.state.safegate_error})
+        # Clients read it without paths (``/readyz`` is open); the log keeps all of it.
+        app.state.safegate_error = errors.public_error(exc)
+        log.error("safety engine failed to load", extra={"error": f"{type(exc).__name__}: {exc}"})
         return
     batcher = MicroBatcher(
         engine,

@@ -59,6 +59,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -391,6 +392,7 @@ def require(role: Role, *more: Role) -> Callable[..., Awaitable[Principal]]:
     async def principal_for(request: Request, response: Response) -> Principal:
         return await _admit(request, response, roles)
 
+    _KEY_CHECKS.add(principal_for)
     return principal_for
 
 
@@ -401,7 +403,16 @@ def require_by_method(*, read: Role, write: Role) -> Callable[..., Awaitable[Pri
         safe = request.method in {"GET", "HEAD", "OPTIONS"}
         return await _admit(request, response, (read if safe else write,))
 
+    _KEY_CHECKS.add(principal_for)
     return principal_for
+
+
+def checks_key(dependency: object) -> bool:
+    """Whether ``dependency`` is one that ``require`` or ``require_by_method`` made.
+
+    The OpenAPI document (``gateway.openapi``) uses it to mark the routes that need a key.
+    """
+    return dependency in _KEY_CHECKS
 
 
 async def _admit(request: Request, response: Response, roles: Iterable[Role]) -> Principal:
@@ -535,6 +546,8 @@ def write_private(path: Path, content: str) -> None:
 # -- helpers -----------------------------------------------------------------------------
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="safegate"'}
+# Every dependency ``require`` and ``require_by_method`` made, for ``checks_key``.
+_KEY_CHECKS: weakref.WeakSet[Callable[..., Awaitable[Principal]]] = weakref.WeakSet()
 
 
 def _digest(secret: str) -> str:

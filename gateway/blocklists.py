@@ -26,15 +26,25 @@ Terms
     term of a list wins and one list's hits never overlap. All terms of all lists live in
     one token trie, so a text costs one pass however many terms there are.
 Regexes
-    The third-party ``regex`` module's syntax, compiled case-insensitive, searched in the
+    RE2 syntax (the ``google-re2`` package), compiled case-insensitive and searched in the
     folded view (so write them in lower case and expect leetspeak and homoglyphs folded:
-    ``\\bproject\\s+falcon\\b`` matches ``Project  Falcon launch``). Folding reads digits
-    inside some mixed words as leetspeak (``JIRA-1234`` becomes ``jira-i2ea``), so such
-    identifiers are safer as terms, which fold the same way. Each search runs under
-    ``REGEX_TIMEOUT_S``; a search that overruns raises ``RegexTimedOut`` naming the list and
-    item, the member fails and the engine blocks the text (fail closed), so a catastrophic
-    pattern costs one budget, never a hung worker. A pattern that matches the empty string is
-    refused, and empty matches are never hits.
+    ``\\bproject\\s+falcon\\b`` matches ``Project  Falcon launch``). RE2 matches in time
+    linear in the text whatever the pattern, so a search needs no time budget and no
+    pattern can hang a worker, on an idle machine or a loaded one. The price is syntax
+    that needs backtracking: backreferences (``\\1``, ``(?P=name)``), lookarounds
+    (``(?=``, ``(?!``, ``(?<=``, ``(?<!``), atomic groups and possessive quantifiers are
+    refused when the item is added, with a message naming the pattern and why. ``\\w``,
+    ``\\d``, ``\\s`` and ``\\b`` are ASCII-only in RE2: for words of other scripts use
+    ``\\p{L}`` classes or, better, terms (which tokenise every script). ``\\z`` ends the
+    text (``\\Z`` is refused). Folding reads digits inside some mixed words as leetspeak
+    (``JIRA-1234`` becomes ``jira-i2ea``), so such identifiers are safer as terms, which
+    fold the same way. A pattern that matches the empty string is refused, and empty
+    matches are never hits. One regex reports at most ``MAX_HITS_PER_REGEX`` hits in a
+    text (one hit already blocks it): finding every match of some patterns rescans the
+    text once per match, and the cap keeps that linear too. A stored pattern that RE2
+    cannot compile (one added before blocklists used RE2) makes the snapshot raise
+    ``UnsupportedRegex`` naming its list and item: the member fails and the engine blocks
+    (fail closed) until an admin deletes the item.
 
 Caching and replicas
     ``snapshot()`` compiles every list once and caches the result. A change made through
@@ -50,7 +60,8 @@ Errors are the API's (``gateway.errors``)::
     NotFound         no list of that name, or no item of that id in the list
     Conflict         a list of that name exists, or a concurrent change collided (retry)
 
-and ``RegexTimedOut`` from :meth:`BlocklistSnapshot.search`. Nothing here logs an item's value.
+and ``UnsupportedRegex`` from :func:`compile_regex` (a pattern RE2 cannot compile; the
+store turns it into ``InvalidRequest``). Nothing here logs an item's value.
 """
 
 from __future__ import annotations
@@ -60,13 +71,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
+import re2
 import regex
 from sqlalchemy import (
     CheckConstraint,
@@ -101,8 +113,11 @@ MAX_VALUE_BYTES = 2000
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_ITEMS_PER_LIST = 10_000
 MAX_REGEXES_PER_LIST = 100
-REGEX_TIMEOUT_S = 0.05
-REGEX_FLAGS = regex.IGNORECASE
+# One regex's hits in one text: past the first the text is blocked anyway, and finding
+# every match of a pattern like ``a[^z]*z|a`` rescans the rest of the text per match.
+MAX_HITS_PER_REGEX = 100
+# RE2's memory for one compiled pattern (its default): a pattern needing more is refused.
+REGEX_MAX_MEM_BYTES = 8 << 20
 DEFAULT_REFRESH_S = 5.0
 
 # Scripts written without spaces between words: each of their characters is a token, so a
@@ -111,12 +126,29 @@ _UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}
 _TOKEN: Any = regex.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+|[^\w\s]")
 
 
-class RegexTimedOut(Exception):
-    """A blocklist regex ran past ``REGEX_TIMEOUT_S`` on a text.
+class UnsupportedRegex(ValueError):
+    """RE2 cannot compile a pattern: the message names it (``what``) and says why.
 
-    Deliberately not a ``TimeoutError``: the engine reads ``TimeoutError`` from a member's
-    future as its own time budget running out, and would report the wrong reason.
+    ``detail`` is RE2's own reason (``invalid escape sequence: \\1``).
     """
+
+    def __init__(self, what: str, reason: str, *, detail: str) -> None:
+        super().__init__(f"{what} is refused: {reason}")
+        self.detail = detail
+
+
+class RegexMatch(Protocol):
+    """What the snapshot reads of an RE2 match (``google-re2`` ships no type stubs)."""
+
+    def span(self) -> tuple[int, int]: ...
+
+
+class RegexPattern(Protocol):
+    """A compiled RE2 pattern; spans index the ``str`` searched, in characters."""
+
+    def finditer(self, text: str) -> Iterator[RegexMatch]: ...
+
+    def fullmatch(self, text: str) -> RegexMatch | None: ...
 
 
 class ItemKind(StrEnum):
@@ -229,7 +261,7 @@ class BlocklistHit:
 class CompiledRegex:
     blocklist: str
     item_id: int
-    pattern: Any  # a compiled ``regex`` pattern (the package ships no type stubs)
+    pattern: RegexPattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,23 +325,14 @@ class BlocklistSnapshot:
     def search(self, folded: str) -> tuple[BlocklistHit, ...]:
         """All hits in ``folded`` (a ``NormalizedText.folded``), ordered by position.
 
-        Raises ``RegexTimedOut`` when a regex overruns ``REGEX_TIMEOUT_S``.
+        Linear in the text for every pattern (RE2): no budget, nothing to time out.
         """
         hits = set(self.terms.search(folded))
         for compiled in self.regexes:
-            try:
-                spans = [
-                    match.span()
-                    for match in compiled.pattern.finditer(
-                        folded, timeout=REGEX_TIMEOUT_S, concurrent=True
-                    )
-                ]
-            except TimeoutError as error:  # what ``regex`` raises
-                raise RegexTimedOut(
-                    f"blocklist {compiled.blocklist!r}: regex item {compiled.item_id} ran past "
-                    f"its {REGEX_TIMEOUT_S * 1000:.0f} ms budget"
-                ) from error
-            hits.update(BlocklistHit(compiled.blocklist, s, e) for s, e in spans if e > s)
+            hits.update(
+                BlocklistHit(compiled.blocklist, start, end)
+                for start, end in regex_spans(compiled.pattern, folded)
+            )
         return tuple(sorted(hits, key=lambda hit: (hit.start, hit.end, hit.blocklist)))
 
 
@@ -550,9 +573,62 @@ def term_tokens(value: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def compile_regex(value: str) -> Any:
-    """Compile a blocklist regex the way the snapshot does; raises ``regex.error``."""
-    return regex.compile(value, REGEX_FLAGS)
+def _regex_options() -> Any:
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False  # a refused pattern is the caller's error, not a log line
+    options.max_mem = REGEX_MAX_MEM_BYTES
+    return options
+
+
+_REGEX_OPTIONS = _regex_options()
+_LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
+_BACKREFERENCE = re.compile(r"invalid escape sequence: \\[1-9]|invalid perl operator: \(\?P")
+
+
+def compile_regex(value: str) -> RegexPattern:
+    """Compile a blocklist regex the way the snapshot does (RE2, case-insensitive).
+
+    Raises ``UnsupportedRegex`` saying why RE2 refuses it.
+    """
+    try:
+        pattern: RegexPattern = re2.compile(value, _REGEX_OPTIONS)
+    except re2.error as error:
+        raw = error.args[0] if error.args else ""
+        detail = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        raise UnsupportedRegex(f"regex {value!r}", _refusal(detail), detail=detail) from None
+    return pattern
+
+
+def regex_spans(pattern: RegexPattern, folded: str) -> Iterator[tuple[int, int]]:
+    """The non-empty matches of ``pattern`` in ``folded``, at most ``MAX_HITS_PER_REGEX``."""
+    found = 0
+    for match in pattern.finditer(folded):
+        start, end = match.span()
+        if end > start:
+            yield start, end
+            found += 1
+            if found >= MAX_HITS_PER_REGEX:
+                return
+
+
+def _refusal(detail: str) -> str:
+    """RE2's reason for refusing a pattern, with what it means for a blocklist."""
+    linear = "blocklist regexes run on RE2, which matches in linear time and has no"
+    if detail.startswith("invalid perl operator: ") and detail.endswith(_LOOKAROUNDS):
+        return f"lookarounds are not supported ({detail}): {linear} lookahead or lookbehind"
+    if _BACKREFERENCE.fullmatch(detail):
+        return f"backreferences are not supported ({detail}): {linear} backreferences"
+    if detail == "invalid perl operator: (?>" or (
+        detail.startswith("bad repetition operator: ") and detail.endswith("+")
+    ):
+        return (
+            f"atomic groups and possessive quantifiers are not supported ({detail}): "
+            f"{linear} backtracking to control"
+        )
+    if detail == "invalid escape sequence: \\Z":
+        return f"RE2 cannot compile it ({detail}): write \\z for the end of the text"
+    return f"RE2 cannot compile it ({detail})"
 
 
 def _checked(item: NewItem, index: int) -> tuple[str, str]:
@@ -568,17 +644,24 @@ def _checked(item: NewItem, index: int) -> tuple[str, str]:
         return item.kind.value, value
     value = item.value
     _check_text(value, what="a regex", limit=MAX_REGEX_CHARS, param=param)
+    checked_regex(value, param=param)
+    return item.kind.value, value
+
+
+def checked_regex(value: str, *, param: str) -> RegexPattern:
+    """Compile a regex an admin sent; ``InvalidRequest`` naming it and why when refused."""
     try:
         pattern = compile_regex(value)
-    except regex.error as error:
-        raise InvalidRequest(f"invalid regex: {error}", param=param, code="invalid_regex") from None
-    if pattern.fullmatch("", timeout=REGEX_TIMEOUT_S) is not None:
+    except UnsupportedRegex as error:
+        raise InvalidRequest(str(error), param=param, code="invalid_regex") from None
+    if pattern.fullmatch("") is not None:
         raise InvalidRequest(
-            "the regex matches the empty string, so it would match every text",
+            f"regex {value!r} is refused: it matches the empty string, so it would match "
+            "every text",
             param=param,
             code="invalid_regex",
         )
-    return item.kind.value, value
+    return pattern
 
 
 def _check_text(
@@ -667,8 +750,7 @@ def _compile(session: Session, version: tuple[int, ...]) -> BlocklistSnapshot:
             else:
                 log.warning("blocklist term folds to nothing", extra={"item_id": item_id})
         else:
-            # A pattern that no longer compiles raises here: the member fails closed.
-            regexes.append(CompiledRegex(name, item_id, compile_regex(value)))
+            regexes.append(CompiledRegex(name, item_id, _stored_regex(name, item_id, value)))
     snapshot = BlocklistSnapshot(
         terms=TermTrie.build(terms),
         regexes=tuple(regexes),
@@ -684,3 +766,19 @@ def _compile(session: Session, version: tuple[int, ...]) -> BlocklistSnapshot:
         },
     )
     return snapshot
+
+
+def _stored_regex(blocklist: str, item_id: int, value: str) -> RegexPattern:
+    """Compile a stored regex; one RE2 refuses raises, naming its list and item (fail closed)."""
+    try:
+        return compile_regex(value)
+    except UnsupportedRegex as error:
+        log.error(
+            "blocklist regex cannot be compiled; delete the item",
+            extra={"blocklist": blocklist, "item_id": item_id},
+        )
+        raise UnsupportedRegex(
+            f"blocklist {blocklist!r}: stored regex item {item_id}",
+            f"RE2 cannot compile it ({error.detail}); delete the item",
+            detail=error.detail,
+        ) from None

@@ -64,6 +64,7 @@ def serve(
     from gateway.app import create_app
 
     settings = get_settings()
+    settings.ensure_home()  # before anything writes there: private (0700)
     host = host or settings.host
     port = port or settings.port
     announce_local_key(settings, host=host, port=port)  # migrates; first start makes a key

@@ -253,6 +253,10 @@ class Settings(StorageSettings):
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
     max_moderation_inputs: int = Field(default=DEFAULT_MAX_MODERATION_INPUTS, ge=1)
     log_level: str = "info"
+    api_docs: bool = Field(
+        default=False,
+        description="serve /docs, /redoc and /openapi.json, to callers with a key (any role)",
+    )
 
     engine: EngineSettings = EngineSettings()
     encoder: EncoderSettings = EncoderSettings()

@@ -25,13 +25,16 @@ queue is full) to ``Overloaded``, 429 ``engine_overloaded`` with the queue's est
 ``Retry-After``, at once rather than after a wait that would end in a fail-closed 503.
 FastAPI's validation errors and broken JSON map to 400, anything unexpected to a 500
 whose body says only that an error occurred and gives the request id to look up in the
-logs.
+logs. ``without_paths`` strips file paths from an
+error message that leaves the service (``/readyz``, the 503 of a failed engine): the
+full message goes to the log only.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -126,6 +129,28 @@ class Overloaded(RateLimited):
 class ServiceUnavailable(ApiError):
     status = 503
     type = "service_unavailable"
+
+
+PATH_PLACEHOLDER = "<path>"
+# A token (between spaces, quotes and brackets) with a slash or backslash in it: absolute,
+# relative and home paths, and URLs, which may name internal hosts.
+_PATH_TOKEN = re.compile(r"""[^\s'"`()\[\]{}<>,;]*[/\\][^\s'"`()\[\]{}<>,;]*""")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with every path-like token replaced by ``<path>``."""
+
+    def replace(match: re.Match[str]) -> str:
+        token = match.group()
+        kept = token.rstrip(".:")  # a sentence's or a clause's end stays
+        return PATH_PLACEHOLDER + token[len(kept) :]
+
+    return _PATH_TOKEN.sub(replace, message)
+
+
+def public_error(error: BaseException) -> str:
+    """What a client may read about an internal failure: its type and message, no paths."""
+    return f"{type(error).__name__}: {without_paths(str(error))}"
 
 
 def error_body(

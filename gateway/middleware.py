@@ -68,7 +68,17 @@ class RequestContext:
 
 
 class BodySizeLimit:
-    """Rejects a request body over ``max_bytes`` with 413 before the route reads it."""
+    """Answers a request body over ``max_bytes`` with a 413 ``request_too_large``.
+
+    A declared ``Content-Length`` over the limit is refused before the app runs. Otherwise
+    (a chunked body, or a declared length the body outgrows) bytes are counted as the app
+    receives them; the chunk that crosses the limit raises inside the app's ``receive``.
+    Whatever the app makes of that (FastAPI turns a failed body read into its own 400),
+    everything it sends afterwards is dropped and the client gets the 413. Should the app
+    have started its response before the limit was crossed, the response is left
+    unfinished, so the server closes the connection rather than pass a partial body off
+    as complete.
+    """
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -84,9 +94,12 @@ class BodySizeLimit:
             return
         received = 0
         too_large = False
+        started = False
 
         async def limited_receive() -> Message:
             nonlocal received, too_large
+            if too_large:  # the app asks again after the refusal: nothing more is read
+                raise _BodyTooLarge
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -95,9 +108,21 @@ class BodySizeLimit:
                     raise _BodyTooLarge
             return message
 
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large:
+                return  # the app's answer to a body it could not read: the 413 replaces it
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not too_large:
+                raise
+            # Raised because of the refused body (ours, or what the app made of it).
+        if too_large and not started:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:

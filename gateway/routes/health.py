@@ -1,4 +1,8 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics: open to anyone, so they say little.
+
+``/readyz`` gives the status (``loading``, ``ready`` or ``failed``), the members' names
+when ready, and a failure's type and message without file paths; never settings or paths.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ async def readyz(request: Request) -> JSONResponse:
     """Ready only when every configured classifier has loaded."""
     state = getattr(request.app.state, "safegate", None)
     if state is None:
-        error = getattr(request.app.state, "safegate_error", None)
+        error = getattr(request.app.state, "safegate_error", None)  # already path-free
         body = {"status": "failed", "error": error} if error else {"status": "loading"}
         return JSONResponse(body, status_code=503)
     members = [spec.classifier.id for spec in state.engine.members]

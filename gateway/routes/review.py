@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-import regex
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,12 +44,12 @@ from gateway.audit import (
 )
 from gateway.auth import Principal, Role, require
 from gateway.blocklists import (
-    REGEX_TIMEOUT_S,
     BlocklistStore,
     ItemKind,
     NewItem,
     TermTrie,
-    compile_regex,
+    checked_regex,
+    regex_spans,
     term_tokens,
 )
 from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
@@ -382,24 +381,8 @@ def check_term_occurs(kind: ItemKind, value: str, text: str) -> None:
             param="term",
             code="term_not_in_item",
         )
-    try:
-        pattern = compile_regex(value)
-    except regex.error as error:
-        raise InvalidRequest(
-            f"invalid regex: {error}", param="term", code="invalid_regex"
-        ) from None
-    try:
-        found = any(
-            match.end() > match.start()
-            for match in pattern.finditer(folded, timeout=REGEX_TIMEOUT_S, concurrent=True)
-        )
-    except TimeoutError:
-        raise InvalidRequest(
-            f"the regex ran past its {REGEX_TIMEOUT_S * 1000:.0f} ms budget on the item's text",
-            param="term",
-            code="regex_timeout",
-        ) from None
-    if not found:
+    pattern = checked_regex(value, param="term")
+    if next(regex_spans(pattern, folded), None) is None:
         raise InvalidRequest(
             "the regex does not match the item's text (regexes search the folded text: "
             "lower case, leetspeak and homoglyphs folded)",

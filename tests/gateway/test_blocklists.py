@@ -9,6 +9,7 @@ Every schema comes from the Alembic migrations, as in the service.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,17 +28,17 @@ from sqlalchemy.exc import OperationalError
 
 from gateway import errors
 from gateway.blocklists import (
+    MAX_HITS_PER_REGEX,
     MAX_ITEMS_PER_REQUEST,
     MAX_REGEXES_PER_LIST,
-    REGEX_TIMEOUT_S,
     BlocklistItemRow,
     BlocklistSnapshot,
     BlocklistStore,
     CompiledRegex,
     ItemKind,
     NewItem,
-    RegexTimedOut,
     TermTrie,
+    UnsupportedRegex,
     compile_regex,
     term_tokens,
 )
@@ -61,6 +62,9 @@ POSTGRES_CONNECT_TIMEOUT_S = 3
 TABLES = {"blocklists", "blocklist_items"}
 CATASTROPHIC = r"(a+)+$"
 CATASTROPHIC_TEXT = "a" * 5000 + "!"
+# A backtracking engine needs about 2**n steps for (a+)+$ on n a's and a non-a: the
+# ``regex`` module ran past half a second on 5,000. RE2 must answer in linear time.
+LINEAR_BOUND_S = 1.0
 
 
 def term(value: str) -> NewItem:
@@ -377,24 +381,81 @@ def test_regex_matching(store: BlocklistStore, regex: str, text: str, matched: l
     assert hits(store, text) == [("codenames", m) for m in matched]
 
 
-def test_a_catastrophic_regex_raises_within_its_budget(store: BlocklistStore) -> None:
-    folded = normalize(CATASTROPHIC_TEXT).folded
-    # Proof that the pattern really backtracks for long: half a second is not enough.
-    with pytest.raises(TimeoutError):
-        compile_regex(CATASTROPHIC).search(folded, timeout=0.5)
-
+def test_a_catastrophic_regex_runs_in_linear_time(store: BlocklistStore) -> None:
     store.create("codenames")
-    [item] = store.add_items("codenames", [pattern(CATASTROPHIC)])
+    store.add_items("codenames", [pattern(CATASTROPHIC)])
     snapshot = store.snapshot()
+    for length in (5_000, 50_000, 500_000):
+        text = normalize("a" * length + "b").folded
+        started = time.perf_counter()
+        assert snapshot.search(text) == ()  # decided, not given up on: no match, no error
+        assert time.perf_counter() - started < LINEAR_BOUND_S
+    # The same pattern still matches where it should, however long the text.
+    [hit] = snapshot.search("a" * 500_000)
+    assert (hit.blocklist, hit.start, hit.end) == ("codenames", 0, 500_000)
+
+
+def test_a_search_never_times_out_under_cpu_load(store: BlocklistStore) -> None:
+    """The old 50 ms wall-clock budget blocked benign texts on a loaded machine: none now."""
+    store.create("codenames")
+    store.add_items("codenames", [pattern(r"\bproject\s+falcon\b"), pattern(CATASTROPHIC)])
+    snapshot = store.snapshot()
+    benign = normalize("A perfectly ordinary sentence about the quarterly report. " * 500).folded
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            sum(range(10_000))
+
+    burners = [threading.Thread(target=burn) for _ in range(2)]
+    for burner in burners:
+        burner.start()
+    try:
+        for _ in range(50):
+            assert snapshot.search(benign) == ()
+    finally:
+        stop.set()
+        for burner in burners:
+            burner.join()
+
+
+def test_one_regex_reports_at_most_its_cap_of_hits(store: BlocklistStore) -> None:
+    store.create("codenames")
+    store.add_items("codenames", [pattern(r"a[^z]*z|a")])  # rescans the text per match
+    text = "a" * 200_000
     started = time.perf_counter()
-    with pytest.raises(RegexTimedOut) as timed_out:
-        snapshot.search(folded)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 10 * REGEX_TIMEOUT_S
-    assert str(timed_out.value) == (
-        f"blocklist 'codenames': regex item {item.id} ran past its 50 ms budget"
-    )
-    assert snapshot.search("a" * 40) != ()  # the same pattern on a text it can decide
+    found = store.snapshot().search(text)
+    assert time.perf_counter() - started < LINEAR_BOUND_S
+    assert [(hit.start, hit.end) for hit in found] == [
+        (i, i + 1) for i in range(MAX_HITS_PER_REGEX)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (r"(falcon)\s+\1", "backreferences are not supported (invalid escape sequence: \\1)"),
+        (r"(?P<w>falcon)(?P=w)", "backreferences are not supported (invalid perl operator: (?P)"),
+        (r"falcon(?=\d)", "lookarounds are not supported (invalid perl operator: (?=)"),
+        (r"falcon(?!\d)", "lookarounds are not supported (invalid perl operator: (?!)"),
+        (r"(?<=project )falcon", "lookarounds are not supported (invalid perl operator: (?<=)"),
+        (r"(?<!project )falcon", "lookarounds are not supported (invalid perl operator: (?<!)"),
+        (r"(?>falcon)", "atomic groups and possessive quantifiers are not supported"),
+        (r"fal+con++", "atomic groups and possessive quantifiers are not supported"),
+        (r"falcon\Z", "RE2 cannot compile it (invalid escape sequence: \\Z): write \\z"),
+    ],
+)
+def test_patterns_re2_cannot_run_are_refused_with_the_reason(
+    store: BlocklistStore, value: str, reason: str
+) -> None:
+    store.create("codenames")
+    with pytest.raises(InvalidRequest) as refused:
+        store.add_items("codenames", [pattern(value)])
+    assert (refused.value.param, refused.value.code) == ("items.0.value", "invalid_regex")
+    assert refused.value.message.startswith(f"regex {value!r} is refused: {reason}")
+    assert store.get("codenames").items == ()
+    with pytest.raises(UnsupportedRegex):
+        compile_regex(value)
 
 
 class _Words:
@@ -506,25 +567,45 @@ class _FixedSource:
 _FIXED_SOURCE = _FixedSource()
 
 
-def test_the_engine_blocks_on_a_hit_and_fails_closed_on_a_timeout(store: BlocklistStore) -> None:
+def test_the_engine_blocks_on_a_hit_and_fails_closed_on_an_unusable_regex(
+    sqlite_database: Database,
+) -> None:
+    clock = Clock()
+    store = BlocklistStore(sqlite_database, clock=clock)
     store.create("codenames")
-    store.add_items("codenames", [term("frobnicate")])
+    store.add_items("codenames", [term("frobnicate"), pattern(CATASTROPHIC)])
     engine = SafetyEngine(
         [MemberSpec(BlocklistClassifier(source=store))], policy=Policy.load(SHIPPED_POLICY)
     )
     try:
-        hit, clean = engine.check(["Please FR0BN1CATE the report", "Please file the report"])
+        hit, clean, catastrophic = engine.check(
+            ["Please FR0BN1CATE the report", "Please file the report", CATASTROPHIC_TEXT]
+        )
         assert hit.blocked
         assert hit.shield(Shield.BLOCKLIST).flagged
         assert hit.findings == (Finding(label=Shield.BLOCKLIST, kind="codenames", start=7, end=17),)
         assert not clean.blocked
+        assert not catastrophic.blocked  # decided in linear time: no match, no timeout
 
-        [item] = store.add_items("codenames", [pattern(CATASTROPHIC)])
-        [timed_out] = engine.check([CATASTROPHIC_TEXT])
-        assert timed_out.blocked
-        assert timed_out.reasons == (
-            f"member blocklist failed (RegexTimedOut: blocklist 'codenames': regex item "
-            f"{item.id} ran past its 50 ms budget); blocked because the policy fails closed",
+        # A stored pattern RE2 refuses (written before blocklists used RE2, here straight
+        # into the table as another replica would) fails closed once the change is seen.
+        with sqlite_database.session() as session:
+            row = BlocklistItemRow(
+                blocklist_id=store.get("codenames").id,
+                kind=ItemKind.REGEX.value,
+                value=r"(falcon)\s+\1",
+                created_at=datetime.now(UTC),
+            )
+            session.add(row)
+            session.flush()
+            item_id = row.id
+        clock.now += store.refresh_s
+        [refused] = engine.check(["Please file the report"])
+        assert refused.blocked
+        assert refused.reasons == (
+            f"member blocklist failed (UnsupportedRegex: blocklist 'codenames': stored regex "
+            f"item {item_id} is refused: RE2 cannot compile it (invalid escape sequence: \\1); "
+            "delete the item); blocked because the policy fails closed",
         )
     finally:
         engine.close()
@@ -671,7 +752,23 @@ def test_api_bad_name_is_refused(client: TestClient) -> None:
             [{"type": "regex", "value": "(unclosed"}],
             "items.0.value",
             "invalid_regex",
-            "invalid regex: missing ) at position 9",
+            "regex '(unclosed' is refused: RE2 cannot compile it (missing ): (unclosed)",
+        ),
+        (
+            [{"type": "term", "value": "ok"}, {"type": "regex", "value": r"(falcon)\s+\1"}],
+            "items.1.value",
+            "invalid_regex",
+            "regex '(falcon)\\\\s+\\\\1' is refused: backreferences are not supported (invalid "
+            "escape sequence: \\1): blocklist regexes run on RE2, which matches in linear time "
+            "and has no backreferences",
+        ),
+        (
+            [{"type": "regex", "value": "(?<!project )falcon"}],
+            "items.0.value",
+            "invalid_regex",
+            "regex '(?<!project )falcon' is refused: lookarounds are not supported (invalid perl "
+            "operator: (?<!): blocklist regexes run on RE2, which matches in linear time and "
+            "has no lookahead or lookbehind",
         ),
         (
             [{"type": "term", "value": "ok"}, {"type": "term", "value": "  "}],

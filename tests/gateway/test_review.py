@@ -522,6 +522,8 @@ def test_a_term_must_occur_in_the_item(api: Api) -> None:
         ({"blocklist": "codenames", "term": "   "}, "empty_term"),
         ({"blocklist": "codenames", "term": "kestrel", "kind": "regex"}, "term_not_in_item"),
         ({"blocklist": "codenames", "term": "(unclosed", "kind": "regex"}, "invalid_regex"),
+        ({"blocklist": "codenames", "term": r"(f[a4]lcon)\s+\1", "kind": "regex"}, "invalid_regex"),
+        ({"blocklist": "codenames", "term": "falcon(?= launch)", "kind": "regex"}, "invalid_regex"),
         ({"blocklist": "has space", "term": "falcon"}, "invalid_name"),
     ]:
         response = add(**bad)

@@ -5,8 +5,9 @@ It reads a snapshot of the lists from a ``BlocklistSource`` once per batch (in t
 depends only on the small protocols below, not on the database). A text with any hit
 scores 1.0 on the ``blocklist`` shield and carries one finding per hit, its ``kind`` the
 list's name and its span indexing ``NormalizedText.folded``; a text without one scores 0.0.
-A snapshot that cannot be read, or a regex that overruns its budget, raises: the engine
-fails closed.
+Regexes run on RE2, in time linear in the text, so a search has no time budget to overrun
+on a loaded machine. A snapshot that cannot be read or compiled raises: the engine fails
+closed.
 """
 
 from __future__ import annotations
