@@ -122,7 +122,7 @@ def create_app(
             dependencies=[Depends(require(Role.ADMIN, Role.DEVELOPER, Role.REVIEWER))],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=app.state.metrics)
+    app.add_middleware(RequestContext, metrics=app.state.metrics, degraded=settings.degraded())
     return app
 
 

@@ -272,6 +272,19 @@ class Settings(StorageSettings):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
 
+    def degraded(self) -> tuple[str, ...]:
+        """What these settings switch off that weakens every verdict: ``/readyz`` lists it
+        and every response carries it in a ``safegate-degraded`` header."""
+        notices: list[str] = []
+        if not self.encoder.enabled:
+            notices.append(
+                "encoder disabled by configuration: harm categories and attack shields are "
+                "scored without safegate's model"
+            )
+        if not self.language.enabled:
+            notices.append("language identification disabled: no text is marked low-confidence")
+        return tuple(notices)
+
 
 @lru_cache
 def get_settings() -> Settings:

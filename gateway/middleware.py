@@ -17,15 +17,20 @@ from gateway.metrics import Metrics
 
 log = logging.getLogger("safegate.access")
 REQUEST_ID_HEADER = b"x-request-id"
+DEGRADED_HEADER = b"safegate-degraded"
 
 
 class RequestContext:
     """Gives each request an id (or keeps a sane incoming one), logs its outcome and
     counts it in ``/metrics`` under its route's template (never the raw path)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics | None = None, degraded: tuple[str, ...] = ()
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        # What is switched off by configuration (the encoder, say): every response says so.
+        self.degraded = "; ".join(degraded).encode("latin-1", "replace")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,7 +48,10 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((REQUEST_ID_HEADER, request_id.encode()))
+                headers = message.setdefault("headers", [])
+                headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                if self.degraded:
+                    headers.append((DEGRADED_HEADER, self.degraded))
             await send(message)
 
         try:

@@ -29,7 +29,11 @@ async def readyz(request: Request) -> JSONResponse:
         body = {"status": "failed", "error": error} if error else {"status": "loading"}
         return JSONResponse(body, status_code=503)
     members = [spec.classifier.id for spec in state.engine.members]
-    return JSONResponse({"status": "ready", "members": members})
+    ready: dict[str, object] = {"status": "ready", "members": members}
+    degraded = state.settings.degraded()
+    if degraded:
+        ready["degraded"] = list(degraded)
+    return JSONResponse(ready)
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,8 +16,9 @@ from gateway.app import create_app
 from gateway.auth import Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
-from gateway.safety.engine import SafetyEngine
+from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members import MemberLoadError
+from gateway.safety.policy import Policy
 from tests.gateway.conftest import READY_TIMEOUT_S, EngineFactory, issue_key, ready_client
 
 DOC_PATHS = ("/openapi.json", "/docs", "/redoc")
@@ -84,7 +86,7 @@ def test_readyz_names_the_members_and_nothing_else(client: TestClient) -> None:
     body = response.json()
     assert set(body) == {"status", "members"}
     assert body["status"] == "ready"
-    assert body["members"] == ["encoder", "profanity", "pii", "blocklist"]
+    assert body["members"] == ["encoder", "language", "profanity", "pii", "blocklist"]
 
 
 def test_readyz_of_a_failed_engine_says_why_without_paths(settings: Settings) -> None:
@@ -213,3 +215,23 @@ def test_what_openapi_promises_for_a_bad_body_is_what_is_sent(docs_client: TestC
     response = docs_client.post("/v1/moderations", json={"inputs": "typo"})
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_an_encoder_disabled_by_configuration_shows_in_readyz_and_every_response(
+    tmp_path: Path, loaded_members: list[MemberSpec]
+) -> None:
+    def without_encoder(app_settings: Settings, store: BlocklistStore) -> SafetyEngine:
+        members = [m for m in loaded_members if m.classifier.id != "encoder"]
+        return SafetyEngine(members, policy=Policy.load(app_settings.policy_file))
+
+    settings = Settings(home=tmp_path / "home", encoder={"enabled": False})
+    client = ready_client(settings, without_encoder)
+    try:
+        ready = client.get("/readyz").json()
+        moderated = client.post("/v1/moderations", json={"input": "hello there"})
+        health = client.get("/healthz")
+    finally:
+        client.__exit__(None, None, None)
+    assert any("encoder disabled" in notice for notice in ready["degraded"])
+    for response in (moderated, health):
+        assert "encoder disabled" in response.headers["safegate-degraded"]
