@@ -194,7 +194,7 @@ def tune(
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimiser.step()
         schedule.step()
-        window_loss.append(float(loss))
+        window_loss.append(float(loss.detach()))
         step = index + 1
         if step % config.checkpoint_every == 0 or step == total:
             _save_checkpoint(checkpoint, model, optimiser, schedule, step)
