@@ -5,8 +5,9 @@ package, so it loads with no network. Any sentence-transformers model directory 
 id with the same layout (BERT-style transformer, mean pooling, L2 normalisation) works:
 set ``SAFEGATE_ENCODER__MODEL``.
 
-Two backends run the same weights: ``torch``, and ``onnx`` (ONNX Runtime), which is
-about twice as fast on CPU here (docs/BENCHMARKS.md). The ONNX graph is exported from the
+Three backends run the same weights: ``torch``; ``onnx`` (ONNX Runtime), about twice as
+fast on CPU here; and ``onnx-int8``, the same graph with its weights dynamically quantised
+to int8 (docs/BENCHMARKS.md compares speed and accuracy). The ONNX graph is exported from the
 torch model once, on first use, into the cache folder; its outputs match torch's within
 1e-5 (the test checks it), so the trained heads work with either.
 
@@ -37,6 +38,7 @@ ONNX_OPSET = 17
 class Backend(StrEnum):
     TORCH = "torch"
     ONNX = "onnx"
+    ONNX_INT8 = "onnx-int8"  # the ONNX graph with int8 weights (dynamic quantisation)
 
 
 DEFAULT_MAX_TOKENS = 256
@@ -100,7 +102,7 @@ class SentenceEncoder:
         self.dimension = int(self.model.config.hidden_size)
         self.backend = Backend(backend)
         self._session = None
-        if self.backend is Backend.ONNX:
+        if self.backend in (Backend.ONNX, Backend.ONNX_INT8):
             self._session = self._onnx_session(path, cache_dir, threads)
 
     def _onnx_session(self, path: str, cache_dir: Path | None, threads: int | None):  # type: ignore[no-untyped-def]
@@ -118,6 +120,15 @@ class SentenceEncoder:
         target = folder / f"encoder-{key}.onnx"
         if not target.exists():
             self._export_onnx(path, target)
+        if self.backend is Backend.ONNX_INT8:
+            quantized = folder / f"encoder-{key}-int8.onnx"
+            if not quantized.exists():
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                partial = quantized.with_suffix(f".{os.getpid()}.partial")
+                quantize_dynamic(str(target), str(partial), weight_type=QuantType.QInt8)
+                partial.replace(quantized)
+            target = quantized
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         session = onnxruntime.InferenceSession(

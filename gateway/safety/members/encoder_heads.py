@@ -79,6 +79,14 @@ def verified_delta(heads_path: Path) -> Path | None:
     return heads_path.parent / delta if delta else None
 
 
+def card_value(heads_path: Path, key: str, default: str) -> str:
+    try:
+        card = json.loads(heads_path.with_name("model_card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+    return str(card.get(key, default))
+
+
 def card_languages(heads_path: Path) -> tuple[str, ...]:
     """The languages the model card says the model was trained and measured in."""
     try:
@@ -127,6 +135,7 @@ class EncoderHeadsClassifier:
             )
         self._labels = tuple(parse_label(name) for name in self._heads.labels)
         self.languages = card_languages(heads_path)
+        self._chunking = card_value(heads_path, "chunking", "always")
         self._id = id
         self._batch_size = batch_size
 
@@ -152,9 +161,16 @@ class EncoderHeadsClassifier:
             return []
         segments = [text.folded for text in texts]
         owners = list(range(len(texts)))
+        # "long": sentence chunks only for texts longer than one window, so a text that
+        # fits in one window is encoded once; "always": every text past CHUNK_CHARS.
+        window_counts = self._encoder.count_windows(segments) if self._chunking == "long" else []
         for index, text in enumerate(texts):
-            # sentence chunks of the text, and its decoded views (base64, hex, ROT13)
-            chunks = [*sentence_chunks(text.folded, limit=CHUNK_CHARS), *text.views]
+            chunks = (
+                sentence_chunks(text.folded, limit=CHUNK_CHARS)
+                if self._chunking == "always" or window_counts[index] > 1
+                else []
+            )
+            chunks = [*chunks, *text.views]  # decoded views (base64, hex, ROT13) always
             segments.extend(chunks)
             owners.extend([index] * len(chunks))
         windows = self._encoder.embed(segments, batch_size=self._batch_size)
