@@ -49,9 +49,10 @@ class Stores:
         home = settings.home_dir
         home.mkdir(parents=True, exist_ok=True)
         url = settings.database
-        gateway = GatewayDatabase(url)
-        finetune = FinetuneDatabase(url)
-        evals = EvalDatabase(url)
+        timeouts = settings.database_timeouts
+        gateway = GatewayDatabase(url, timeouts=timeouts)
+        finetune = FinetuneDatabase(url, timeouts=timeouts)
+        evals = EvalDatabase(url, timeouts=timeouts)
         for database in (gateway, finetune, evals):
             database.migrate()
         runs_dir = home / EVAL_RUNS_DIRNAME

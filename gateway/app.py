@@ -52,7 +52,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level)
         settings.home_dir.mkdir(parents=True, exist_ok=True)
-        database = Database(settings.database)
+        database = Database(settings.database, timeouts=settings.database_timeouts)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
         # The audit store works before the engine loads: review needs no engine.
@@ -75,7 +75,7 @@ def create_app(
         )
         upstreams = LitellmUpstreams(
             UpstreamsConfig.load(settings.upstreams.file),
-            adapters=registry_adapters(settings.database),
+            adapters=registry_adapters(settings.database, timeouts=settings.database_timeouts),
         )
         await asyncio.to_thread(upstreams.refresh)
         app.state.upstreams = upstreams
