@@ -59,7 +59,11 @@ class Stores:
         return cls(
             home=home,
             database_url=url,
-            keys=KeyStore(gateway, cache_ttl_s=settings.auth.cache_ttl_s),
+            keys=KeyStore(
+                gateway,
+                cache_ttl_s=settings.auth.cache_ttl_s,
+                outage_grace_s=settings.auth.outage_grace_s,
+            ),
             audit=AuditStore(
                 gateway,
                 spool_dir=settings.audit.spool_dir or home / SPOOL_DIRNAME,

@@ -67,7 +67,12 @@ def create_app(
         app.state.metrics.track_spool(audit.spooled_pending)
         await audit.start()
         # Keys and limits work before the engine loads (routes still answer 503 until then).
-        app.state.keys = KeyStore(database, cache_ttl_s=settings.auth.cache_ttl_s)
+        app.state.keys = KeyStore(
+            database,
+            cache_ttl_s=settings.auth.cache_ttl_s,
+            outage_grace_s=settings.auth.outage_grace_s,
+            on_stale=app.state.metrics.observe_stale_admission,
+        )
         app.state.limiter = build_limiter(
             redis_url=settings.rate_limit.redis_url,
             key_prefix=settings.rate_limit.key_prefix,
