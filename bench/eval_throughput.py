@@ -242,7 +242,7 @@ def in_process(suite: Path, home: Path, *, reuse_off_rerun: bool) -> dict[str, A
 
     os.environ["SAFEGATE_HOME"] = str(home)
     get_settings.cache_clear()
-    database = Database(get_settings().database)
+    database = Database(get_settings().database, timeouts=get_settings().database_timeouts)
     database.migrate()
     store = RunStore(database, runs_dir=get_settings().runs_dir)
     runner = Runner(store, CallCache(database), progress=False)

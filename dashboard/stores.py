@@ -48,16 +48,21 @@ class Stores:
         """Open (and migrate) every package's tables in the configured database."""
         home = settings.ensure_home()
         url = settings.database
-        gateway = GatewayDatabase(url)
-        finetune = FinetuneDatabase(url)
-        evals = EvalDatabase(url)
+        timeouts = settings.database_timeouts
+        gateway = GatewayDatabase(url, timeouts=timeouts)
+        finetune = FinetuneDatabase(url, timeouts=timeouts)
+        evals = EvalDatabase(url, timeouts=timeouts)
         for database in (gateway, finetune, evals):
             database.migrate()
         runs_dir = home / EVAL_RUNS_DIRNAME
         return cls(
             home=home,
             database_url=url,
-            keys=KeyStore(gateway, cache_ttl_s=settings.auth.cache_ttl_s),
+            keys=KeyStore(
+                gateway,
+                cache_ttl_s=settings.auth.cache_ttl_s,
+                outage_grace_s=settings.auth.outage_grace_s,
+            ),
             audit=AuditStore(
                 gateway,
                 spool_dir=settings.audit.spool_dir or home / SPOOL_DIRNAME,

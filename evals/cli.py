@@ -58,7 +58,7 @@ def _fail(message: str, code: int) -> NoReturn:
 def open_storage() -> Iterator[tuple[RunStore, CallCache]]:
     """The run store and call cache on the configured database (migrated)."""
     settings = get_settings()
-    database = Database(settings.database)
+    database = Database(settings.database, timeouts=settings.database_timeouts)
     try:
         database.migrate()
         yield RunStore(database, runs_dir=settings.runs_dir), CallCache(database)

@@ -453,7 +453,7 @@ def _alive(pid: int) -> bool:
 def open_store(database_url: str | None = None) -> Iterator[RunStore]:
     """The run store on the configured database (migrated), closed afterwards."""
     settings = get_settings()
-    database = Database(database_url or settings.database)
+    database = Database(database_url or settings.database, timeouts=settings.database_timeouts)
     try:
         database.migrate()
         yield RunStore(database, runs_dir=settings.runs_dir)

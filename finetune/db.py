@@ -24,5 +24,7 @@ class Base(DeclarativeBase):
 
 
 class Database(database.Database):
-    def __init__(self, url: str) -> None:
-        super().__init__(url, migrations=MIGRATIONS)
+    def __init__(
+        self, url: str, *, timeouts: database.DatabaseTimeouts = database.DEFAULT_TIMEOUTS
+    ) -> None:
+        super().__init__(url, migrations=MIGRATIONS, timeouts=timeouts)

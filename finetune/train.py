@@ -301,7 +301,7 @@ class Services:
     @classmethod
     def from_settings(cls) -> Services:
         settings = get_settings()
-        database = Database(settings.database)
+        database = Database(settings.database, timeouts=settings.database_timeouts)
         database.migrate()
         return cls(
             jobs=JobStore(database),

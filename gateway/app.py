@@ -54,7 +54,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logs.configure(settings.log_level)
         settings.ensure_home()  # 0700: the database under it holds flagged text
-        database = Database(settings.database)
+        database = Database(settings.database, timeouts=settings.database_timeouts)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
         # The audit store works before the engine loads: review needs no engine.
@@ -69,7 +69,12 @@ def create_app(
         app.state.metrics.track_spool(audit.spooled_pending)
         await audit.start()
         # Keys and limits work before the engine loads (routes still answer 503 until then).
-        app.state.keys = KeyStore(database, cache_ttl_s=settings.auth.cache_ttl_s)
+        app.state.keys = KeyStore(
+            database,
+            cache_ttl_s=settings.auth.cache_ttl_s,
+            outage_grace_s=settings.auth.outage_grace_s,
+            on_stale=app.state.metrics.observe_stale_admission,
+        )
         app.state.limiter = build_limiter(
             redis_url=settings.rate_limit.redis_url,
             key_prefix=settings.rate_limit.key_prefix,
@@ -77,7 +82,7 @@ def create_app(
         )
         upstreams = LitellmUpstreams(
             UpstreamsConfig.load(settings.upstreams.file),
-            adapters=registry_adapters(settings.database),
+            adapters=registry_adapters(settings.database, timeouts=settings.database_timeouts),
         )
         await asyncio.to_thread(upstreams.refresh)
         app.state.upstreams = upstreams

@@ -32,6 +32,25 @@ Caching and replicas
     command, refuse the key within ``cache_ttl_s``. ``last_used_at`` is written at most
     once every ``touch_interval_s`` (60 s) per key and replica, never on a cache hit.
 
+When the key store cannot be reached
+    A key whose last successful check is less than ``outage_grace_s`` old
+    (``SAFEGATE_AUTH__OUTAGE_GRACE_S``, 300 s by default; 0 turns this off) keeps working
+    when, and only when, the lookup fails because the database cannot be reached: a
+    connection or operational error (``OperationalError``, ``InterfaceError``, a statement
+    cancelled by its timeout) or no pooled connection in time (``TimeoutError``). Such a
+    stale admission is logged (key id, age and error class; never the key) and counted
+    (``on_stale``, the ``safegate_auth_stale_admissions_total`` metric); it re-arms the
+    entry for at most ``cache_ttl_s``, so the database is tried again once per
+    ``cache_ttl_s`` per key and replica, never on every request. An answer from the
+    database always wins: an unknown or revoked key is refused and dropped from the cache,
+    and refusals are never cached, so they are never served stale. Other database errors
+    (a missing table, bad data) admit nothing. A key that cannot be checked (never seen by
+    this replica, or checked more than ``outage_grace_s`` ago) gets a 503
+    ``key_store_unavailable`` with ``Retry-After``, never a 401: the key may well be valid.
+    So a key revoked while a replica could not reach the database is refused by that
+    replica within ``cache_ttl_s`` of the database coming back, and no key outlives its
+    last check by more than ``outage_grace_s``.
+
 Disabled authentication
     With ``SAFEGATE_AUTH__ENABLED=false`` every request is an anonymous admin and no
     per-key rate limit applies: anyone who can reach the port can change blocklists and
@@ -43,7 +62,8 @@ Errors are the API's (``gateway.errors``)::
     Unauthorized        401  missing_api_key, invalid_api_key (unknown, malformed or revoked)
     Forbidden           403  insufficient_role (the message names the role needed)
     RateLimited         429  rate_limit_exceeded, with Retry-After
-    ServiceUnavailable  503  key_store_unavailable, auth_unavailable, rate_limiter_unavailable
+    ServiceUnavailable  503  key_store_unavailable (with Retry-After), auth_unavailable,
+                             rate_limiter_unavailable
     InvalidRequest      400  a bad name, role, policy or rate limit on create
     NotFound            404  key_not_found;  Conflict 409  key_name_exists
 """
@@ -54,15 +74,17 @@ import builtins
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
+import sqlite3
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -70,7 +92,13 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request, Response
 from sqlalchemy import CheckConstraint, Index, Integer, String, func, select, text
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
@@ -100,6 +128,8 @@ DISPLAY_PREFIX_CHARS = len(KEY_PREFIX) + 8
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POLICY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 DEFAULT_CACHE_TTL_S = 5.0
+DEFAULT_OUTAGE_GRACE_S = 300.0
+KEY_STORE_RETRY_AFTER_S = 5
 DEFAULT_TOUCH_INTERVAL_S = 60.0
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
 LOCAL_KEY_NAME = "local-developer"
@@ -198,7 +228,25 @@ class IssuedKey:
 @dataclass(frozen=True, slots=True)
 class _Cached:
     principal: Principal
-    expires: float
+    expires: float  # the clock's time after which the database is asked again
+    verified: float  # the clock's time of the last lookup that found the key valid
+    stale: bool = False  # admitted while the database could not be reached
+
+
+# The database could not be reached (connection, timeout, no pooled connection in time),
+# as opposed to an answer or an error about the schema or the data. SQLite raises
+# OperationalError for a missing table too, so for SQLite only these result codes count.
+_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+_SQLITE_UNREACHABLE = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+        sqlite3.SQLITE_FULL,
+    }
+)
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -214,11 +262,17 @@ class KeyStore:
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         touch_interval_s: float = DEFAULT_TOUCH_INTERVAL_S,
         cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
+        outage_grace_s: float = DEFAULT_OUTAGE_GRACE_S,
+        on_stale: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if not cache_ttl_s > 0:
             raise ValueError(f"cache_ttl_s must be positive, got {cache_ttl_s!r}")
+        if not (math.isfinite(outage_grace_s) and outage_grace_s >= 0):
+            raise ValueError(
+                f"outage_grace_s must be a finite number of seconds >= 0, got {outage_grace_s!r}"
+            )
         if not touch_interval_s > 0:
             raise ValueError(f"touch_interval_s must be positive, got {touch_interval_s!r}")
         if cache_max_entries < 1:
@@ -227,6 +281,8 @@ class KeyStore:
         self.cache_ttl_s = cache_ttl_s
         self.touch_interval = timedelta(seconds=touch_interval_s)
         self.cache_max_entries = cache_max_entries
+        self.outage_grace_s = outage_grace_s
+        self._on_stale = on_stale
         self._clock = clock
         self._now = now
         self._lock = threading.Lock()
@@ -315,23 +371,34 @@ class KeyStore:
     # -- authentication --------------------------------------------------------------------
 
     def cached(self, secret: str) -> Principal | None:
-        """The principal for ``secret`` if a recent lookup found it valid; no I/O."""
+        """The principal for ``secret`` if a recent lookup found it valid; no I/O.
+
+        "Recent" is within ``cache_ttl_s``, or, after a lookup that could not reach the
+        database admitted the key stale, within ``cache_ttl_s`` of that lookup (and never
+        past ``outage_grace_s`` after the key's last successful check).
+        """
         digest = _digest(secret)
         with self._lock:
             hit = self._cache.get(digest)
             if hit is None:
                 return None
-            if hit.expires <= self._clock():
-                del self._cache[digest]
+            now = self._clock()
+            if hit.expires <= now:
+                if hit.verified + self.outage_grace_s <= now:  # of no use even in an outage
+                    del self._cache[digest]
                 return None
             self._cache.move_to_end(digest)
-            return hit.principal
+        if hit.stale and self._on_stale is not None:
+            self._on_stale()
+        return hit.principal
 
     def authenticate(self, secret: str) -> Principal:
         """The principal for ``secret``; raises ``Unauthorized`` for an unknown or revoked key.
 
-        Blocking (a database read on a cache miss): call it from a worker thread in
-        ``async`` code, as ``require`` does.
+        If the database cannot be reached, a key checked within ``outage_grace_s`` is
+        admitted from the cache; any other key gets ``ServiceUnavailable`` (see the module
+        docstring). Blocking (a database read on a cache miss): call it from a worker thread
+        in ``async`` code, as ``require`` does.
         """
         if not KEY_PATTERN.fullmatch(secret):
             raise _invalid_key()
@@ -343,20 +410,59 @@ class KeyStore:
             revocations = self._revocations
         try:
             principal = self._lookup(digest)
+        except Unauthorized:
+            with self._lock:  # the database said no: nothing is left to serve stale
+                self._cache.pop(digest, None)
+            raise
         except SQLAlchemyError as error:
-            log.error("key store unreadable", extra={"error": type(error).__name__})
-            raise ServiceUnavailable(
-                "the key store cannot be read, so requests are refused (fail closed); "
-                "retry shortly",
-                code="key_store_unavailable",
-            ) from None
+            if _unreachable(error):
+                return self._admit_stale(digest, revocations, error)
+            log.error("key store unreadable", extra={"error": _describe(error)})
+            raise _key_store_unavailable() from None
         with self._lock:
             if self._revocations == revocations:
-                self._cache[digest] = _Cached(principal, self._clock() + self.cache_ttl_s)
+                now = self._clock()
+                self._cache[digest] = _Cached(principal, now + self.cache_ttl_s, verified=now)
                 self._cache.move_to_end(digest)
                 while len(self._cache) > self.cache_max_entries:
                     self._cache.popitem(last=False)
         return principal
+
+    def _admit_stale(self, digest: str, revocations: int, error: SQLAlchemyError) -> Principal:
+        """After a lookup that could not reach the database: the cached key, or a 503."""
+        with self._lock:
+            now = self._clock()
+            hit = self._cache.get(digest)
+            usable = (
+                hit is not None
+                and self._revocations == revocations  # no revoke ran meanwhile
+                and now < hit.verified + self.outage_grace_s
+            )
+            if hit is not None and usable:
+                until = min(now + self.cache_ttl_s, hit.verified + self.outage_grace_s)
+                self._cache[digest] = replace(hit, expires=until, stale=True)
+                self._cache.move_to_end(digest)
+            elif hit is not None and now >= hit.verified + self.outage_grace_s:
+                del self._cache[digest]
+        failure = _describe(error)
+        if hit is None or not usable:
+            log.error(
+                "key store unreachable; key not verified",
+                extra={"error": failure, "sha256": digest[:12]},
+            )
+            raise _key_store_unavailable() from None
+        log.warning(
+            "key store unreachable; admitting a key checked earlier",
+            extra={
+                "key_id": hit.principal.key_id,
+                "checked_s_ago": round(now - hit.verified, 3),
+                "outage_grace_s": self.outage_grace_s,
+                "error": failure,
+            },
+        )
+        if self._on_stale is not None:
+            self._on_stale()
+        return hit.principal
 
     def _lookup(self, digest: str) -> Principal:
         with self.database.session() as session:
@@ -552,6 +658,34 @@ _KEY_CHECKS: weakref.WeakSet[Callable[..., Awaitable[Principal]]] = weakref.Weak
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _key_store_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "the key store cannot be reached, so this API key cannot be verified and the "
+        "request is refused (fail closed); retry shortly",
+        code="key_store_unavailable",
+        headers={"Retry-After": str(KEY_STORE_RETRY_AFTER_S)},
+    )
+
+
+def _unreachable(error: SQLAlchemyError) -> bool:
+    """Whether ``error`` says the database could not be reached (rather than answered)."""
+    if not isinstance(error, _UNREACHABLE):
+        return False
+    original = getattr(error, "orig", None)
+    if isinstance(original, sqlite3.Error):
+        code = getattr(original, "sqlite_errorcode", None)
+        return code is not None and (code & 0xFF) in _SQLITE_UNREACHABLE
+    return True
+
+
+def _describe(error: SQLAlchemyError) -> str:
+    """The error's class and the driver's (never its message: it may carry parameters)."""
+    original = getattr(error, "orig", None)
+    if original is None:
+        return type(error).__name__
+    return f"{type(error).__name__}({type(original).__name__})"
 
 
 def _invalid_key() -> Unauthorized:

@@ -84,7 +84,7 @@ def _start_local_models(settings: Settings) -> LocalModelProcess | None:
     from gateway.local_models import LocalModelProcess, port_in_use
     from gateway.upstreams import registry_adapters
 
-    adapters = registry_adapters(settings.database)()
+    adapters = registry_adapters(settings.database, timeouts=settings.database_timeouts)()
     port = settings.upstreams.local_port
     if not adapters:
         console.print(
@@ -155,7 +155,7 @@ def _engine(settings: Settings) -> SafetyEngine:
     from gateway.ensemble import build_engine
 
     with console.status("loading the safety engine"):
-        database = Database(settings.database)
+        database = Database(settings.database, timeouts=settings.database_timeouts)
         database.migrate()
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
         return build_engine(settings, blocklists=store)

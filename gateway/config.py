@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from gateway.audit import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
-from gateway.auth import DEFAULT_CACHE_TTL_S
+from gateway.auth import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
 from gateway.blocklists import DEFAULT_REFRESH_S
 from gateway.chat import (
     DEFAULT_MAX_CHOICES,
@@ -178,6 +178,13 @@ class AuthSettings(BaseModel):
         default=DEFAULT_CACHE_TTL_S,
         gt=0,
         description="how long a valid key is cached; a revoke reaches other replicas within it",
+    )
+    outage_grace_s: float = Field(
+        default=DEFAULT_OUTAGE_GRACE_S,
+        ge=0,
+        allow_inf_nan=False,
+        description="while the database cannot be reached, a key checked this recently still "
+        "works; 0: none does",
     )
 
 

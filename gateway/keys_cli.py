@@ -34,7 +34,7 @@ console = Console(stderr=True)
 
 @contextmanager
 def _store(settings: Settings) -> Iterator[KeyStore]:
-    database = Database(settings.database)
+    database = Database(settings.database, timeouts=settings.database_timeouts)
     try:
         database.migrate()
         yield KeyStore(database, cache_ttl_s=settings.auth.cache_ttl_s)

@@ -12,6 +12,8 @@ Each app owns its ``CollectorRegistry`` (tests build many apps in one process)::
     safegate_upstream_errors_total{model, code}              upstream failures by gateway code
     safegate_audit_spool_pending                             audit records waiting on disk
     safegate_engine_queue_chars                              characters waiting for detection
+    safegate_auth_stale_admissions_total                     requests admitted on a cached key
+                                                             while the key store was unreachable
 
 Labels never carry content; ``route`` is the route's template (``/v1/blocklists/{name}``),
 never the raw path, so cardinality stays bounded.
@@ -88,6 +90,12 @@ class Metrics:
             "Characters admitted to the safety engine's queue and not yet detected.",
             registry=self.registry,
         )
+        self.auth_stale_admissions = Counter(
+            "safegate_auth_stale_admissions",
+            "Requests admitted on a key checked earlier, within the outage grace, because "
+            "the key store could not be reached.",
+            registry=self.registry,
+        )
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -104,6 +112,9 @@ class Metrics:
             self.flags.labels(direction, label.value).inc()
             if verdict.labels[label].action.value == "block":
                 self.blocks.labels(direction, label.value).inc()
+
+    def observe_stale_admission(self) -> None:
+        self.auth_stale_admissions.inc()
 
     def track_spool(self, pending: Callable[[], int]) -> None:
         self.spool_pending.set_function(lambda: float(pending()))

@@ -45,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.errors import ApiError, InvalidRequest, NotFound
+from safegate.database import DEFAULT_TIMEOUTS, DatabaseTimeouts
 
 log = logging.getLogger("safegate.upstreams")
 
@@ -299,8 +300,14 @@ class LitellmUpstreams:
         return _guarded(chunks, model=model, first_deadline=deadline, gap_s=limit)
 
 
-def registry_adapters(database_url: str) -> AdapterSource:
-    """The names of the adapters deployed in the model registry (its read API)."""
+def registry_adapters(
+    database_url: str, *, timeouts: DatabaseTimeouts = DEFAULT_TIMEOUTS
+) -> AdapterSource:
+    """The names of the adapters deployed in the model registry (its read API).
+
+    Reads are rare (start-up, an unknown model at most every ``MIN_REFRESH_GAP_S``), so no
+    connection is kept between them: nothing is left open for the garbage collector.
+    """
     state: dict[str, Any] = {}
 
     def read() -> list[str]:
@@ -308,11 +315,17 @@ def registry_adapters(database_url: str) -> AdapterSource:
         from finetune.registry import ModelKind, ModelRegistry
 
         if "registry" not in state:
-            database = Database(database_url)
-            database.migrate()
+            database = Database(database_url, timeouts=timeouts)
+            try:
+                database.migrate()
+            finally:
+                database.dispose()
             state["registry"] = ModelRegistry(database)
         registry: ModelRegistry = state["registry"]
-        return [m.name for m in registry.deployed_models() if m.kind is ModelKind.ADAPTER]
+        try:
+            return [m.name for m in registry.deployed_models() if m.kind is ModelKind.ADAPTER]
+        finally:
+            registry.database.dispose()
 
     return read
 

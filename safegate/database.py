@@ -13,15 +13,40 @@ raises). A SQLite database file is created mode 0600 before SQLite opens it, and
 connection tightens it and its ``-wal``, ``-shm`` and ``-journal`` files to 0600 if they
 are looser (SQLite gives the files it creates the database file's mode, so a 0600 database
 gets 0600 side files). The process umask is never changed.
+
+Timeouts
+    Waits on the database are bounded (``DatabaseTimeouts``; settings
+    ``SAFEGATE_DATABASE_CONNECT_TIMEOUT_S``, 5 s, and
+    ``SAFEGATE_DATABASE_STATEMENT_TIMEOUT_S``, 10 s). On PostgreSQL (psycopg or psycopg2,
+    both libpq) the connect timeout is libpq's ``connect_timeout`` (whole seconds, at least
+    2: libpq's floor) and also bounds the wait for a pooled connection (``pool_timeout``);
+    the statement timeout is the server's ``statement_timeout``, sent as a start-up
+    ``options`` ``-c`` setting ahead of any ``options`` the URL carries (a URL's own
+    ``connect_timeout`` or ``statement_timeout`` wins), and also libpq's
+    ``tcp_user_timeout``, so a connection to a host that stopped answering fails instead of
+    waiting out TCP's retransmissions. A statement that runs past the limit is cancelled by
+    the server and raises ``sqlalchemy.exc.OperationalError``. Behind PgBouncer, list
+    ``options`` in its ``ignore_startup_parameters`` and set ``statement_timeout`` on the
+    role. SQLite has no server and no statement timeout: the connect timeout is its busy
+    timeout (how long a statement waits for another connection's lock) and bounds the wait
+    for a pooled connection. ``Database.migrate`` lifts the statement timeout to
+    ``DEFAULT_MIGRATION_STATEMENT_TIMEOUT_S`` for the upgrade's own transaction: a schema
+    change on a large table may rightly take longer than any request should.
+
+    Not bounded: a server process frozen mid-statement (stopped, paused container) on a
+    host whose kernel still acknowledges packets: no server-side timeout runs and TCP sees
+    nothing wrong. Only a client-side deadline would end that wait.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +54,39 @@ from alembic import command
 from alembic.config import Config
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("safegate.storage")
 
-SQLITE_BUSY_TIMEOUT_MS = 5_000
 DATABASE_FILE = "safegate.db"
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 # What SQLite writes beside a database file in WAL (and rollback-journal) mode.
 SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 _GROUP_AND_OTHERS = 0o077
+
+DEFAULT_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_STATEMENT_TIMEOUT_S = 10.0
+DEFAULT_MIGRATION_STATEMENT_TIMEOUT_S = 600.0
+LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseTimeouts:
+    """How long to wait for a connection (``connect_s``) and for one statement (``statement_s``)."""
+
+    connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    statement_s: float = DEFAULT_STATEMENT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "statement_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+DEFAULT_TIMEOUTS = DatabaseTimeouts()
 
 
 class StorageSettings(BaseSettings):
@@ -51,6 +96,18 @@ class StorageSettings(BaseSettings):
 
     home: Path = Field(default=Path("~/.safegate"))
     database_url: str | None = None
+    database_connect_timeout_s: float = Field(
+        default=DEFAULT_CONNECT_TIMEOUT_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="most seconds to wait for a database connection (SQLite: for a lock)",
+    )
+    database_statement_timeout_s: float = Field(
+        default=DEFAULT_STATEMENT_TIMEOUT_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="most seconds one PostgreSQL statement may run before the server cancels it",
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -60,6 +117,13 @@ class StorageSettings(BaseSettings):
     def database(self) -> str:
         """The configured SQLAlchemy URL, or the SQLite file every package shares."""
         return self.database_url or f"sqlite:///{self.home_dir / DATABASE_FILE}"
+
+    @property
+    def database_timeouts(self) -> DatabaseTimeouts:
+        return DatabaseTimeouts(
+            connect_s=self.database_connect_timeout_s,
+            statement_s=self.database_statement_timeout_s,
+        )
 
     def ensure_home(self) -> Path:
         """Create ``SAFEGATE_HOME`` private (0700), or tighten it; return it."""
@@ -101,15 +165,28 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database).expanduser()
 
 
-def make_engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+def make_engine(url: str, *, timeouts: DatabaseTimeouts = DEFAULT_TIMEOUTS) -> Engine:
+    """An engine for ``url`` whose connections and statements are bounded by ``timeouts``;
+    a SQLite file is created private (0600) and kept so."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in LIBPQ_DRIVERS:
+            return create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_timeout=timeouts.connect_s,
+                connect_args=libpq_timeouts(parsed.query, timeouts),
+            )
+        return create_engine(url, pool_pre_ping=True, pool_timeout=timeouts.connect_s)
+    connect_args = {"check_same_thread": False, "timeout": timeouts.connect_s}
     path = sqlite_file(url)
-    if path is not None:
+    if path is None:  # in memory: a connection per thread, no pool to wait on
+        engine = create_engine(url, connect_args=connect_args)
+    else:
         if not path.parent.exists():
             path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         _create_private(path)
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+        engine = create_engine(url, connect_args=connect_args, pool_timeout=timeouts.connect_s)
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -118,7 +195,6 @@ def make_engine(url: str) -> Engine:
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.close()
         if path is not None:
             for suffix in SQLITE_SIDE_SUFFIXES:
@@ -150,20 +226,58 @@ def _tighten(path: Path) -> None:
         )
 
 
+def libpq_timeouts(
+    query: Mapping[str, str | tuple[str, ...]], timeouts: DatabaseTimeouts
+) -> dict[str, Any]:
+    """libpq connection parameters that apply ``timeouts``, merged with a URL's ``query``.
+
+    ``connect_args`` replace a URL's parameters of the same name, so the URL's ``options``
+    are kept after ours (PostgreSQL applies ``-c`` settings in order: the URL's win), and a
+    URL's ``connect_timeout`` or ``tcp_user_timeout`` is left to apply.
+    """
+    statement_ms = max(1, math.ceil(timeouts.statement_s * 1000))
+    args: dict[str, Any] = {}
+    if "connect_timeout" not in query:
+        args["connect_timeout"] = max(1, math.ceil(timeouts.connect_s))
+    if "tcp_user_timeout" not in query:
+        args["tcp_user_timeout"] = statement_ms
+    given = query.get("options", ())
+    options = [given] if isinstance(given, str) else list(given)
+    args["options"] = " ".join([f"-c statement_timeout={statement_ms}", *options])
+    return args
+
+
 class Database:
     """One engine and a session factory for a URL, and the owner's migrations."""
 
-    def __init__(self, url: str, *, migrations: Path) -> None:
+    def __init__(
+        self, url: str, *, migrations: Path, timeouts: DatabaseTimeouts = DEFAULT_TIMEOUTS
+    ) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.timeouts = timeouts
+        self.engine = make_engine(url, timeouts=timeouts)
         self.migrations = migrations
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
-    def migrate(self) -> None:
-        """Upgrade the owner's tables to their newest Alembic revision."""
+    def migrate(
+        self, *, statement_timeout_s: float = DEFAULT_MIGRATION_STATEMENT_TIMEOUT_S
+    ) -> None:
+        """Upgrade the owner's tables to their newest Alembic revision.
+
+        On PostgreSQL each statement of the upgrade may run for ``statement_timeout_s``
+        (its own transaction only; requests keep the engine's statement timeout).
+        """
+        if not (math.isfinite(statement_timeout_s) and statement_timeout_s > 0):
+            raise ValueError(
+                f"statement_timeout_s must be a positive number of seconds, "
+                f"got {statement_timeout_s!r}"
+            )
         config = Config()
         config.set_main_option("script_location", str(self.migrations))
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                milliseconds = max(1, math.ceil(statement_timeout_s * 1000))
+                connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

@@ -100,7 +100,8 @@ def resolve_base(base: str) -> str:
     from finetune.registry import ModelRegistry
     from finetune.settings import get_settings
 
-    database = Database(get_settings().database)
+    settings = get_settings()
+    database = Database(settings.database, timeouts=settings.database_timeouts)
     try:
         model = ModelRegistry(database).find(base)
     except SQLAlchemyError:  # no registry yet (never migrated): the name is not registered

@@ -46,7 +46,7 @@ def _fail(message: str) -> NoReturn:
 def _registry() -> Iterator[ModelRegistry]:
     """The registry on the configured database; a refused action exits 1 with its reason."""
     settings = get_settings()
-    database = Database(settings.database)
+    database = Database(settings.database, timeouts=settings.database_timeouts)
     try:
         database.migrate()
         yield ModelRegistry(database)

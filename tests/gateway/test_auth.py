@@ -10,6 +10,7 @@ not matter the app gets a one-member engine that flags nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import stat
@@ -29,6 +30,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import event, inspect, text
 from sqlalchemy.exc import IntegrityError
 
@@ -51,12 +53,14 @@ from gateway.blocklists import BlocklistStore
 from gateway.config import AuthSettings, RateLimitSettings, Settings
 from gateway.db import Base, Database
 from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
+from gateway.logs import JsonFormatter
 from gateway.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import Policy
 from gateway.safety.taxonomy import Category
 from gateway.safety.verdict import Detection
+from safegate.database import make_engine
 from tests.gateway.conftest import alembic_config, issue_key, ready_client
 
 REDIS_URL = os.environ.get("SAFEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -359,6 +363,192 @@ def test_an_unreadable_key_store_fails_closed(store: KeyStore) -> None:
     with pytest.raises(ServiceUnavailable) as refused:
         store.authenticate(issued.secret)
     assert refused.value.code == "key_store_unavailable"
+
+
+# -- when the key store cannot be reached --------------------------------------------------
+
+
+class Captured(logging.Handler):
+    """Every record of ``safegate.auth``, formatted as the service writes them."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def lines(self) -> list[str]:
+        return [self.format(record) for record in self.records]
+
+
+@pytest.fixture
+def auth_log() -> Iterator[Captured]:
+    handler = Captured()
+    logger = logging.getLogger("safegate.auth")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def unreachable(tmp_path: Path) -> Iterator[Database]:
+    """A real SQLite database that cannot be opened: its folder is gone."""
+    folder = tmp_path / "gone"
+    db = Database(f"sqlite:///{folder}/safegate.db")  # the engine makes the folder
+    folder.rmdir()
+    yield db
+    db.dispose()
+
+
+def connection_attempts(database: Database) -> list[float]:
+    """Every time ``database`` tries to open a connection (the attempt still goes ahead)."""
+    attempts: list[float] = []
+
+    @event.listens_for(database.engine, "do_connect")
+    def count(*args: object) -> None:
+        attempts.append(time.monotonic())
+
+    return attempts
+
+
+def test_a_seen_key_works_within_the_outage_grace_and_an_unseen_one_gets_a_503(
+    sqlite_database: Database, unreachable: Database, auth_log: Captured
+) -> None:
+    clock = Clock()
+    stale: list[None] = []
+    store = KeyStore(
+        sqlite_database,
+        cache_ttl_s=5.0,
+        outage_grace_s=60.0,
+        clock=clock,
+        on_stale=lambda: stale.append(None),
+    )
+    seen = store.create("seen", Role.DEVELOPER, rate_limit_rpm=30)
+    unseen = store.create("unseen", Role.DEVELOPER)
+    assert store.authenticate(seen.secret).key_id == seen.key.id  # checked at 1000
+    store.database = unreachable  # the database goes away
+    attempts = connection_attempts(unreachable)
+
+    clock.now += 10  # past the cache TTL: the database is asked, and cannot answer
+    principal = store.authenticate(seen.secret)
+    assert (principal.key_id, principal.role, principal.rate_limit_rpm) == (
+        seen.key.id,
+        Role.DEVELOPER,
+        30,
+    )
+    assert len(attempts) == 1
+    assert len(stale) == 1
+    [warning] = [r for r in auth_log.records if r.levelno == logging.WARNING]
+    assert warning.getMessage() == "key store unreachable; admitting a key checked earlier"
+    assert (warning.key_id, warning.checked_s_ago) == (seen.key.id, 10.0)  # type: ignore[attr-defined]
+    assert warning.error == "OperationalError(OperationalError)"  # type: ignore[attr-defined]
+
+    clock.now += 4.9  # within a TTL of that try, the database is not tried again
+    assert store.cached(seen.secret) == principal
+    assert store.authenticate(seen.secret) == principal
+    assert len(attempts) == 1
+    assert len(stale) == 3  # every request admitted stale is counted
+
+    with pytest.raises(ServiceUnavailable) as refused:  # never checked: cannot be verified
+        store.authenticate(unseen.secret)
+    assert refused.value.code == "key_store_unavailable"
+    assert refused.value.headers == {"Retry-After": "5"}
+    assert "cannot be verified" in refused.value.message
+
+    clock.now = 1000 + 59.9  # still within 60 s of the last successful check
+    assert store.authenticate(seen.secret) == principal
+    clock.now = 1000 + 60.0  # the grace is over: a 503 too, and the entry is gone
+    with pytest.raises(ServiceUnavailable) as expired:
+        store.authenticate(seen.secret)
+    assert expired.value.code == "key_store_unavailable"
+    assert store._cache == {}
+    assert len(stale) == 4
+
+    for line in auth_log.lines():  # ids and hash prefixes only, never a key
+        assert seen.secret not in line
+        assert unseen.secret not in line
+
+
+def test_a_key_revoked_during_an_outage_is_refused_within_the_ttl_of_the_return(
+    sqlite_database: Database, unreachable: Database
+) -> None:
+    clock = Clock()
+    here = KeyStore(sqlite_database, cache_ttl_s=5.0, outage_grace_s=300.0, clock=clock)
+    there = KeyStore(sqlite_database)  # another replica, which still reaches the database
+    issued = here.create("ci-bot", Role.DEVELOPER)
+    here.authenticate(issued.secret)
+
+    here.database = unreachable
+    clock.now += 6
+    assert here.authenticate(issued.secret).key_id == issued.key.id  # admitted stale
+    there.revoke(issued.key.id)  # revoked while this replica cannot see it
+    clock.now += 1
+    here.database = sqlite_database  # the database is back
+    assert here.authenticate(issued.secret).key_id == issued.key.id  # within the TTL
+    clock.now += 5.0  # one TTL after the database came back: asked again, and refused
+    with pytest.raises(Unauthorized) as refused:
+        here.authenticate(issued.secret)
+    assert "revoked" in refused.value.message
+    assert here.cached(issued.secret) is None
+
+    here.database = unreachable  # a second outage does not bring the refused key back
+    with pytest.raises(ServiceUnavailable):
+        here.authenticate(issued.secret)
+
+
+def test_an_unknown_key_is_never_served_stale(
+    sqlite_database: Database, unreachable: Database
+) -> None:
+    store = KeyStore(sqlite_database, outage_grace_s=300.0)
+    unknown = "sg-" + "A" * 43
+    with pytest.raises(Unauthorized):
+        store.authenticate(unknown)  # the database answered: no
+    store.database = unreachable
+    with pytest.raises(ServiceUnavailable) as refused:
+        store.authenticate(unknown)
+    assert refused.value.code == "key_store_unavailable"
+
+
+def test_a_zero_outage_grace_admits_nothing_stale(
+    sqlite_database: Database, unreachable: Database
+) -> None:
+    clock = Clock()
+    store = KeyStore(sqlite_database, cache_ttl_s=5.0, outage_grace_s=0.0, clock=clock)
+    issued = store.create("ci-bot", Role.DEVELOPER)
+    store.authenticate(issued.secret)
+    store.database = unreachable
+    assert store.authenticate(issued.secret).key_id == issued.key.id  # the plain cache
+    clock.now += 5.0
+    with pytest.raises(ServiceUnavailable):
+        store.authenticate(issued.secret)
+    assert store._cache == {}
+
+
+def test_an_answer_about_the_schema_admits_nothing_stale(sqlite_database: Database) -> None:
+    """SQLite reports a missing table as an OperationalError: that is an answer, not an outage."""
+    clock = Clock()
+    store = KeyStore(sqlite_database, cache_ttl_s=5.0, outage_grace_s=300.0, clock=clock)
+    issued = store.create("ci-bot", Role.DEVELOPER)
+    store.authenticate(issued.secret)
+    with store.database.engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0001")
+    clock.now += 5.0
+    with pytest.raises(ServiceUnavailable) as refused:
+        store.authenticate(issued.secret)
+    assert refused.value.code == "key_store_unavailable"
+
+
+@pytest.mark.parametrize("grace", [-1.0, float("inf"), float("nan")])
+def test_the_outage_grace_is_checked(sqlite_database: Database, grace: float) -> None:
+    with pytest.raises(ValueError, match="outage_grace_s"):
+        KeyStore(sqlite_database, outage_grace_s=grace)
+    with pytest.raises(ValidationError):
+        AuthSettings(outage_grace_s=grace)
 
 
 def test_admin_allows_every_role_and_others_only_their_own() -> None:
@@ -764,6 +954,83 @@ def test_the_service_applies_revocation_and_per_key_limits(service: TestClient) 
     revoked = service.post("/v1/moderations", json=moderation, headers=bearer(issued.secret))
     assert revoked.status_code == 401
     assert revoked.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_service_admits_seen_keys_while_the_key_store_is_down(
+    tmp_path: Path, unreachable: Database
+) -> None:
+    settings = Settings(home=tmp_path / "home", auth=AuthSettings(cache_ttl_s=0.2))
+    client = ready_client(settings, calm_engine)
+    try:
+        keys: KeyStore = client.app.state.keys  # type: ignore[attr-defined]
+        seen = issue_key(client, Role.DEVELOPER)
+        unseen = issue_key(client, Role.DEVELOPER)
+        moderation = {"input": "What time does the museum open?"}
+        assert (
+            client.post("/v1/moderations", json=moderation, headers=bearer(seen)).status_code == 200
+        )
+
+        working, keys.database = keys.database, unreachable  # the key store goes away
+        try:
+            time.sleep(0.3)  # past the cache TTL
+            admitted = client.post("/v1/moderations", json=moderation, headers=bearer(seen))
+            refused = client.post("/v1/moderations", json=moderation, headers=bearer(unseen))
+        finally:
+            keys.database = working
+        metrics = client.get("/metrics").text
+    finally:
+        client.__exit__(None, None, None)
+    assert admitted.status_code == 200, admitted.text
+    assert admitted.json()["results"][0]["flagged"] is False
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "5"
+    assert refused.json() == error(
+        "the key store cannot be reached, so this API key cannot be verified and the request "
+        "is refused (fail closed); retry shortly",
+        type="service_unavailable",
+        code="key_store_unavailable",
+    )
+    assert unseen not in refused.text
+    assert "safegate_auth_stale_admissions_total 1.0" in metrics
+
+
+@pytest.mark.postgres
+def test_a_hung_key_store_answers_503_within_the_statement_timeout(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A lock on ``api_keys`` makes key lookups hang; the statement timeout bounds them."""
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=postgres_url,
+        database_statement_timeout_s=1.0,
+        auth=AuthSettings(cache_ttl_s=0.2),
+    )
+    client = ready_client(settings, calm_engine)
+    locker = make_engine(postgres_url)
+    try:
+        seen = issue_key(client, Role.DEVELOPER)
+        unseen = issue_key(client, Role.DEVELOPER)
+        moderation = {"input": "What time does the museum open?"}
+        assert (
+            client.post("/v1/moderations", json=moderation, headers=bearer(seen)).status_code == 200
+        )
+        with locker.begin() as connection:
+            connection.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+            time.sleep(0.3)  # past the cache TTL
+            started = time.monotonic()
+            refused = client.post("/v1/moderations", json=moderation, headers=bearer(unseen))
+            refused_s = time.monotonic() - started
+            started = time.monotonic()
+            admitted = client.post("/v1/moderations", json=moderation, headers=bearer(seen))
+            admitted_s = time.monotonic() - started
+    finally:
+        locker.dispose()
+        client.__exit__(None, None, None)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "key_store_unavailable"
+    assert 0.9 <= refused_s < 5.0  # waited for the statement timeout, not for the lock
+    assert admitted.status_code == 200, admitted.text
+    assert admitted_s < 5.0
 
 
 def test_keys_work_while_the_engine_loads(settings: Settings) -> None:

@@ -1,0 +1,181 @@
+"""Database timeouts (``safegate.database``) on the gateway's database: no wait is unbounded.
+
+PostgreSQL tests run on the local server in a fresh schema (``postgres_url``), whose URL
+carries ``options=-csearch_path=...``: the statement timeout must join it, not replace it.
+"A server that never answers" is a real listening socket that never accepts: the kernel
+completes the TCP handshake and nothing ever replies.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from gateway.db import Database
+from safegate.database import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_STATEMENT_TIMEOUT_S,
+    DatabaseTimeouts,
+    StorageSettings,
+    make_engine,
+)
+
+SHORT = DatabaseTimeouts(connect_s=1.0, statement_s=0.5)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections into its backlog and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def libpq_parameters(database: Database) -> dict[str, str]:
+    with database.engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert isinstance(raw, psycopg.Connection)
+        return raw.info.get_parameters()
+
+
+# -- settings --------------------------------------------------------------------------
+
+
+def test_timeouts_have_named_defaults_and_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert StorageSettings().database_timeouts == DatabaseTimeouts(
+        connect_s=DEFAULT_CONNECT_TIMEOUT_S, statement_s=DEFAULT_STATEMENT_TIMEOUT_S
+    )
+    monkeypatch.setenv("SAFEGATE_DATABASE_CONNECT_TIMEOUT_S", "2")
+    monkeypatch.setenv("SAFEGATE_DATABASE_STATEMENT_TIMEOUT_S", "2.5")
+    assert StorageSettings().database_timeouts == DatabaseTimeouts(connect_s=2.0, statement_s=2.5)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_timeout_must_be_a_positive_number_of_seconds(value: float) -> None:
+    with pytest.raises(ValueError, match="connect_s"):
+        DatabaseTimeouts(connect_s=value)
+    with pytest.raises(ValueError, match="statement_s"):
+        DatabaseTimeouts(statement_s=value)
+    with pytest.raises(ValidationError):
+        StorageSettings(database_statement_timeout_s=value)
+
+
+def test_waiting_for_a_pooled_connection_is_bounded(tmp_path: Path) -> None:
+    for url in (
+        f"sqlite:///{tmp_path}/safegate.db",
+        "postgresql+psycopg://postgres@127.0.0.1:9/x",  # never connected here
+    ):
+        engine = make_engine(url, timeouts=SHORT)
+        try:
+            assert engine.pool.timeout() == SHORT.connect_s  # type: ignore[attr-defined]
+        finally:
+            engine.dispose()
+
+
+# -- SQLite --------------------------------------------------------------------------------
+
+
+def test_a_locked_sqlite_database_fails_within_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "safegate.db"
+    database = Database(f"sqlite:///{path}", timeouts=SHORT)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        with database.engine.begin() as connection:
+            connection.execute(text("CREATE TABLE t (x INTEGER)"))
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="database is locked"), database.session() as s:
+            s.execute(text("INSERT INTO t VALUES (1)"))
+        waited = time.monotonic() - started
+    finally:
+        holder.close()
+        database.dispose()
+    assert SHORT.connect_s * 0.9 <= waited < 5.0  # waited for the lock, then gave up
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+def test_connecting_to_a_server_that_never_answers_fails_within_the_connect_timeout(
+    silent_port: int,
+) -> None:
+    database = Database(f"postgresql+psycopg://postgres@127.0.0.1:{silent_port}/x", timeouts=SHORT)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OperationalError, match="timeout"), database.engine.connect():
+            pass
+    finally:
+        database.dispose()
+    assert time.monotonic() - started < 5.0  # libpq waits at least 2 s; without a bound, 130 s
+
+
+@pytest.mark.postgres
+def test_a_hung_statement_is_cancelled_within_the_statement_timeout(postgres_url: str) -> None:
+    database = Database(postgres_url, timeouts=SHORT)
+    try:
+        database.migrate()  # the migration's longer limit stays in its own transaction
+        schema = postgres_url.rsplit("search_path%3D", 1)[-1]
+        with database.engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "500ms"
+            assert connection.execute(text("SHOW search_path")).scalar() == schema
+            assert connection.execute(text("SELECT count(*) FROM api_keys")).scalar() == 0
+            started = time.monotonic()
+            with pytest.raises(OperationalError) as cancelled:
+                connection.execute(text("SELECT pg_sleep(30)"))
+            waited = time.monotonic() - started
+        assert isinstance(cancelled.value.orig, psycopg.errors.QueryCanceled)
+        assert 0.4 <= waited < 5.0
+        parameters = libpq_parameters(database)
+        assert parameters["connect_timeout"] == "1"
+        assert parameters["tcp_user_timeout"] == "500"
+    finally:
+        database.dispose()
+
+
+@pytest.mark.postgres
+def test_a_statement_waiting_on_a_lock_fails_within_the_statement_timeout(
+    postgres_url: str,
+) -> None:
+    database = Database(postgres_url, timeouts=SHORT)
+    locker = make_engine(postgres_url)
+    try:
+        database.migrate()
+        with locker.begin() as holding:
+            holding.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            with pytest.raises(OperationalError), database.session() as session:
+                session.execute(text("SELECT count(*) FROM api_keys"))
+            waited = time.monotonic() - started
+    finally:
+        locker.dispose()
+        database.dispose()
+    assert 0.4 <= waited < 5.0
+
+
+@pytest.mark.postgres
+def test_a_urls_own_timeouts_win(postgres_url: str) -> None:
+    url = postgres_url.replace(
+        "options=", "connect_timeout=3&options=-c%20statement_timeout%3D700%20"
+    )
+    database = Database(url, timeouts=SHORT)
+    try:
+        with database.engine.connect() as connection:
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "700ms"
+        assert libpq_parameters(database)["connect_timeout"] == "3"
+    finally:
+        database.dispose()
