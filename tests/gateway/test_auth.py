@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import stat
 import threading
 import time
@@ -399,8 +400,8 @@ def auth_log() -> Iterator[Captured]:
 def unreachable(tmp_path: Path) -> Iterator[Database]:
     """A real SQLite database that cannot be opened: its folder is gone."""
     folder = tmp_path / "gone"
-    db = Database(f"sqlite:///{folder}/safegate.db")  # the engine makes the folder
-    folder.rmdir()
+    db = Database(f"sqlite:///{folder}/safegate.db")  # makes the folder and an empty file
+    shutil.rmtree(folder)
     yield db
     db.dispose()
 
