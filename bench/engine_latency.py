@@ -7,11 +7,14 @@ Measures, in one run:
 3. the forward pass of randomly initialised bert-base (Detoxify-original's architecture)
    and deberta-v3-base (LLM Guard's prompt-injection model's architecture) on the same
    token count, and the engine's speed-up over each;
-4. resident memory of ``safegate serve`` with the engine loaded;
-5. throughput of ``safegate moderate`` over a 10,000-line file (texts per second),
-   built from ../shared/data when present, else from the project's own examples.
+4. resident memory of ``safegate serve`` with the engine loaded, and again after it has
+   moderated ``--lines`` realistic texts (toxicchat-train's prompts, 16 per request);
+5. throughput of ``safegate moderate`` over a ``--lines`` file of texts with
+   toxicchat-train's length distribution (its own prompts, cycled), for the shipped
+   engine and, with ``--baseline-ref``, the engine of that git ref, in the same run.
 
 Usage: .venv/bin/python bench/engine_latency.py [--requests 300] [--lines 10000]
+       [--baseline-ref 71354db]
 Prints a JSON record; docs/BENCHMARKS.md quotes it.
 """
 
@@ -119,7 +122,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def serve_and_measure(requests: int) -> dict[str, float]:
+def serve_and_measure(requests: int, lines: int) -> dict[str, float]:
     port = free_port()
     home = Path(tempfile.mkdtemp())
     env = {**os.environ, "SAFEGATE_HOME": str(home)}
@@ -153,24 +156,32 @@ def serve_and_measure(requests: int) -> dict[str, float]:
                 response = client.post("/v1/moderations", json={"input": TEXT})
                 timings.append((time.perf_counter() - started) * 1000)
                 response.raise_for_status()
-        rss = psutil.Process(process.pid).memory_info().rss
+            rss = psutil.Process(process.pid).memory_info().rss
+            texts = sample_texts(lines)
+            for start in range(0, len(texts), 16):
+                batch = [text[:32_000] for text in texts[start : start + 16]]
+                client.post("/v1/moderations", json={"input": batch}).raise_for_status()
+            rss_after = psutil.Process(process.pid).memory_info().rss
         return {
             "p50_ms": round(percentile(timings, 0.5), 3),
             "p99_ms": round(percentile(timings, 0.99), 3),
             "requests": requests,
             "rss_mib": round(rss / 2**20, 1),
+            f"rss_mib_after_{len(texts)}_texts": round(rss_after / 2**20, 1),
         }
     finally:
         process.terminate()
         process.wait(timeout=30)
 
 
-def moderate_throughput(lines: int) -> dict[str, float]:
+def moderate_throughput(lines: int, heads: Path | None = None) -> dict[str, float]:
     texts = sample_texts(lines)
     folder = Path(tempfile.mkdtemp())
     source = folder / "in.jsonl"
-    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    source.write_text("".join(json.dumps({"text": text[:32_000]}) + "\n" for text in texts))
     env = {**os.environ, "SAFEGATE_HOME": str(folder / "home")}
+    if heads is not None:
+        env["SAFEGATE_ENCODER__HEADS"] = str(heads)
     started = time.perf_counter()
     subprocess.run(  # noqa: S603 - our own CLI
         [
@@ -196,12 +207,10 @@ def moderate_throughput(lines: int) -> dict[str, float]:
 
 
 def sample_texts(count: int) -> list[str]:
-    import csv
-
-    shared = ROOT.parent / "shared/data/hatexplain-mbib/092-HateXplain.csv"
+    shared = ROOT.parent / "shared/data/toxicchat-train/toxic_chat_train.json"
     if shared.exists():
-        with shared.open(encoding="utf-8") as handle:
-            texts = [row["text"] for row in csv.DictReader(handle)]
+        rows = json.loads(shared.read_text(encoding="utf-8"))["instances"]
+        texts = [row["instance"] for row in rows]
     else:
         rows = (ROOT / "data/safety/own_examples.jsonl").read_text().splitlines()
         texts = [json.loads(row)["text"] for row in rows]
@@ -212,11 +221,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--lines", type=int, default=10_000)
+    parser.add_argument("--baseline-ref", default=None, help="git ref of weights to compare")
     args = parser.parse_args()
     compute = engine_compute(args.requests)
     reference = reference_forward(int(compute["tokens"]), 30)
-    served = serve_and_measure(args.requests)
+    served = serve_and_measure(args.requests, args.lines)
     throughput = moderate_throughput(args.lines)
+    if args.baseline_ref:
+        from engine_compare import weights_at
+
+        baseline = weights_at(args.baseline_ref)
+        throughput = {
+            "shipped": throughput,
+            f"baseline {args.baseline_ref}": moderate_throughput(
+                args.lines, baseline / "heads.safetensors"
+            ),
+        }
     record = {
         "date": datetime.now(UTC).date().isoformat(),
         "machine": (
