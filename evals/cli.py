@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -22,13 +22,13 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from evals.cache import CallCache
-from evals.db import Database
 from evals.errors import EvalError
-from evals.runner import Runner
 from evals.runs import Run, RunStatus, RunStore, dumps
 from evals.settings import get_settings
 from evals.suite import MAX_CONCURRENCY
+
+if TYPE_CHECKING:
+    from evals.cache import CallCache
 
 USAGE_ERROR = 2
 RUN_FAILED = 1
@@ -57,6 +57,9 @@ def _fail(message: str, code: int) -> NoReturn:
 @contextmanager
 def open_storage() -> Iterator[tuple[RunStore, CallCache]]:
     """The run store and call cache on the configured database (migrated)."""
+    from evals.cache import CallCache  # the model clients (openai) load with it
+    from evals.db import Database
+
     settings = get_settings()
     database = Database(settings.database, timeouts=settings.database_timeouts)
     try:
@@ -96,6 +99,8 @@ def run(
     _offline_defaults()
     failed = False
     with open_storage() as (store, cache):
+        from evals.runner import Runner
+
         runner = Runner(store, cache, console=console, progress=progress)
         try:
             plans = runner.prepare(suite, model=model, concurrency=concurrency, resume=resume)

@@ -33,19 +33,18 @@ from gateway.ratelimit import (
     DEFAULT_REQUESTS_PER_MINUTE,
     MAX_REQUESTS_PER_MINUTE,
 )
+from gateway.safety.artifacts import SHIPPED_HEADS, Backend
 from gateway.safety.batcher import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCH_CHARS,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_QUEUE_CAPACITY_CHARS,
 )
-from gateway.safety.encoder import Backend
 from gateway.safety.engine import (
     DEFAULT_MAX_TEXT_CHARS,
     DEFAULT_MEMBER_TIMEOUT_S,
     DEFAULT_TIMEOUT_PER_KCHAR_S,
 )
-from gateway.safety.members.encoder_heads import SHIPPED_HEADS
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.policy import SHIPPED_POLICY
 from gateway.upstreams import DEFAULT_LOCAL_PORT, SHIPPED_UPSTREAMS

@@ -23,7 +23,6 @@ import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,10 @@ import numpy.typing as npt
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from gateway.safety.artifacts import Backend
+
 BUNDLED_ENCODER = "bundled:all-MiniLM-L6-v2"
 ONNX_OPSET = 17
-
-
-class Backend(StrEnum):
-    TORCH = "torch"
-    ONNX = "onnx"
-    ONNX_INT8 = "onnx-int8"  # the ONNX graph with int8 weights (dynamic quantisation)
 
 
 DEFAULT_MAX_TOKENS = 256

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway.safety.artifacts import SHIPPED_HEADS, Backend
 from gateway.safety.delta import DeltaError, verify
-from gateway.safety.encoder import Backend, SentenceEncoder
+from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.taxonomy import Label, parse_label
 from gateway.safety.verdict import Detection
 
-SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "weights" / "heads.safetensors"
 CHUNK_CHARS = 100  # measured: bench/mixed_length.py, docs/BENCHMARKS.md
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 
