@@ -143,7 +143,10 @@ def tune(
         bias="none",
     )
     encoder = get_peft_model(base, lora)
+    # The same run on a GPU when one is there; nothing else changes.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _Model(encoder, labels=data.y.shape[1], hidden=int(base.config.hidden_size))
+    model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.01)
 
@@ -156,8 +159,8 @@ def tune(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min(1.0, (step + 1) / 50) * max(0.0, 1 - step / max(total, 1))
     )
-    y, known = torch.from_numpy(data.y), torch.from_numpy(data.known)
-    weight = torch.from_numpy(data.weight)
+    y, known = torch.from_numpy(data.y).to(device), torch.from_numpy(data.known).to(device)
+    weight = torch.from_numpy(data.weight).to(device)
     positives = (y * known).sum(0)
     negatives = ((1 - y) * known).sum(0)
     pos_weight = (negatives / positives.clamp(min=1)).clamp(1.0, config.max_pos_weight)
@@ -165,7 +168,7 @@ def tune(
     step = 0
     checkpoint = folder / "checkpoint.pt"
     if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
+        saved = torch.load(checkpoint, weights_only=True, map_location=device)
         model.load_state_dict(saved["model"], strict=False)
         optimiser.load_state_dict(saved["optimiser"])
         schedule.load_state_dict(saved["schedule"])
@@ -183,8 +186,8 @@ def tune(
         for row, i in enumerate(batch):
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             attention[row, : len(ids[i])] = 1
-        logits = model(input_ids, attention)
-        rows = torch.tensor(batch)
+        logits = model(input_ids.to(device), attention.to(device))
+        rows = torch.tensor(batch, device=device)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             logits, y[rows], pos_weight=pos_weight, reduction="none"
         )
@@ -202,11 +205,11 @@ def tune(
                 progress(f"fine-tuning (loss {np.mean(window_loss):.4f})", step, total)
             window_loss = []
 
-    factors = _lora_factors(encoder)
+    factors = {name: tensor.cpu() for name, tensor in _lora_factors(encoder).items()}
     partial = delta_path.with_suffix(".partial")
     delta.save(factors, partial, scaling=config.alpha / config.rank)
     head = torch.nn.Linear(model.head.in_features, model.head.out_features)
-    head.load_state_dict(model.head.state_dict())
+    head.load_state_dict({k: v.cpu() for k, v in model.head.state_dict().items()})
     torch.save(head.state_dict(), head_path)
     partial.replace(delta_path)
     return TunedEncoder(delta_path, head.eval(), steps=step, seconds=time.perf_counter() - started)
