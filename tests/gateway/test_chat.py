@@ -4,7 +4,6 @@ replaced at their seam (litellm's ``mock_response``, a refusing port, a silent s
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -362,33 +361,6 @@ def test_unreachable_upstream_is_a_502_in_openai_shape(chat: TestClient, develop
     assert "down" in error["message"]
     streamed = _post(chat, developer, _ask(model="down", stream=True))
     assert streamed.status_code == 502
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A socket that accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    for connection in held:
-        connection.close()
-    server.close()
 
 
 def test_upstream_that_never_answers_is_a_504(

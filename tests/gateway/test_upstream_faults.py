@@ -1,10 +1,10 @@
 """Upstream faults: the whole call is bounded by ``timeout_s``, retries included, and a
 malformed answer is a 502, streamed or not. Real sockets on 127.0.0.1 stand for the
-broken upstreams; litellm's Router talks to them as it would to any OpenAI endpoint."""
+broken upstreams (``silent_port`` is in conftest.py); litellm's Router talks to them as
+it would to any OpenAI endpoint."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -45,34 +45,6 @@ def garbage_port() -> Iterator[int]:
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """Accepts connections and never answers."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                connection, _ = server.accept()
-            except OSError:
-                continue
-            held.append(connection)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    for connection in held:
-        connection.close()
-    server.close()
 
 
 def _client(
