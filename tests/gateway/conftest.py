@@ -41,10 +41,16 @@ POSTGRES_CONNECT_TIMEOUT_S = 3
 
 
 @pytest.fixture(scope="session")
-def loaded_members(tmp_path_factory: pytest.TempPathFactory) -> list[MemberSpec]:
+def members_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SAFEGATE_HOME the members load from; its cache keeps the exported encoder, so
+    a server a test starts over it loads without exporting again."""
+    return tmp_path_factory.mktemp("members-home")
+
+
+@pytest.fixture(scope="session")
+def loaded_members(members_home: Path) -> list[MemberSpec]:
     """Encoder heads, profanity and PII, loaded once: the expensive edge."""
-    home = tmp_path_factory.mktemp("members-home")
-    return build_members(Settings(home=home), blocklists=None)
+    return build_members(Settings(home=members_home), blocklists=None)
 
 
 @pytest.fixture
