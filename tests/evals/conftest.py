@@ -25,6 +25,7 @@ from evals.suite import ChosenModel
 from tests.gateway.conftest import (  # noqa: F401
     engine_factory,
     loaded_members,
+    members_home,
     postgres_admin,
     postgres_url,
 )
