@@ -62,9 +62,14 @@ from gateway.safety.verdict import Verdict
 from gateway.state import AppState
 from gateway.upstreams import FORWARDED_PARAMS
 
+# litellm maps a 400 to ContentPolicyViolationError by its wording: "request was rejected as
+# a result of the safety system" on OpenAI-style routes, "ResponsibleAIPolicyViolation" on
+# Azure routes. The message carries both, so LiteLLM clients' content-policy fallbacks
+# trigger as they do for Azure's own filter.
 CONTENT_FILTER_MESSAGE = (
-    "The prompt was blocked by safegate's content filter: {reasons}. "
-    "Rephrase the request; see content_filter_result for each category."
+    "The request was rejected as a result of the safety system (ResponsibleAIPolicyViolation): "
+    "safegate's content filter blocked the prompt ({reasons}). Rephrase the request; see "
+    "content_filter_result for each category."
 )
 
 

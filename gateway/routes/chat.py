@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from gateway.auth import Principal, Role, require
 from gateway.chat.schemas import ChatCompletion, ChatCompletionRequest
@@ -40,9 +40,15 @@ class ModelList(BaseModel):
 
 
 class AzureChatCompletionRequest(ChatCompletionRequest):
-    """Azure's body: the deployment in the path names the model."""
+    """Azure's body: the deployment in the path names the model, so ``model`` may be
+    missing or null (LangChain's ``AzureChatOpenAI`` sends ``"model": null``)."""
 
     model: str = Field(default="", max_length=128)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _null_model(cls, value: object) -> object:
+        return "" if value is None else value
 
 
 @router.get("/v1/models")
