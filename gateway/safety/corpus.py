@@ -19,10 +19,14 @@ Splits: a set's official split where it has one (HateXplain), the project's own
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import json
+import random
 import re
+import string
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -133,6 +137,7 @@ class Corpus:
             self._advbench_behaviors,
             self._mtbench,
             self._indirect_attacks,
+            self._noise,
         )
         seen: set[str] = set()
         examples: list[Example] = []
@@ -409,6 +414,10 @@ class Corpus:
                     if turn:
                         yield Example(turn, frozenset(), ALL_KNOWN, "mtbench", hash_split(turn))
 
+    def _noise(self) -> Iterator[Example]:
+        for text in noise_texts():
+            yield Example(text, frozenset(), ALL_KNOWN, "noise", hash_split(text))
+
     def _indirect_attacks(self) -> Iterator[Example]:
         # Indirect attacks: injection sentences from deepset's training split, embedded in
         # benign documents as retrieved text would carry them. Carriers are MT-Bench and
@@ -473,6 +482,42 @@ class Corpus:
             "\n".join(questions[start : start + 4]) for start in range(0, len(questions) - 3, 4)
         ]
         return passages + pages
+
+
+NOISE_EXAMPLES = 900
+_KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm", "1234567890")
+
+
+def noise_texts(count: int = NOISE_EXAMPLES, *, seed: int = 0) -> list[str]:
+    """Strings that mean nothing, which no head may flag: random letters and words,
+    repeated characters, keyboard mashes, identifiers, digits, hex and base64 of random
+    bytes. Public sets hold none, so without them such input lands anywhere (random
+    strings and "aaaa..." were flagged as harassment). Generated, not written: they are a
+    source of their own, never counted among the project's written examples."""
+    generator = random.Random(seed)  # noqa: S311 - data, not secrets
+    letters = string.ascii_lowercase
+
+    def word(low: int = 2, high: int = 10) -> str:
+        return "".join(generator.choices(letters, k=generator.randint(low, high)))
+
+    makers = (
+        lambda: " ".join(word() for _ in range(generator.randint(1, 8))),
+        lambda: word(4, 24),
+        lambda: generator.choice(letters + "!?.-*") * generator.randint(3, 60),
+        lambda: "".join(
+            generator.choice(_KEYBOARD_ROWS)[generator.randint(0, 3) :][: generator.randint(3, 9)]
+            for _ in range(generator.randint(1, 4))
+        ),
+        lambda: str(uuid.UUID(int=generator.getrandbits(128))),
+        lambda: "".join(generator.choices(string.digits, k=generator.randint(3, 20))),
+        lambda: generator.randbytes(generator.randint(4, 32)).hex(),
+        lambda: base64.b64encode(generator.randbytes(generator.randint(6, 48))).decode(),
+        lambda: "".join(
+            generator.choices(string.ascii_letters + string.digits + string.punctuation, k=12)
+        ),
+        lambda: " ".join(word(1, 3).upper() for _ in range(generator.randint(2, 6))),
+    )
+    return [makers[i % len(makers)]() for i in range(count)]
 
 
 def _clean_tweet(text: str) -> str:

@@ -10,8 +10,9 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
 3. Candidates, all fitted with a masked, weighted binary cross-entropy: a linear head and
    a one-hidden-layer MLP on the frozen embeddings, and (``tune_encoder``) the encoder
    itself fine-tuned end to end with LoRA together with a linear head
-   (``gateway.safety.training.encoder_tuning``). Keep whichever has the best mean dev
-   AUPRC; the model card records every candidate's score.
+   (``gateway.safety.training.encoder_tuning``), and an MLP refitted on that tuned
+   encoder's embeddings. Keep whichever has the best mean dev AUPRC; the model card
+   records every candidate's score, overall and on the own examples' dev rows.
 4. Calibrate each label with Platt scaling on the dev split.
 5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
    benign prompts (refusal-direction harmless validation split plus the benign part of
@@ -127,7 +128,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     fitted = {
         name: _fit(matrices[Split.TRAIN], hidden, config) for name, hidden in variants.items()
     }
-    dev_scores = {name: _mean_auprc(model, matrices[Split.DEV]) for name, model in fitted.items()}
+    dev_of = dict.fromkeys(fitted, matrices[Split.DEV])
     delta_path: Path | None = None
     if config.tune_encoder:
         tuned = tune(
@@ -145,15 +146,21 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         )
         tuned_encoder = SentenceEncoder(config.encoder, delta=tuned.delta_path)
         tuned_embed = _embedder(tuned_encoder, config.cache_dir, progress)
-        tuned_matrices = {
-            split: _matrix(by_split[split], tuned_embed, config)
-            for split in (Split.DEV, Split.TEST)
-        }
+        tuned_matrices = {split: _matrix(by_split[split], tuned_embed, config) for split in Split}
         fitted["lora"] = tuned.head
-        dev_scores["lora"] = _mean_auprc(tuned.head, tuned_matrices[Split.DEV])
         variants["lora"] = 0
+        # The head trained with the encoder sees each example only ``tune_epochs`` times,
+        # too few for the rare labels; an MLP refitted on the tuned encoder's embeddings
+        # (as the frozen candidate is fitted) separates the encoder's worth from the head's.
+        fitted["lora+mlp"] = _fit(tuned_matrices[Split.TRAIN], config.hidden, config)
+        variants["lora+mlp"] = config.hidden
+        dev_of.update(dict.fromkeys(("lora", "lora+mlp"), tuned_matrices[Split.DEV]))
+    dev_scores = {name: _mean_auprc(model, dev_of[name]) for name, model in fitted.items()}
+    own_dev_scores = {
+        name: _mean_auprc(model, _own_rows(dev_of[name])) for name, model in fitted.items()
+    }
     chosen = max(dev_scores, key=lambda name: dev_scores[name])
-    if chosen == "lora":
+    if chosen.startswith("lora"):
         matrices.update(tuned_matrices)
         benign_tune_x = {name: tuned_embed(texts) for name, texts in benign_tune.items()}
         benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
@@ -174,7 +181,11 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
             "labels": list(HEAD_LABELS),
         },
         "selection": {
-            "dev_mean_auprc": {name: round(score, 4) for name, score in dev_scores.items()}
+            "dev_mean_auprc": {name: round(score, 4) for name, score in dev_scores.items()},
+            "dev_mean_auprc_own_examples": {
+                name: None if np.isnan(score) else round(score, 4)
+                for name, score in own_dev_scores.items()
+            },
         },
         "calibration": (
             "Platt scaling per label on the dev split (scale and shift of the head logit)"
@@ -331,6 +342,18 @@ def _matrix(
     return Matrix(embed([e.text for e in examples]), y, known, weight, examples)
 
 
+def _own_rows(matrix: Matrix) -> Matrix:
+    """The rows of ``matrix`` that are the project's own examples."""
+    rows = np.array([e.source == "own" for e in matrix.examples], dtype=bool)
+    return Matrix(
+        matrix.x[rows],
+        matrix.y[rows],
+        matrix.known[rows],
+        matrix.weight[rows],
+        [e for e, own in zip(matrix.examples, rows, strict=True) if own],
+    )
+
+
 def _tuning_data(matrix: Matrix) -> TuningData:
     return TuningData(
         texts=[normalize(e.text).folded for e in matrix.examples],
@@ -396,7 +419,7 @@ def _mean_auprc(model: torch.nn.Module, matrix: Matrix) -> float:
         mask = matrix.known[:, i] > 0
         if matrix.y[mask, i].sum() >= 3 and (1 - matrix.y[mask, i]).sum() >= 3:
             scores.append(average_precision_score(matrix.y[mask, i], logits[mask, i]))
-    return float(np.mean(scores))
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def _calibrate(model: torch.nn.Module, dev: Matrix, *, encoder: str) -> Heads:

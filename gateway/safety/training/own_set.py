@@ -37,6 +37,7 @@ GROUPS = frozenset(
         "harmful-compliance",
     }
 )
+MIN_WORDS_FOR_SWAP = 4
 _WORD = re.compile(r"\w+")
 
 
@@ -85,12 +86,17 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def deduplicate(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
-    """Keep the first of rows whose words are equal, or equal but for one position."""
+    """Keep the first of rows whose words are equal, or equal but for one position.
+
+    The one-position rule is for sentences (a swapped noun); texts shorter than
+    ``MIN_WORDS_FOR_SWAP`` words ("Thanks!", "kill switch") count once only when equal.
+    """
     seen: set[tuple[str, ...]] = set()
     kept: list[dict[str, object]] = []
     for row in rows:
         words = _words(str(row["text"]))
-        keys = [words] + [(*words[:i], "\0", *words[i + 1 :]) for i in range(len(words))]
+        swaps = range(len(words)) if len(words) >= MIN_WORDS_FOR_SWAP else range(0)
+        keys = [words] + [(*words[:i], "\0", *words[i + 1 :]) for i in swaps]
         if any(key in seen for key in keys):
             continue
         seen.update(keys)

@@ -154,6 +154,12 @@ def test_rows_differing_by_one_swapped_word_count_once() -> None:
     assert [r["text"] for r in deduplicate(rows)] == [rows[0]["text"], rows[2]["text"]]
 
 
+def test_short_texts_count_once_only_when_equal() -> None:
+    rows = [_row("Thanks!"), _row("Done."), _row("kill switch"), _row("kill process")]
+    rows.append(_row("thanks"))  # the same words as the first
+    assert [r["text"] for r in deduplicate(rows)] == [r["text"] for r in rows[:4]]
+
+
 def test_the_heldout_split_holds_out_whole_subtopics_and_styles(tmp_path: Path) -> None:
     source = tmp_path / "v2"
     source.mkdir()
