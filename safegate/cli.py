@@ -1,24 +1,105 @@
-"""``safegate``: mounts each package's commands. Nothing imports this module."""
+"""``safegate``: every package's commands under one root, each imported only when used.
+
+The root names each top-level command, where it lives and its one-line help
+(``COMMANDS``), so ``safegate --help`` lists them without importing a single package,
+and ``safegate keys ...`` imports only the key commands, never torch or transformers.
+``tests/test_cli.py`` checks that each line here matches the command's own help.
+Nothing imports this module.
+"""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
 import typer
+from typer._click.core import Command as ClickCommand  # typer's own copy of click
+from typer._click.core import Context
+from typer._click.formatting import HelpFormatter
+from typer.core import TyperCommand, TyperGroup
 
-from dashboard.cli import app as dashboard_app
-from evals.cli import app as eval_app
-from finetune.cli import app as finetune_app
-from finetune.cli import models as models_app
-from gateway.cli import app as gateway_app
 
-app = typer.Typer(
-    no_args_is_help=True,
-    help="safegate: safety-first content filter, fine-tuning and evaluation gateway.",
-)
-app.add_typer(gateway_app)
-app.add_typer(finetune_app, name="finetune")
-app.add_typer(models_app, name="models")
-app.add_typer(eval_app, name="eval")
-app.add_typer(dashboard_app)
+@dataclass(frozen=True)
+class Command:
+    """A top-level command: ``module:attribute`` is a ``typer.Typer``; ``command`` names
+    one of its commands (a flat command such as ``serve``), or is ``None`` when the whole
+    app is the command group (``safegate finetune ...``)."""
+
+    target: str
+    help: str
+    command: str | None = None
+
+    def load(self, name: str) -> ClickCommand:
+        """The command as ``add_typer`` mounted it: an app of one command stays a group."""
+        module, attribute = self.target.split(":")
+        mounted = typer.Typer()
+        mounted.add_typer(
+            getattr(importlib.import_module(module), attribute),
+            name=None if self.command else name,
+        )
+        root = typer.main.get_command(mounted)
+        found = (
+            root.get_command(Context(root), self.command or name)
+            if isinstance(root, TyperGroup)
+            else None
+        )
+        if found is None:
+            raise LookupError(f"{self.target} has no command {self.command or name!r}")
+        return found
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command(
+        "gateway.cli:app", "Start the gateway (default http://127.0.0.1:8000).", "serve"
+    ),
+    "moderate": Command(
+        "gateway.cli:app",
+        "Check TEXT, or every line of --input, with the safety engine.",
+        "moderate",
+    ),
+    "safety": Command("gateway.cli:safety", "Train and inspect the safety engine."),
+    "keys": Command("gateway.keys_cli:keys", "Create, list and revoke API keys."),
+    "finetune": Command("finetune.cli:app", "Fine-tune Phi-3 into LoRA adapters."),
+    "models": Command("finetune.cli:models", "The model registry: list, deploy, delete."),
+    "eval": Command("evals.cli:app", "Eval suites, runs and the release gate."),
+    "dashboard": Command(
+        "dashboard.cli:app",
+        "Start the dashboard (default http://127.0.0.1:8501): compare, review, training, traffic.",
+        "dashboard",
+    ),
+}
+
+
+class LazyGroup(TyperGroup):
+    """Loads a command's package when the command runs, not when help lists it."""
+
+    listing = False
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Context, cmd_name: str) -> ClickCommand | None:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        if self.listing:
+            return TyperCommand(cmd_name, help=entry.help)
+        return entry.load(cmd_name)
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        self.listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.listing = False
+
+
+app = typer.Typer(cls=LazyGroup, no_args_is_help=True)
+
+
+@app.callback()
+def root() -> None:
+    """safegate: safety-first content filter, fine-tuning and evaluation gateway."""
 
 
 def main() -> None:
