@@ -26,6 +26,7 @@ from evals.errors import EvalError
 from evals.runs import Run, RunStatus, RunStore, dumps
 from evals.settings import get_settings
 from evals.suite import MAX_CONCURRENCY
+from safegate.output import table_console
 
 if TYPE_CHECKING:
     from evals.cache import CallCache
@@ -156,7 +157,7 @@ def list_runs(as_json: JsonOption = False) -> None:
             item.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             f"[{colour}]{item.status.value}[/]",
         )
-    Console().print(table)
+    table_console().print(table)
 
 
 @app.command()
@@ -196,7 +197,7 @@ def show(run_id: RunIdArgument, as_json: JsonOption = False) -> None:
                 str(scores.get("kind", "-")),
                 f"{applicable}/{len(per_sample)}",
             )
-        Console().print(table)
+        table_console().print(table)
 
 
 def _number(value: Any) -> str:

@@ -29,11 +29,11 @@ from evals.report import (
     comparison_rows,
     write_comparison_report,
 )
+from safegate.output import table_console
 
 GATE_PASSED = 0
 GATE_FAILED = 1
 USAGE_ERROR = 2
-PIPE_WIDTH = 160  # table width when stdout is not a terminal
 
 _stderr = Console(stderr=True, soft_wrap=True)
 
@@ -159,9 +159,7 @@ def _print_table(comparison: Comparison, result: GateResult | None) -> None:
             escape(row["statistic"]),
             gate_cell,
         )
-    console = Console(soft_wrap=True)
-    if not console.is_terminal:  # CI logs and pipes: keep one metric per line
-        console = Console(soft_wrap=True, width=PIPE_WIDTH)
+    console = table_console()  # CI logs and pipes: one metric per line
     console.print(table)
     if result is not None:
         for outcome in result.outcomes:

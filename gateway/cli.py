@@ -30,6 +30,7 @@ from rich.table import Table
 from gateway.config import Settings, get_settings
 from gateway.keys_cli import announce_local_key
 from gateway.keys_cli import keys as keys_app
+from safegate.output import table_console
 
 if TYPE_CHECKING:
     from gateway.local_models import LocalModelProcess
@@ -113,7 +114,15 @@ def _start_local_models(settings: Settings) -> LocalModelProcess | None:
 def moderate(
     text: Annotated[str | None, typer.Argument(help="Text to check.")] = None,
     input: Annotated[
-        Path | None, typer.Option("--input", "-i", help='JSONL file, one {"text": ...} per line.')
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help='JSONL file, one {"text": ...} per line.',
+            exists=True,
+            dir_okay=False,
+            readable=True,
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="JSONL file for the results.")
@@ -239,7 +248,7 @@ def _moderate_file(engine: SafetyEngine, source: Path, target: Path, *, batch_si
 
 def _print_result(result: ModerationResult) -> None:
     colour = {"block": "red", "annotate": "yellow", "allow": "green"}[result.action]
-    out = Console()
+    out = table_console()
     out.print(f"[bold {colour}]{result.action.upper()}[/]")
     table = Table("label", "score", "flagged")
     for name, score in sorted(result.category_scores.items(), key=lambda kv: -kv[1])[:6]:
@@ -254,21 +263,26 @@ def _print_result(result: ModerationResult) -> None:
         out.print(f"- {reason}")
 
 
-OWN_EXAMPLES = (
-    Path("data/safety/own_examples.jsonl"),
-    Path("data/safety/reply_examples.jsonl"),
-    Path("data/safety/intent_examples.jsonl"),
+# Training runs from a checkout: the own examples live beside the package, not in cwd.
+OWN_EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "data" / "safety"
+OWN_EXAMPLES = tuple(
+    OWN_EXAMPLES_DIR / name
+    for name in ("own_examples.jsonl", "reply_examples.jsonl", "intent_examples.jsonl")
 )
 
 
 @safety.command("train")
 def safety_train(
-    data_dir: Annotated[Path, typer.Option(help="Folder of the public data sets.")] = Path(
-        "../shared/data"
-    ),
+    data_dir: Annotated[
+        Path, typer.Option(help="Folder of the public data sets.", exists=True, file_okay=False)
+    ] = Path("../shared/data"),
     own_examples: Annotated[
         list[Path] | None,
-        typer.Option(help="The project's own examples (JSONL; repeat for several files)."),
+        typer.Option(
+            help="The project's own examples (JSONL; repeat for several files).",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     output_dir: Annotated[
         Path, typer.Option(help="Where to write the weights and model card.")

@@ -25,8 +25,7 @@ from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.errors import ApiError
 from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
-
-LIST_WIDTH_WHEN_PIPED = 200
+from safegate.output import table_console
 
 keys = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
 console = Console(stderr=True)
@@ -102,9 +101,7 @@ def list_keys(
             _time(key.created_at),
             _time(key.last_used_at),
         )
-    out = Console()
-    # Piped output gets no terminal width: keep each key on one line rather than 80 columns.
-    (out if out.is_terminal else Console(width=LIST_WIDTH_WHEN_PIPED)).print(table)
+    table_console().print(table)
 
 
 @keys.command("revoke")

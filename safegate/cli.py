@@ -10,9 +10,13 @@ Nothing imports this module.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import typer
+import typer.rich_utils
 from typer._click.core import Command as ClickCommand  # typer's own copy of click
 from typer._click.core import Context
 from typer._click.formatting import HelpFormatter
@@ -102,7 +106,19 @@ def root() -> None:
     """safegate: safety-first content filter, fine-tuning and evaluation gateway."""
 
 
+# Help fills the width of its output; piped (no terminal), rich would use 80 columns and
+# cut option names. ``safegate.output.table_console`` does the same for tables.
+PIPED_HELP_COLUMNS = 120
+
+
+def fit_help_to_pipes(environ: Mapping[str, str], *, terminal: bool) -> None:
+    """Unless output is a terminal or the user set a width, print help 120 wide."""
+    if not terminal and "COLUMNS" not in environ and not environ.get("TERMINAL_WIDTH"):
+        typer.rich_utils.MAX_WIDTH = PIPED_HELP_COLUMNS
+
+
 def main() -> None:
+    fit_help_to_pipes(os.environ, terminal=sys.stdout.isatty())
     app()
 
 

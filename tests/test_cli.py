@@ -4,10 +4,13 @@ and each listed line is the command's own help."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from typer._click.core import Context
 from typer.testing import CliRunner
 
 from safegate.cli import COMMANDS, app
@@ -71,3 +74,58 @@ def test_commands_run_through_the_root() -> None:
     result = CliRunner().invoke(app, ["keys", "list", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "Usage: root keys list" in result.output
+
+
+def _run(*argv: str, home: Path) -> subprocess.CompletedProcess[str]:
+    """``safegate ARGV`` in a fresh interpreter, its output piped (not a terminal)."""
+    environ = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "TERMINAL_WIDTH"}}
+    environ["SAFEGATE_HOME"] = str(home)
+    return subprocess.run(  # noqa: S603 - this interpreter, a fixed script
+        [sys.executable, "-c", "from safegate.cli import main; main()", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+    )
+
+
+def test_piped_help_shows_every_option_name_whole(tmp_path: Path) -> None:
+    done = _run("finetune", "train", "--help", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    command = COMMANDS["finetune"].load("finetune")
+    train = command.get_command(Context(command), "train")  # type: ignore[attr-defined]
+    names = [name for param in train.params for name in param.opts if name.startswith("--")]
+    assert len(names) > 10
+    missing = [name for name in names if name not in done.stdout]
+    assert missing == []
+
+
+def test_piped_tables_keep_each_row_on_one_line(tmp_path: Path) -> None:
+    name = "billing-integration-key-for-the-nightly-export-job-in-eu-west"
+    created = _run("keys", "create", "--name", name, "--role", "developer", home=tmp_path)
+    assert created.returncode == 0, created.stderr
+    listed = _run("keys", "list", home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line for line in listed.stdout.splitlines() if name in line]
+    assert len(rows) == 1
+    assert "developer" in rows[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["moderate", "--input", "{missing}", "--output", "{out}"],
+        ["finetune", "validate", "{missing}"],
+        ["safety", "train", "--data-dir", "{missing}"],
+    ],
+    ids=["moderate", "finetune-validate", "safety-train"],
+)
+def test_a_missing_file_is_a_usage_error_without_traceback(tmp_path: Path, argv: list[str]) -> None:
+    missing, out = tmp_path / "nope.jsonl", tmp_path / "out.jsonl"
+    args = [a.format(missing=missing, out=out) for a in argv]
+    done = _run(*args, home=tmp_path / "home")
+    assert done.returncode == 2
+    message = " ".join(done.stderr.replace("│", " ").split())  # as one line, box drawn off
+    assert "does not exist" in message
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not out.exists()

@@ -19,6 +19,7 @@ from rich.text import Text
 from finetune.cli import app, offline_defaults
 from finetune.dataset import DEFAULT_MAX_SEQ_LENGTH, ChatTokenizer, ValidationReport, validate_file
 from finetune.errors import BaseModelError
+from safegate.output import table_console
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -29,7 +30,14 @@ _TRUE = {"1", "true", "yes", "on"}
 @app.command()
 def validate(
     file: Annotated[
-        Path, typer.Argument(metavar="FILE", help="Chat-completion JSONL file.", show_default=False)
+        Path,
+        typer.Argument(
+            metavar="FILE",
+            help="Chat-completion JSONL file.",
+            show_default=False,
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     base: Annotated[
         str | None,
@@ -112,7 +120,7 @@ def resolve_base(base: str) -> str:
 
 
 def _print_report(report: ValidationReport, *, base: str | None) -> None:
-    console = Console()
+    console = table_console()
     if report.issues:
         console.print(Text(f"{len(report.issues)} error(s):", style="bold red"))
         for issue in report.issues:

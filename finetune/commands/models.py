@@ -25,6 +25,7 @@ from finetune.db import Database
 from finetune.errors import FinetuneError
 from finetune.registry import ModelKind, ModelRegistry
 from finetune.settings import DEFAULT_SERVE_PORT, get_settings
+from safegate.output import table_console
 
 if TYPE_CHECKING:
     from finetune.serving import ServedModel
@@ -79,7 +80,7 @@ def list_models(as_json: JsonOption = False) -> None:
             "[green]yes[/]" if model.deployed else "no",
             model.created_at.strftime("%Y-%m-%d %H:%M"),
         )
-    Console().print(table)
+    table_console().print(table)
 
 
 @models.command()

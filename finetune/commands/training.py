@@ -35,6 +35,7 @@ from finetune.cli import app, offline_defaults
 from finetune.errors import FinetuneError
 from finetune.jobs import Job, JobStatus
 from finetune.settings import DEFAULT_BASE_MODEL
+from safegate.output import table_console
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -373,7 +374,7 @@ def jobs(
             _number(metrics.get("full_valid_loss")),
             job.created_at.strftime("%Y-%m-%d %H:%M"),
         )
-    Console().print(table)
+    table_console().print(table)
     for job in found:
         if job.error and job.status is JobStatus.FAILED:
             console.print(f"{job.id}: {escape(job.error)}")
