@@ -9,10 +9,9 @@ on a first start with no reviewer or admin key, a reviewer key is made and kept 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -83,8 +82,13 @@ def dashboard(
     console.print(
         f"safegate dashboard on http://{host}:{port}  (state in {escape(str(settings.home_dir))})"
     )
-    try:
-        code = subprocess.call(streamlit_command(host=host, port=port))  # noqa: S603
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    become(streamlit_command(host=host, port=port))
+
+
+def become(command: list[str]) -> NoReturn:
+    """Replace this process with ``command`` (exec): Streamlit keeps this process id, so
+    SIGTERM or Ctrl-C to ``safegate dashboard`` reaches Streamlit itself, and stopping it
+    leaves no child behind."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)  # noqa: S606 - this interpreter, fixed arguments
