@@ -9,14 +9,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from safegate.database import StorageSettings
+from safegate.settings import SharedSettings
 
 DEFAULT_BASE_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 DEMO_BASE = "demo-base"
-DEFAULT_SERVE_PORT = 8001
 
 
-class FinetuneSettings(StorageSettings):
+class FinetuneSettings(SharedSettings):
     @property
     def models_dir(self) -> Path:
         """Bases built locally (the demo base) and trained adapters live here."""

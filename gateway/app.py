@@ -83,6 +83,7 @@ def create_app(
         upstreams = LitellmUpstreams(
             UpstreamsConfig.load(settings.upstreams.file),
             adapters=registry_adapters(settings.database, timeouts=settings.database_timeouts),
+            local_api_base=settings.local_models_api_base,
         )
         await asyncio.to_thread(upstreams.refresh)
         app.state.upstreams = upstreams

@@ -86,7 +86,7 @@ def _start_local_models(settings: Settings) -> LocalModelProcess | None:
     from gateway.upstreams import registry_adapters
 
     adapters = registry_adapters(settings.database, timeouts=settings.database_timeouts)()
-    port = settings.upstreams.local_port
+    port = settings.local_models_port
     if not adapters:
         console.print(
             "no adapter is deployed, so no local model is served; "

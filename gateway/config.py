@@ -47,8 +47,8 @@ from gateway.safety.engine import (
 )
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.policy import SHIPPED_POLICY
-from gateway.upstreams import DEFAULT_LOCAL_PORT, SHIPPED_UPSTREAMS
-from safegate.database import StorageSettings
+from gateway.upstreams import SHIPPED_UPSTREAMS
+from safegate.settings import SharedSettings
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -245,10 +245,9 @@ class UpstreamSettings(BaseModel):
         default=True,
         description="`safegate serve` also starts the local model server for deployed adapters",
     )
-    local_port: int = Field(default=DEFAULT_LOCAL_PORT, ge=1, le=65535)
 
 
-class Settings(StorageSettings):
+class Settings(SharedSettings):
     model_config = SettingsConfigDict(
         env_prefix="SAFEGATE_", env_nested_delimiter="__", extra="ignore"
     )

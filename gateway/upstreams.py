@@ -5,10 +5,7 @@ points elsewhere) names what clients may call and how to reach it::
 
     models:
       - name: demo                         # what clients send as "model"
-        litellm:                           # litellm's completion parameters
-          model: openai/demo-console-support
-          api_base: http://127.0.0.1:8001/v1
-          api_key: local
+        local: demo-console-support        # an adapter the local model server serves
       - name: gpt-4o-mini
         litellm: {model: openai/gpt-4o-mini, api_key: os.environ/OPENAI_API_KEY}
     aliases: {support: demo}               # another name for a model
@@ -21,7 +18,8 @@ Any litellm model string works (``openai/``, ``azure/``, ``ollama/``, ``hosted_v
 ...); secrets stay in the environment through litellm's ``os.environ/NAME`` values.
 With ``local_adapters`` every adapter deployed with ``safegate models deploy`` is callable
 by its name, served by the local model server (``safegate finetune serve``, which
-``safegate serve`` starts) at ``local_api_base``. The list is read again when a request
+``safegate serve`` starts) on 127.0.0.1 at ``SAFEGATE_LOCAL_MODELS_PORT``; an entry with
+``local: <adapter>`` names one of them under another name. The list is read again when a request
 names a model the gateway does not know, so a new deployment needs no restart.
 
 Errors (``gateway.errors``): an unknown model is a 404 ``model_not_found``; an upstream
@@ -42,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ApiError, InvalidRequest, NotFound
 from safegate.database import DEFAULT_TIMEOUTS, DatabaseTimeouts
@@ -52,8 +50,6 @@ log = logging.getLogger("safegate.upstreams")
 SHIPPED_UPSTREAMS = Path(__file__).resolve().parent / "upstreams.yaml"
 DEFAULT_UPSTREAM_TIMEOUT_S = 60.0
 DEFAULT_NUM_RETRIES = 1
-DEFAULT_LOCAL_PORT = 8001  # the local model server's (``safegate finetune serve``)
-DEFAULT_LOCAL_API_BASE = f"http://127.0.0.1:{DEFAULT_LOCAL_PORT}/v1"
 LOCAL_API_KEY = "local"  # the local model server checks no key; litellm wants one
 MIN_REFRESH_GAP_S = 1.0  # an unknown model re-reads the registry at most this often
 # Parameters a client may set; nothing else reaches litellm (a client must never set
@@ -98,15 +94,24 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-    litellm: dict[str, Any]
+    litellm: dict[str, Any] | None = None
+    # An adapter served by the local model server, by its registry name: its address is
+    # the one setting SAFEGATE_LOCAL_MODELS_PORT, not written here.
+    local: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     description: str = ""
 
     @field_validator("litellm")
     @classmethod
-    def _has_model(cls, params: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(params.get("model"), str) or not params["model"]:
+    def _has_model(cls, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        if params is not None and (not isinstance(params.get("model"), str) or not params["model"]):
             raise ValueError("litellm.model must name a litellm model, e.g. openai/gpt-4o-mini")
         return params
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ModelEntry:
+        if (self.litellm is None) == (self.local is None):
+            raise ValueError(f"model {self.name!r} needs either litellm or local, not both")
+        return self
 
 
 class UpstreamsConfig(BaseModel):
@@ -118,7 +123,6 @@ class UpstreamsConfig(BaseModel):
     timeout_s: float = Field(default=DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
     num_retries: int = Field(default=DEFAULT_NUM_RETRIES, ge=0, le=10)
     local_adapters: bool = True
-    local_api_base: str = DEFAULT_LOCAL_API_BASE
 
     @classmethod
     def load(cls, path: Path) -> UpstreamsConfig:
@@ -128,6 +132,11 @@ class UpstreamsConfig(BaseModel):
             raise UpstreamsError(f"cannot read upstreams file {path}: {error}") from error
         except yaml.YAMLError as error:
             raise UpstreamsError(f"upstreams file {path} is not valid YAML: {error}") from error
+        if isinstance(raw, dict) and "local_api_base" in raw:
+            raise UpstreamsError(
+                f"upstreams file {path}: local_api_base is no longer read; the local model "
+                "server's address is one setting, SAFEGATE_LOCAL_MODELS_PORT"
+            )
         try:
             config = cls.model_validate(raw)
         except ValidationError as error:
@@ -178,9 +187,16 @@ AdapterSource = Callable[[], Sequence[str]]
 class LitellmUpstreams:
     """The configured models behind one ``litellm.Router``."""
 
-    def __init__(self, config: UpstreamsConfig, *, adapters: AdapterSource | None = None) -> None:
+    def __init__(
+        self,
+        config: UpstreamsConfig,
+        *,
+        adapters: AdapterSource | None = None,
+        local_api_base: str = "http://127.0.0.1:8001/v1",
+    ) -> None:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         self.config = config
+        self.local_api_base = local_api_base
         self._adapters = adapters if config.local_adapters else None
         self._local: tuple[str, ...] = ()
         self._refreshed = 0.0
@@ -191,7 +207,7 @@ class LitellmUpstreams:
         from litellm.router import Router
 
         model_list = [
-            {"model_name": entry.name, "litellm_params": dict(entry.litellm)}
+            {"model_name": entry.name, "litellm_params": self._params(entry)}
             for entry in self.config.models
         ]
         configured = {entry.name for entry in self.config.models}
@@ -200,7 +216,7 @@ class LitellmUpstreams:
                 "model_name": name,
                 "litellm_params": {
                     "model": f"openai/{name}",
-                    "api_base": self.config.local_api_base,
+                    "api_base": self.local_api_base,
                     "api_key": LOCAL_API_KEY,
                 },
             }
@@ -215,6 +231,15 @@ class LitellmUpstreams:
             timeout=self.config.timeout_s,
             stream_timeout=self.config.timeout_s,
         )
+
+    def _params(self, entry: ModelEntry) -> dict[str, Any]:
+        if entry.litellm is not None:
+            return dict(entry.litellm)
+        return {
+            "model": f"openai/{entry.local}",
+            "api_base": self.local_api_base,
+            "api_key": LOCAL_API_KEY,
+        }
 
     def refresh(self) -> bool:
         """Read the deployed adapters again; True when the list changed."""

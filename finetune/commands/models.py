@@ -24,7 +24,7 @@ from finetune.cli import app, models, offline_defaults
 from finetune.db import Database
 from finetune.errors import FinetuneError
 from finetune.registry import ModelKind, ModelRegistry
-from finetune.settings import DEFAULT_SERVE_PORT, get_settings
+from finetune.settings import get_settings
 from safegate.output import table_console
 
 if TYPE_CHECKING:
@@ -152,7 +152,10 @@ def serve(
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = DEFAULT_SERVE_HOST,
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = DEFAULT_SERVE_PORT,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on. Default: SAFEGATE_LOCAL_MODELS_PORT (8001)."),
+    ] = None,
 ) -> None:
     """Serve a base and its deployed adapters with OpenAI's chat API (/v1)."""
     offline_defaults()
@@ -163,6 +166,7 @@ def serve(
         with console.status(f"loading {escape(chosen)}"):
             server = LocalModelServer.open(chosen, registry=registry)
         _print_served(server.served(), failed=server.failed)
+        port = port or get_settings().local_models_port
         console.print(f"listening on http://{host}:{port}/v1  (Ctrl-C stops)")
         import uvicorn
 

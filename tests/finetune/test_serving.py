@@ -684,6 +684,21 @@ def test_serve_loads_the_base_of_the_deployed_adapters(
     assert ids == ["tiny", "ad-a", "ad-b"]
 
 
+def test_serve_listens_on_the_local_models_port_by_default(
+    home_registry: ModelRegistry,
+    folders: Folders,
+    uvicorn_calls: list[dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    register(home_registry, base_name="tiny", base_path=folders.base, adapters={"ad-a": folders.a})
+    monkeypatch.setenv("SAFEGATE_LOCAL_MODELS_PORT", "8555")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["finetune", "serve"])
+    assert result.exit_code == 0, result.output
+    [call] = uvicorn_calls
+    assert (call["host"], call["port"]) == ("127.0.0.1", 8555)
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

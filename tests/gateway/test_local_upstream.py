@@ -18,6 +18,7 @@ from finetune.registry import ModelRegistry
 from gateway.auth import Role
 from gateway.config import Settings
 from gateway.local_models import LocalModelProcess, port_in_use
+from gateway.upstreams import UpstreamsConfig, UpstreamsError
 from tests.finetune.tiny_phi3 import build_base, register, train_adapter
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
 
@@ -68,14 +69,16 @@ def gateway(
     upstreams.write_text(
         yaml.safe_dump(
             {
-                "models": [],
+                "models": [{"name": "weather", "local": "sunny"}],
                 "local_adapters": True,
-                "local_api_base": f"{local_server.url}/v1",
                 "num_retries": 0,
             }
         )
     )
-    client = ready_client(Settings(home=home, upstreams={"file": upstreams}), engine_factory)
+    settings = Settings(
+        home=home, upstreams={"file": upstreams}, local_models_port=local_server.port
+    )
+    client = ready_client(settings, engine_factory)
     yield client
     client.__exit__(None, None, None)
 
@@ -101,6 +104,28 @@ def test_deployed_adapter_is_callable_by_name_through_the_gateway(gateway: TestC
     )
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == ANSWER
+    # "weather" is `local: sunny` in the upstreams file: no address written there, the
+    # port comes from SAFEGATE_LOCAL_MODELS_PORT (here the test server's).
+    renamed = api.chat.completions.create(
+        model="weather", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0
+    )
+    assert renamed.choices[0].message.content == ANSWER
+
+
+def test_an_upstreams_file_naming_the_local_address_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.yaml"
+    path.write_text(yaml.safe_dump({"models": [], "local_api_base": "http://127.0.0.1:9/v1"}))
+    with pytest.raises(UpstreamsError, match="SAFEGATE_LOCAL_MODELS_PORT"):
+        UpstreamsConfig.load(path)
+
+
+def test_a_model_entry_needs_litellm_or_local(tmp_path: Path) -> None:
+    path = tmp_path / "upstreams.yaml"
+    both = {"name": "x", "local": "a", "litellm": {"model": "openai/a"}}
+    for entry in (both, {"name": "x"}):
+        path.write_text(yaml.safe_dump({"models": [entry]}))
+        with pytest.raises(UpstreamsError, match="either litellm or local"):
+            UpstreamsConfig.load(path)
 
 
 def test_the_model_server_does_not_outlive_a_killed_gateway(tmp_path: Path) -> None:
