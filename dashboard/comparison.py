@@ -80,6 +80,22 @@ def runs_table(database_url: str) -> pd.DataFrame:
     return load_runs(database_url)
 
 
+def default_pair(runs: pd.DataFrame) -> tuple[str, str | None]:
+    """The runs the page opens on, from succeeded runs newest first: the newest run as the
+    candidate and the newest earlier run *of the same suite* as its baseline, so the
+    default comparison has paired samples. With no such run: the oldest run as the
+    baseline and no candidate (the page asks for one)."""
+    ids = [str(run_id) for run_id in runs["id"]]
+    suites = [str(suite) for suite in runs["suite"]]
+    for index, (candidate, suite) in enumerate(zip(ids, suites, strict=True)):
+        earlier = [
+            i for i, s in zip(ids[index + 1 :], suites[index + 1 :], strict=True) if s == suite
+        ]
+        if earlier:
+            return earlier[0], candidate
+    return ids[-1], None
+
+
 def run_label(run: Mapping[str, Any]) -> str:
     """How a run is named in a picker: model, suite, time and id."""
     created = run.get("created_at")

@@ -306,7 +306,8 @@ class Runner:
         else:
             run = self.store.create(
                 suite=plan.suite.name,
-                suite_path=str(plan.suite.path),
+                # Absolute: the dashboard reads the prompts back from wherever it runs.
+                suite_path=str(plan.suite.path.resolve()),
                 suite_sha256=plan.suite.sha256,
                 model=plan.model.spec.name,
                 config=plan.config(),

@@ -80,17 +80,35 @@ if len(done) < 2:
     st.stop()
 
 labels = {str(row["id"]): comparison.run_label(row) for row in done.to_dict("records")}
+suite_of = {str(row["id"]): str(row["suite"]) for row in done.to_dict("records")}
 ids = list(labels)
+default_baseline, default_candidate = comparison.default_pair(done)
 picks = st.columns([2, 3])
 baseline_id = picks[0].selectbox(
-    "Baseline", ids, index=len(ids) - 1, format_func=labels.__getitem__, key="baseline"
+    "Baseline",
+    ids,
+    index=ids.index(default_baseline),
+    format_func=labels.__getitem__,
+    key="baseline",
 )
-others = [run_id for run_id in ids if run_id != baseline_id]
+# Runs of the baseline's suite first: only they share samples with it.
+others = sorted(
+    (run_id for run_id in ids if run_id != baseline_id),
+    key=lambda run_id: suite_of[run_id] != suite_of[baseline_id],
+)
+same_suite = [run_id for run_id in others if suite_of[run_id] == suite_of[baseline_id]]
+preselected = [default_candidate] if default_candidate in same_suite else same_suite[:1]
 candidate_ids = picks[1].multiselect(
-    "Candidates", others, default=others[:1], format_func=labels.__getitem__, key="candidates"
+    "Candidates", others, default=preselected, format_func=labels.__getitem__, key="candidates"
 )
 if not candidate_ids:
-    st.info("Pick at least one candidate run to compare with the baseline.")
+    st.info(
+        f"Pick at least one candidate run to compare with the baseline. No other run of "
+        f"the suite {plain(suite_of[baseline_id])!r} succeeded; runs of other suites share "
+        "no samples with it."
+        if not same_suite
+        else "Pick at least one candidate run to compare with the baseline."
+    )
     st.stop()
 
 options = st.columns([2, 3])

@@ -302,6 +302,20 @@ def test_prompts_are_not_shown_when_the_suite_moved(fresh: Seeded, stores_of: St
     assert comparison.prompts(baseline) == {}
 
 
+def _runs(*rows: tuple[str, str]) -> pd.DataFrame:
+    """Succeeded runs, newest first: (id, suite)."""
+    return pd.DataFrame([{"id": run_id, "suite": suite} for run_id, suite in rows])
+
+
+def test_the_default_pair_is_two_runs_of_one_suite() -> None:
+    # The newest run is of another suite than the one before it: the newest run that has
+    # an earlier run of its own suite is compared with that run.
+    runs = _runs(("r4", "smoke"), ("r3", "safety"), ("r2", "smoke"), ("r1", "safety"))
+    assert comparison.default_pair(runs) == ("r2", "r4")
+    lonely = _runs(("r3", "smoke"), ("r2", "safety"), ("r1", "other"))
+    assert comparison.default_pair(lonely) == ("r1", None)  # nothing pairs: no candidate
+
+
 class _Judge:
     """Stands in for the safety engine at its seam: severities by a word in the text."""
 

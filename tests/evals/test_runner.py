@@ -23,6 +23,17 @@ from tests.evals.conftest import (
 )
 
 
+def test_a_run_records_its_suite_by_absolute_path(
+    tmp_path: Path, store: RunStore, cache: CallCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given relative, as `safegate eval run evals/suites/smoke.yaml` gives it: the
+    # dashboard, started elsewhere, still finds the suite to show each example's prompt.
+    suite = write_suite(tmp_path)
+    monkeypatch.chdir(suite.parent)
+    (run,) = make_runner(store, cache, FakeCaller()).run(Path(suite.name))
+    assert Path(run.suite_path) == suite.resolve()
+
+
 def test_a_run_stores_outputs_metrics_and_versioned_files(
     tmp_path: Path, store: RunStore, cache: CallCache
 ) -> None:
