@@ -51,10 +51,6 @@ def sign_in(keys: KeyStore, secret: str) -> Principal:
     return principal
 
 
-def can_label(principal: Principal) -> bool:
-    return principal.allows(Role.REVIEWER)
-
-
 def can_edit_blocklists(principal: Principal) -> bool:
     return principal.allows(Role.ADMIN)
 

@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from safegate.offline import offline_defaults
+
 APP = Path(__file__).resolve().parent / "app.py"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
@@ -58,8 +60,7 @@ def dashboard(
     from dashboard.stores import Stores
     from gateway.config import Settings
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_defaults()
     settings = Settings()
     stores = Stores.open(settings)  # migrates every package's tables
     try:

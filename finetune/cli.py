@@ -6,18 +6,12 @@ them. Commands print a report for bad input and exit non-zero; never a traceback
 
 from __future__ import annotations
 
-import os
-
 import typer
+
+from safegate.offline import offline_defaults as offline_defaults  # the commands import it
 
 app = typer.Typer(no_args_is_help=True, help="Fine-tune Phi-3 into LoRA adapters.")
 models = typer.Typer(no_args_is_help=True, help="The model registry: list, deploy, delete.")
-
-
-def offline_defaults() -> None:
-    """Never reach for the network unless the user asked for a hub id."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # Registering commands: importing these modules adds their commands to the apps above.

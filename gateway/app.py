@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -34,6 +33,7 @@ from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
 from gateway.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
+from safegate.offline import offline_defaults
 
 log = logging.getLogger("safegate.app")
 
@@ -48,7 +48,7 @@ def create_app(
     settings: Settings | None = None, *, engine_factory: EngineFactory = _default_engine
 ) -> FastAPI:
     settings = settings or get_settings()
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    offline_defaults()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from rich.table import Table
 from gateway.config import Settings, get_settings
 from gateway.keys_cli import announce_local_key
 from gateway.keys_cli import keys as keys_app
+from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 if TYPE_CHECKING:
@@ -47,19 +47,13 @@ app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
 
 
-def _offline_defaults() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
 ) -> None:
     """Start the gateway (default http://127.0.0.1:8000)."""
-    _offline_defaults()
+    offline_defaults()
     import uvicorn
 
     from gateway.app import create_app
@@ -133,7 +127,7 @@ def moderate(
     ] = DEFAULT_MODERATE_BATCH,
 ) -> None:
     """Check TEXT, or every line of --input, with the safety engine."""
-    _offline_defaults()
+    offline_defaults()
     if (text is None) == (input is None):
         raise typer.BadParameter("give either TEXT or --input FILE")
     if input is not None and output is None:
@@ -300,7 +294,7 @@ def safety_train(
 
     Resumes after a kill: run the same command again.
     """
-    _offline_defaults()
+    offline_defaults()
     from gateway.safety.train import TrainConfig, run
 
     settings = get_settings()

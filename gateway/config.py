@@ -1,8 +1,9 @@
 """Settings: ``SAFEGATE_*`` environment variables over embedded defaults.
 
 Nested sections use ``__``: ``SAFEGATE_DETOXIFY__ENABLED=true``. Every limit and
-timeout has a named default here; none means "unlimited". ``get_settings()`` is cached
-and injected into routes as a dependency, so tests override it.
+timeout has a named default here; none means "unlimited". ``get_settings()`` is cached;
+``create_app(settings)`` takes the settings the app and its routes use (tests pass their
+own), and commands read ``get_settings()``.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from gateway.safety.verdict import Verdict
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGE_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-STAGES = ("prompt_check", "upstream", "completion_check", "first_token")
 
 
 class Metrics:

@@ -1,8 +1,7 @@
 """A small registry of named factories, shared by classifiers, metrics and upstreams.
 
-Names come from a ``StrEnum`` so a typo is an error at import time, a second
-registration under one name raises, and ``freeze()`` at start-up stops late additions
-from changing behaviour while requests are served.
+Names come from a ``StrEnum`` so a typo is an error at import time, and a second
+registration under one name raises.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ T = TypeVar("T")
 
 
 class RegistryError(Exception):
-    """A name collided, was unknown, or the registry was frozen."""
+    """A name collided or was unknown."""
 
 
 class Registry(Generic[T]):
@@ -24,7 +23,6 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self._kind = kind
         self._items: dict[StrEnum, T] = {}
-        self._frozen = False
 
     def register(self, name: StrEnum) -> Callable[[T], T]:
         """Decorator: register the decorated object under ``name``."""
@@ -36,8 +34,6 @@ class Registry(Generic[T]):
         return decorate
 
     def add(self, name: StrEnum, item: T) -> None:
-        if self._frozen:
-            raise RegistryError(f"the {self._kind} registry is frozen; cannot add {name!s}")
         if name in self._items:
             raise RegistryError(f"{self._kind} {name!s} is already registered")
         self._items[name] = item
@@ -48,9 +44,6 @@ class Registry(Generic[T]):
                 return item
         known = ", ".join(sorted(key.value for key in self._items))
         raise RegistryError(f"unknown {self._kind} {name!r}; known: {known}")
-
-    def freeze(self) -> None:
-        self._frozen = True
 
     def names(self) -> list[str]:
         return sorted(key.value for key in self._items)

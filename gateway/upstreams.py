@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ApiError, InvalidRequest, NotFound
 from safegate.database import DEFAULT_TIMEOUTS, DatabaseTimeouts
+from safegate.offline import offline_defaults
 
 log = logging.getLogger("safegate.upstreams")
 
@@ -161,26 +161,6 @@ class ModelInfo:
     created: int
 
 
-class Upstream(Protocol):
-    """The seam the chat route talks to (litellm in production and tests)."""
-
-    def models(self) -> list[ModelInfo]: ...
-
-    async def resolve(self, name: str) -> str: ...
-
-    async def complete(
-        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
-    ) -> Any:
-        """A ``litellm.ModelResponse``."""
-        ...
-
-    async def stream(
-        self, model: str, messages: Sequence[Mapping[str, Any]], **params: Any
-    ) -> AsyncIterator[Any]:
-        """``litellm`` stream chunks (``ModelResponseStream``)."""
-        ...
-
-
 AdapterSource = Callable[[], Sequence[str]]
 
 
@@ -194,7 +174,7 @@ class LitellmUpstreams:
         adapters: AdapterSource | None = None,
         local_api_base: str = "http://127.0.0.1:8001/v1",
     ) -> None:
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        offline_defaults()
         self.config = config
         self.local_api_base = local_api_base
         self._adapters = adapters if config.local_adapters else None

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -46,6 +45,7 @@ from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.taxonomy import Category, Label
 from gateway.safety.verdict import Detection
+from safegate.offline import offline_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def _describe(reply: str) -> str:
 
 def _import_litellm() -> None:
     """Import litellm without letting it fetch its model price map over the network."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    offline_defaults()
     import litellm  # noqa: F401
 
 

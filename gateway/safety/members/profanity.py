@@ -4,8 +4,8 @@ The model ships inside the package, so it loads with no network. Its own
 ``predict_prob`` goes through scikit-learn's ``CalibratedClassifierCV``, whose per-call
 overhead (about 5 ms for one text here) dwarfs the arithmetic; this member takes the five
 folds' weights and sigmoid calibrators out of the fitted model once at load and computes
-the same average of calibrated probabilities with one sparse product (the test checks it
-agrees with ``predict_prob``). It reads the folded
+the same average of calibrated probabilities with one sparse product
+(tests/gateway/safety/test_profanity.py checks it agrees with ``predict_prob``). It reads the folded
 view, so ``sh1t`` and ``ѕhit`` score like ``shit``. Its output is the model's
 calibrated probability; it feeds the ``profanity`` shield only, because swearing is not
 by itself harassment (``holy shit, what a goal``).
