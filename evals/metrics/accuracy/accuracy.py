@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import evaluate
 from sklearn.metrics import accuracy_score
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = "Share of predicted labels equal to the reference label (scikit-learn)."
 _KWARGS_DESCRIPTION = """
@@ -23,19 +24,12 @@ Returns:
 """
 
 
-class Accuracy(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=[
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"
-            ],
-        )
+class Accuracy(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    URLS = (
+        "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html",
+    )
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, Any]:
         per_sample = [int(p == r) for p, r in zip(predictions, references, strict=True)]

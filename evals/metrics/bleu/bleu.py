@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import evaluate
 from sacrebleu.metrics.bleu import BLEU
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = "sacrebleu BLEU (one reference per prediction), corpus and per sentence."
 _CITATION = """@inproceedings{post-2018-call,
@@ -35,17 +36,11 @@ Returns:
 """
 
 
-class Bleu(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            codebase_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+class Bleu(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URLS = ("https://github.com/mjpost/sacrebleu",)
 
     def _compute(
         self,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import evaluate
 from sacrebleu.metrics.chrf import CHRF
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = "sacrebleu chrF (one reference per prediction), corpus and per sentence."
 _CITATION = """@inproceedings{popovic-2015-chrf,
@@ -36,17 +37,11 @@ Returns:
 """
 
 
-class Chrf(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            codebase_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+class Chrf(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URLS = ("https://github.com/mjpost/sacrebleu",)
 
     def _compute(
         self,

@@ -10,9 +10,10 @@ import re
 import string
 from typing import Any
 
-import datasets
 import evaluate
 from sklearn.metrics import accuracy_score
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = """Share of predictions equal to their reference after optional normalisation
 (case, punctuation, surrounding and repeated whitespace)."""
@@ -43,17 +44,10 @@ def normalise(
     return text
 
 
-class ExactMatch(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=["https://scikit-learn.org/stable/modules/model_evaluation.html"],
-        )
+class ExactMatch(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    URLS = ("https://scikit-learn.org/stable/modules/model_evaluation.html",)
 
     def _compute(
         self,

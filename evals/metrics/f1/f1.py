@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import evaluate
 from sklearn.metrics import f1_score
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = "F1 of predicted labels against reference labels (sklearn.metrics.f1_score)."
 _KWARGS_DESCRIPTION = """
@@ -28,19 +29,10 @@ Returns:
 AVERAGES = ("macro", "micro", "weighted", "binary")
 
 
-class F1(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=[
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html"
-            ],
-        )
+class F1(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    URLS = ("https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html",)
 
     def _compute(
         self,

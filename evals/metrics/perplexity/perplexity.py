@@ -19,10 +19,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import datasets
 import evaluate
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = "Perplexity of each reference given its prompt, under a local causal LM."
 _KWARGS_DESCRIPTION = """
@@ -49,17 +50,11 @@ def _local_only(path: str) -> bool:
     return Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-class Perplexity(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"prompts": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            reference_urls=["https://huggingface.co/docs/transformers/perplexity"],
-        )
+class Perplexity(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    URLS = ("https://huggingface.co/docs/transformers/perplexity",)
+    COLUMNS = ("prompts", "references")
 
     def _compute(
         self,

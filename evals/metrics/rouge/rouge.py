@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import datasets
 import evaluate
 from rouge_score import rouge_scorer
+
+from evals.metrics.module import TextMetric
 
 _DESCRIPTION = "ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score), per sample and mean."
 _CITATION = """@inproceedings{lin-2004-rouge,
@@ -35,17 +36,11 @@ Returns:
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-class Rouge(evaluate.Metric):  # type: ignore[misc]
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
-            codebase_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+class Rouge(TextMetric, evaluate.Metric):  # type: ignore[misc]
+    DESCRIPTION = _DESCRIPTION
+    ARGUMENTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URLS = ("https://github.com/google-research/google-research/tree/master/rouge",)
 
     def _compute(
         self,
