@@ -82,12 +82,22 @@ class TrainConfig:
     max_tune_steps: int | None = field(
         default=None, metadata={"help": "stop fine-tuning after this many steps (tests)"}
     )
+    languages: tuple[str, ...] = field(
+        default=("en",),
+        metadata={"help": "languages the model covers; others are marked low-confidence"},
+    )
+    chunking: str = field(
+        default="always",
+        metadata={"help": "sentence chunks for every text past 100 chars, or only 'long' ones"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.benign_flag_budget < 1.0:
             raise ValueError("benign_flag_budget must be within (0, 1)")
         if self.epochs < 1 or self.hidden < 0:
             raise ValueError("epochs must be >= 1 and hidden >= 0")
+        if self.chunking not in {"always", "long"}:
+            raise ValueError("chunking must be 'always' or 'long'")
 
     def to_json(self) -> dict[str, object]:
         def plain(value: object) -> object:
@@ -175,6 +185,8 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         "name": "safegate-encoder-heads",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "encoder": config.encoder,
+        "languages": list(config.languages),
+        "chunking": config.chunking,
         "architecture": {
             "variant": chosen,
             "hidden": variants[chosen],
