@@ -1,7 +1,8 @@
 """The review queue's data: flagged items from the audit store, labels, export, blocklists.
 
 Everything goes through the gateway's own stores and rules, the same ones
-``/v1/review`` uses: ``AuditStore.list_items`` (filters, newest first, keyset pages),
+``/v1/review`` uses: ``AuditStore.list_items`` (filters, newest first, keyset pages; eval
+traffic left out unless the page includes it, as the API does),
 ``label``/``label_many`` (recorded with the reviewer's key id), ``export`` as the eval
 set the API streams (``gateway.routes.review.eval_example``), and adding a term to a
 blocklist only when it matches the item's text as the engine would (admin only).
@@ -10,8 +11,8 @@ blocklist only when it matches the item's text as the engine would (admin only).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,10 @@ from gateway.audit import (
     ReviewState,
     StoredItem,
 )
-from gateway.auth import Principal, Role
+from gateway.auth import KeyStore, Principal, Role
 from gateway.blocklists import BlocklistItem, BlocklistStore, ItemKind, NewItem
 from gateway.errors import Forbidden
+from gateway.origin import EVAL_ORIGIN
 from gateway.routes.review import check_term_occurs, ensure_blocklist, eval_example
 from gateway.safety.taxonomy import Direction, Severity
 
@@ -36,6 +38,8 @@ PREVIEW_CHARS = 160
 QUEUE_COLUMNS = (
     "id",
     "created_at",
+    "key",
+    "origin",
     "model",
     "direction",
     "categories",
@@ -65,8 +69,14 @@ def item_filter(
     review_state: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    key_id: str | None = None,
+    origin: str | None = None,
+    include_eval: bool = False,
 ) -> ItemFilter:
-    """The store's filter from the page's choices (``None`` or ``""``: any)."""
+    """The store's filter from the page's choices (``None`` or ``""``: any).
+
+    Eval traffic is left out unless ``include_eval`` or ``origin`` is ``eval``.
+    """
     return ItemFilter(
         category=category or None,
         severity_min=severity_min,
@@ -75,6 +85,9 @@ def item_filter(
         review_state=ReviewState(review_state) if review_state else None,
         since=since,
         until=until,
+        key_id=key_id or None,
+        origin=origin or None,
+        hide_eval=not include_eval,
     )
 
 
@@ -84,18 +97,19 @@ def queue(
     *,
     limit: int = 50,
     cursor: str | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> QueuePage:
     """Flagged items matching ``where``, newest first, ``limit`` at a time."""
     import pandas as pd
 
     page = audit.list_items(where, limit=min(limit, MAX_PAGE_SIZE), cursor=cursor)
-    rows = [_queue_row(stored) for stored in page.items]
+    rows = [_queue_row(stored, names or {}) for stored in page.items]
     frame = pd.DataFrame(rows, columns=list(QUEUE_COLUMNS))
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
     return QueuePage(items=frame, next_cursor=page.next_cursor)
 
 
-def _queue_row(stored: StoredItem) -> dict[str, object]:
+def _queue_row(stored: StoredItem, names: Mapping[str, str]) -> dict[str, object]:
     item = stored.item
     preview = " ".join(item.text.split())
     if len(preview) > PREVIEW_CHARS:
@@ -103,6 +117,8 @@ def _queue_row(stored: StoredItem) -> dict[str, object]:
     return {
         "id": item.id,
         "created_at": item.created_at,
+        "key": names.get(item.key_id, item.key_id),
+        "origin": item.origin or "",
         "model": item.model or "",
         "direction": item.direction.value,
         "categories": ", ".join(item.categories),
@@ -120,10 +136,36 @@ def queue_models(audit: AuditStore, *, scan: int = MAX_PAGE_SIZE) -> list[str]:
     return sorted({stored.item.model for stored in page.items if stored.item.model})
 
 
-def review_counts(audit: AuditStore) -> dict[str, int]:
-    """Items per review state (every state present, zero when none), and the total."""
-    stats = audit.stats()
+def queue_origins(audit: AuditStore, *, scan: int = MAX_PAGE_SIZE) -> list[str]:
+    """Origins among the newest ``scan`` flagged items (eval first, when seen)."""
+    page = audit.list_items(ItemFilter(), limit=scan)
+    seen = {stored.item.origin for stored in page.items if stored.item.origin}
+    return sorted(seen, key=lambda origin: (origin != EVAL_ORIGIN, origin))
+
+
+def queue_keys(audit: AuditStore, *, scan: int = MAX_PAGE_SIZE) -> list[str]:
+    """Key ids among the newest ``scan`` flagged items (eval traffic's too), for the filter."""
+    page = audit.list_items(ItemFilter(), limit=scan)
+    return sorted({stored.item.key_id for stored in page.items})
+
+
+def key_names(keys: KeyStore) -> dict[str, str]:
+    """``key id -> "name (key id)"`` of every key, revoked ones too, for display."""
+    return {key.id: f"{key.name} ({key.id})" for key in keys.list(include_revoked=True)}
+
+
+def review_counts(audit: AuditStore, where: ItemFilter | None = None) -> dict[str, int]:
+    """Items per review state (every state present, zero when none), and the total, of the
+    items ``where`` matches (every item when None)."""
+    stats = audit.stats(where)
     return {"total": stats.total, **dict(stats.by_review_state)}
+
+
+def hidden_eval(audit: AuditStore, where: ItemFilter) -> int:
+    """How many eval items ``where`` leaves out only because it hides eval traffic."""
+    if not where.hide_eval or where.origin is not None:
+        return 0
+    return audit.stats(replace(where, origin=EVAL_ORIGIN, hide_eval=False)).total
 
 
 # -- one item ----------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The traffic page's data: what the gateway filtered, from the audit store's ``request_log``.
 
 The gateway keeps one metadata record per filtered request (``gateway.audit.RequestRecord``:
-model, route, status, what was blocked, the labels flagged anywhere in it, latency per
-stage; never text). This module reads a time window of them (newest first, at most
-``MAX_REQUESTS``) and aggregates in pandas: requests and blocks per category over time,
-block rate per model, and latency per stage (``prompt_check``, ``upstream``,
-``completion_check``, ``first_token``, ``total``).
+key id, origin, model, route, status, what was blocked, the labels flagged anywhere in it,
+latency per stage; never text). This module reads a time window of them (newest first, at
+most ``MAX_REQUESTS``; optionally one key's or one origin's; eval traffic left out unless
+included, as on the review queue) and aggregates in pandas: requests and blocks per
+category over time, block rate per model, and latency per stage (``prompt_check``,
+``upstream``, ``completion_check``, ``first_token``, ``total``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, func, select
 
-from gateway.audit import AuditStore, RequestLogRow
+from gateway.audit import AuditStore, RequestLogRow, not_eval
+from gateway.origin import EVAL_ORIGIN, parse_origin
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
 MAX_REQUESTS = 200_000
 REQUEST_COLUMNS = (
     "created_at",
+    "key_id",
+    "origin",
     "model",
     "route",
     "status",
@@ -39,10 +43,20 @@ NO_MODEL = "(none)"
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """The requests of a time window, and whether ``MAX_REQUESTS`` cut it short."""
+    """The requests of a time window, whether ``MAX_REQUESTS`` cut it short, and how many
+    eval requests the window left out because eval traffic was not included."""
 
     requests: pd.DataFrame
     truncated: bool
+    hidden_eval: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Senders:
+    """Who sent requests in a window: key ids and declared origins (for the filters)."""
+
+    key_ids: tuple[str, ...]
+    origins: tuple[str, ...]
 
 
 def read_requests(
@@ -51,13 +65,22 @@ def read_requests(
     since: datetime,
     until: datetime | None = None,
     limit: int = MAX_REQUESTS,
+    key_id: str | None = None,
+    origin: str | None = None,
+    include_eval: bool = False,
 ) -> Window:
-    """Request records created in ``[since, until)``, newest first."""
+    """Request records created in ``[since, until)``, newest first; only ``key_id``'s and
+    ``origin``'s when given, and eval traffic only when included or asked for."""
     import pandas as pd
 
     table = RequestLogRow
+    origin = parse_origin(origin, param="origin")
+    scope = _scope(since=since, until=until, key_id=key_id)
+    hide_eval = not include_eval and origin is None
     query = select(
         table.created_at,
+        table.key_id,
+        table.origin,
         table.model,
         table.route,
         table.status,
@@ -65,12 +88,18 @@ def read_requests(
         table.categories,
         table.latency_ms,
         table.stream,
-    ).where(table.created_at >= since)
-    if until is not None:
-        query = query.where(table.created_at < until)
+    ).where(*scope)
+    if origin is not None:
+        query = query.where(table.origin == origin)
+    elif hide_eval:
+        query = query.where(not_eval(table.origin))
     query = query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
+    hidden_query = (
+        select(func.count()).select_from(table).where(*scope, table.origin == EVAL_ORIGIN)
+    )
     with audit.database.session() as session:
         rows = [tuple(row) for row in session.execute(query)]
+        hidden = int(session.scalar(hidden_query) or 0) if hide_eval else 0
     truncated = len(rows) > limit
     frame = pd.DataFrame(rows[:limit], columns=list(REQUEST_COLUMNS))
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
@@ -80,7 +109,34 @@ def read_requests(
     frame["outcome"] = "allowed"
     frame.loc[flagged, "outcome"] = "flagged"
     frame.loc[frame["blocked"].notna(), "outcome"] = "blocked"
-    return Window(requests=frame, truncated=truncated)
+    return Window(requests=frame, truncated=truncated, hidden_eval=hidden)
+
+
+def senders(audit: AuditStore, *, since: datetime, until: datetime | None = None) -> Senders:
+    """The key ids and origins of the window's requests, eval traffic's included."""
+    table = RequestLogRow
+    scope = _scope(since=since, until=until, key_id=None)
+    with audit.database.session() as session:
+        keys = session.scalars(select(table.key_id).where(*scope).distinct()).all()
+        origins = session.scalars(
+            select(table.origin).where(*scope, table.origin.is_not(None)).distinct()
+        ).all()
+    return Senders(
+        key_ids=tuple(sorted(keys)),
+        origins=tuple(sorted({o for o in origins if o}, key=lambda o: (o != EVAL_ORIGIN, o))),
+    )
+
+
+def _scope(
+    *, since: datetime, until: datetime | None, key_id: str | None
+) -> list[ColumnElement[bool]]:
+    table = RequestLogRow
+    conditions = [table.created_at >= since]
+    if until is not None:
+        conditions.append(table.created_at < until)
+    if key_id:
+        conditions.append(table.key_id == key_id)
+    return conditions
 
 
 def bucket_for(span: timedelta) -> str:

@@ -95,16 +95,33 @@ def run(
         bool, typer.Option("--no-cache", help="Call the model even for cached calls.")
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    base_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--base-url",
+            metavar="[MODEL=]URL",
+            help="Where the gateway is, for every via: gateway model (over $SAFEGATE_BASE_URL "
+            "and the suite); MODEL=URL moves one model, litellm ones included. Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Run a suite; prints each run's id on its own stdout line."""
     _offline_defaults()
+    from evals.endpoints import parse_endpoints
+
+    try:
+        endpoints = parse_endpoints(base_url or (), environ_value=get_settings().base_url)
+    except EvalError as exc:
+        _fail(str(exc), USAGE_ERROR)
     failed = False
     with open_storage() as (store, cache):
         from evals.runner import Runner
 
         runner = Runner(store, cache, console=console, progress=progress)
         try:
-            plans = runner.prepare(suite, model=model, concurrency=concurrency, resume=resume)
+            plans = runner.prepare(
+                suite, model=model, concurrency=concurrency, resume=resume, endpoints=endpoints
+            )
         except EvalError as exc:
             _fail(str(exc), USAGE_ERROR)
         for plan in plans:

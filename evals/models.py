@@ -3,7 +3,10 @@
 - ``GatewayCaller`` calls a safegate gateway with the official ``openai`` client, so the
   eval sees exactly what users get: a prompt the gateway blocks (HTTP 400, code
   ``content_filter``) is ``filtered="prompt"``; a completion it withholds
-  (``finish_reason: "content_filter"``) is ``filtered="completion"``.
+  (``finish_reason: "content_filter"``) is ``filtered="completion"``. Every request,
+  the model check included, carries ``safegate-origin: eval`` (``EVAL_HEADERS``), which the
+  gateway records on what it audits, so the review queue and the traffic page can keep
+  eval traffic apart from users' (``gateway.origin``).
 - ``LitellmCaller`` calls any litellm model string directly (tests use ``mock_response``).
 
 A failed call is a ``Completion`` with ``error`` set, never an exception: the runner
@@ -27,10 +30,12 @@ import openai
 
 from evals.errors import ModelNotFound, SuiteError
 from evals.suite import GatewayModel, LitellmModel
+from gateway.origin import EVAL_ORIGIN, ORIGIN_HEADER
 
 ERROR_CHARS = 500  # an error message kept on an example is cut to this length
 ENV_PREFIX = "os.environ/"
 CONTENT_FILTER = "content_filter"
+EVAL_HEADERS = {ORIGIN_HEADER: EVAL_ORIGIN}  # on every request to a gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,7 @@ class GatewayCaller:
             timeout=spec.timeout_s,
             max_retries=spec.max_retries,
             http_client=http_client,
+            default_headers=EVAL_HEADERS,
         )
 
     @property

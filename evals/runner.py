@@ -3,7 +3,8 @@
 Top to bottom, for ``safegate eval run SUITE.yaml``:
 
 1. **Prepare** (``Runner.prepare``), before any model is called: load and validate the
-   suite, pick the model(s) (``--model``), load and parse every dataset, build every
+   suite, pick the model(s) (``--model``) and where they are (``--base-url``,
+   ``SAFEGATE_BASE_URL``: ``evals.endpoints``), load and parse every dataset, build every
    metric through ``evals.metrics.base.build_metric`` (unknown name or bad options is an
    error naming the suite file and field), build each model's caller and ``check()`` it
    (the gateway serves it, litellm knows its provider, the key variable is set). Any
@@ -54,6 +55,7 @@ from rich.progress import (
 
 from evals.cache import CallCache, cache_key
 from evals.datasets import Dataset, load_datasets
+from evals.endpoints import Endpoints, apply_endpoints
 from evals.errors import RunError, SuiteError
 from evals.metrics.base import (
     Metric,
@@ -107,6 +109,8 @@ class Plan:
             "selector": self.model.selector,
             "identity": dict(self.identity),
         }
+        if self.model.base_url_from is not None:
+            model["base_url_from"] = self.model.base_url_from
         model["timeout_s"] = spec.timeout_s
         model["max_retries"] = spec.max_retries
         if isinstance(spec, LitellmModel):
@@ -168,13 +172,17 @@ class Runner:
         model: str | None = None,
         concurrency: int | None = None,
         resume: str | None = None,
+        endpoints: Endpoints | None = None,
     ) -> list[Plan]:
-        """Check everything a run needs; raises ``SuiteError``/``RunError``, calls no model."""
+        """Check everything a run needs; raises ``SuiteError``/``RunError``, calls no model.
+
+        ``endpoints`` replaces the suite's base URLs (``evals.endpoints``).
+        """
         suite = load_suite(suite_path)
         previous = self.store.get(resume) if resume else None
         if previous is not None and model is None:
             model = previous.config.get("model", {}).get("selector", previous.model)
-        chosen = choose_models(suite, model)
+        chosen = apply_endpoints(suite, choose_models(suite, model), endpoints or Endpoints())
         problems: list[str] = []
         datasets: list[Dataset] = []
         metrics: list[tuple[MetricSpec, Metric]] = []
@@ -232,6 +240,8 @@ class Runner:
         problems: list[str] = []
         for item in chosen:
             where = suite.where(item.field)
+            if item.base_url_from is not None:
+                where += f" (base URL from {item.base_url_from})"
             try:
                 caller = self.caller_factory(item)
             except SuiteError as exc:
@@ -266,9 +276,18 @@ class Runner:
                 f"run {previous.id}: datasets changed since it ran ({', '.join(changed)}); "
                 "start a new run"
             )
-        if previous.config.get("model", {}).get("identity") != dict(plan.identity):
+        then_identity = previous.config.get("model", {}).get("identity")
+        if then_identity != dict(plan.identity):
+            then_url = _url_of(then_identity)
+            now_url = _url_of(plan.identity)
+            moved = (
+                f" (it ran at {then_url}, now at {now_url or 'the provider default'}; "
+                "pass the same --base-url to resume it)"
+                if then_url != now_url and then_url is not None
+                else ""
+            )
             raise RunError(
-                f"run {previous.id}: model {previous.model!r} is configured differently now"
+                f"run {previous.id}: model {previous.model!r} is configured differently now{moved}"
             )
         return replace(plan, resume=previous)
 
@@ -282,8 +301,11 @@ class Runner:
         concurrency: int | None = None,
         resume: str | None = None,
         use_cache: bool = True,
+        endpoints: Endpoints | None = None,
     ) -> list[Run]:
-        plans = self.prepare(suite_path, model=model, concurrency=concurrency, resume=resume)
+        plans = self.prepare(
+            suite_path, model=model, concurrency=concurrency, resume=resume, endpoints=endpoints
+        )
         return [self.execute(plan, use_cache=use_cache) for plan in plans]
 
     def execute(self, plan: Plan, *, use_cache: bool = True) -> Run:
@@ -511,6 +533,14 @@ class Runner:
         )
         with progress:
             yield _Bar(progress, task)
+
+
+def _url_of(identity: Any) -> str | None:
+    """The base URL a run's recorded model identity names, if any."""
+    if not isinstance(identity, Mapping):
+        return None
+    url = identity.get("base_url") or (identity.get("params") or {}).get("api_base")
+    return url if isinstance(url, str) else None
 
 
 class _Bar:

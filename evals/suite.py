@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -113,6 +114,26 @@ class _ModelBase(_Strict):
     max_retries: int = Field(default=DEFAULT_MAX_RETRIES, ge=0, le=10)
 
 
+def base_url_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable base URL (``http(s)://HOST[:PORT][/PATH]``), or None."""
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # a port that is not a number, or out of range
+        parts, port_ok = None, False
+    if (
+        parts is None
+        or not port_ok
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or any(char.isspace() for char in value)
+    ):
+        return f"{value!r} is not an http(s) base URL (e.g. {DEFAULT_GATEWAY_URL})"
+    return None
+
+
 class GatewayModel(_ModelBase):
     """A model behind a safegate gateway, called with the official ``openai`` client."""
 
@@ -120,6 +141,14 @@ class GatewayModel(_ModelBase):
     model: str | None = None  # the name the gateway serves; defaults to ``name``
     base_url: str = DEFAULT_GATEWAY_URL
     api_key_env: str = DEFAULT_API_KEY_ENV
+
+    @field_validator("base_url")
+    @classmethod
+    def _usable_url(cls, value: str) -> str:
+        problem = base_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
     @property
     def served_name(self) -> str:
@@ -256,6 +285,8 @@ class ChosenModel:
     spec: GatewayModel | LitellmModel
     field: str  # "models[1]" or "--model"
     selector: str  # what --model says to choose it again (a resume does)
+    # Where its base URL came from when not from the suite ("--base-url", "SAFEGATE_BASE_URL").
+    base_url_from: str | None = None
 
 
 def load_suite(path: Path | str) -> Suite:

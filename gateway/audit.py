@@ -2,15 +2,16 @@
 
 What is kept
     ``flagged_items``: one row per flagged text (a :class:`FlaggedItem`): where it came from
-    (request id, key id, model, direction, ``source`` such as ``messages[2]``), every label's
+    (request id, key id, model, direction, ``source`` such as ``messages[2]``, and the
+    ``origin`` its caller declared, such as ``eval``: ``gateway.origin``), every label's
     score, the flagged labels, Azure severities and their maximum, the action and reasons,
     the text and its sha256, and its review (``review_state``, note, reviewer key id, time).
     The ``text`` column is the only place the service keeps raw content; while the database
     is unreachable the same records wait in the spool (below), which is just as private.
     ``flagged_item_categories``: (item id, label) pairs, so filtering by category is an
     indexed lookup on SQLite and PostgreSQL alike. ``request_log``: a :class:`RequestRecord`
-    per filtered request (route, status, what was blocked, labels, latencies, tokens), never
-    its text. Texts are stored as given except that NUL and lone surrogates, which
+    per filtered request (key id, origin, route, status, what was blocked, labels, latencies,
+    tokens), never its text. Texts are stored as given except that NUL and lone surrogates, which
     PostgreSQL text cannot hold, become U+FFFD; ``text_sha256`` is of the text as given.
 
 The write path
@@ -36,7 +37,8 @@ Draining
 
 Reading and review
     :meth:`AuditStore.list_items` filters (category, minimum severity, model, direction,
-    review state, time) newest first with keyset pagination on ``(created_at, id)``;
+    review state, key, origin, time; ``hide_eval`` leaves out eval traffic) newest first
+    with keyset pagination on ``(created_at, id)``;
     :meth:`AuditStore.label` and :meth:`AuditStore.label_many` record a reviewer's verdict;
     :meth:`AuditStore.export` walks labelled items oldest first; :meth:`AuditStore.stats`
     counts. The HTTP side is ``gateway.routes.review``.
@@ -62,7 +64,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -103,6 +105,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from gateway.blocklists import UtcDateTime
 from gateway.db import Base, Database
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from gateway.origin import EVAL_ORIGIN, ORIGIN_CHARS, is_origin, parse_origin
 from gateway.safety.taxonomy import Direction, Severity, parse_label
 from gateway.safety.verdict import Verdict, check_probability
 from gateway.spool import DrainReport, SetAside, Spool, SpooledLine
@@ -179,10 +182,12 @@ class FlaggedItem:
     text: str
     id: str = field(default_factory=_new_id)
     created_at: datetime = field(default_factory=_now)
+    origin: str | None = None  # what the caller said its traffic is ("eval"); gateway.origin
 
     def __post_init__(self) -> None:
         _check_id(self.id, what="item id")
         _check_time(self.created_at)
+        _check_origin(self.origin)
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {sorted(ACTIONS)}, got {self.action!r}")
         object.__setattr__(self, "direction", Direction(self.direction))
@@ -212,6 +217,7 @@ def flagged_item(
     key_id: str,
     model: str | None,
     source: str,
+    origin: str | None = None,
 ) -> FlaggedItem:
     """The audit record of a flagged verdict; raises ``ValueError`` if nothing was flagged."""
     if not verdict.flagged:
@@ -228,6 +234,7 @@ def flagged_item(
         action="block" if verdict.blocked else "annotate",
         reasons=verdict.reasons,
         text=text,
+        origin=origin,
     )
 
 
@@ -248,10 +255,12 @@ class RequestRecord:
     stream: bool
     created_at: datetime = field(default_factory=_now)
     id: str = field(default_factory=_new_id)
+    origin: str | None = None  # what the caller said its traffic is ("eval"); gateway.origin
 
     def __post_init__(self) -> None:
         _check_id(self.id, what="request record id")
         _check_time(self.created_at)
+        _check_origin(self.origin)
         if self.blocked is not None:
             object.__setattr__(self, "blocked", Direction(self.blocked).value)
         object.__setattr__(self, "categories", tuple(self.categories))
@@ -278,6 +287,11 @@ def _check_time(moment: datetime) -> None:
         raise ValueError("created_at must be timezone-aware")
 
 
+def _check_origin(origin: str | None) -> None:
+    if origin is not None and not is_origin(origin):
+        raise ValueError(f"origin must be a lower-case origin like {EVAL_ORIGIN!r}, got {origin!r}")
+
+
 # -- tables ------------------------------------------------------------------------------
 
 
@@ -287,6 +301,8 @@ class FlaggedItemRow(Base):
         Index("ix_flagged_items_created_at_id", "created_at", "id"),
         Index("ix_flagged_items_review_state_created_at", "review_state", "created_at"),
         Index("ix_flagged_items_request_id", "request_id"),
+        Index("ix_flagged_items_key_id_created_at", "key_id", "created_at"),
+        Index("ix_flagged_items_origin_created_at", "origin", "created_at"),
         CheckConstraint("direction IN ('prompt', 'completion')", name="ck_flagged_items_direction"),
         CheckConstraint("action IN ('block', 'annotate')", name="ck_flagged_items_action"),
         CheckConstraint(
@@ -315,6 +331,7 @@ class FlaggedItemRow(Base):
     review_note: Mapped[str | None] = mapped_column(Text)
     reviewer_key_id: Mapped[str | None] = mapped_column(String(KEY_ID_CHARS))
     reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    origin: Mapped[str | None] = mapped_column(String(ORIGIN_CHARS))
 
 
 class FlaggedItemCategoryRow(Base):
@@ -354,6 +371,7 @@ class RequestLogRow(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     stream: Mapped[bool] = mapped_column(Boolean)
+    origin: Mapped[str | None] = mapped_column(String(ORIGIN_CHARS))
 
 
 _ITEMS: Table = FlaggedItemRow.__table__  # type: ignore[assignment]
@@ -381,7 +399,10 @@ class StoredItem:
 class ItemFilter:
     """Which flagged items to list; every field left ``None`` matches everything.
 
-    ``since`` is inclusive and ``until`` exclusive. Bad values raise ``InvalidRequest``.
+    ``since`` is inclusive and ``until`` exclusive. ``hide_eval`` leaves out items whose
+    origin is ``eval`` unless ``origin`` asks for exactly those (the review API and the
+    dashboard set it unless told to include eval traffic). Bad values raise
+    ``InvalidRequest``.
     """
 
     category: str | None = None
@@ -391,8 +412,18 @@ class ItemFilter:
     review_state: ReviewState | None = None
     since: datetime | None = None
     until: datetime | None = None
+    key_id: str | None = None
+    origin: str | None = None
+    hide_eval: bool = False
 
     def __post_init__(self) -> None:
+        if self.key_id is not None and not 0 < len(self.key_id) <= KEY_ID_CHARS:
+            raise InvalidRequest(
+                f"key_id must be 1 to {KEY_ID_CHARS} characters",
+                param="key_id",
+                code="invalid_value",
+            )
+        object.__setattr__(self, "origin", parse_origin(self.origin, param="origin"))
         if self.category is not None:
             try:
                 parse_label(self.category)
@@ -780,9 +811,18 @@ class AuditStore:
         with self._reading() as session:
             return [_stored(row) for row in session.scalars(query)]
 
-    def stats(self, *, since: datetime | None = None, until: datetime | None = None) -> ReviewStats:
-        """Counts of flagged items per category, direction, review state and action."""
-        where = ItemFilter(since=since, until=until)
+    def stats(
+        self,
+        where: ItemFilter | None = None,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> ReviewStats:
+        """Counts of flagged items (``where`` filters them) per category, direction, review
+        state and action; ``since``/``until`` narrow ``where``'s time window."""
+        where = where or ItemFilter()
+        if since is not None or until is not None:
+            where = replace(where, since=since or where.since, until=until or where.until)
         by_category = select(FlaggedItemCategoryRow.category, func.count()).join(
             FlaggedItemRow, FlaggedItemRow.id == FlaggedItemCategoryRow.item_id
         )
@@ -878,6 +918,7 @@ def _item_row(item: FlaggedItem) -> dict[str, Any]:
         "review_note": None,
         "reviewer_key_id": None,
         "reviewed_at": None,
+        "origin": item.origin,
     }
 
 
@@ -896,6 +937,7 @@ def _request_row(record: RequestRecord) -> dict[str, Any]:
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "stream": record.stream,
+        "origin": record.origin,
     }
 
 
@@ -915,6 +957,7 @@ def _stored(row: FlaggedItemRow) -> StoredItem:
             action=row.action,
             reasons=tuple(row.reasons),
             text=row.text,
+            origin=row.origin,
         ),
         text_sha256=row.text_sha256,
         max_severity=row.max_severity,
@@ -947,7 +990,18 @@ def _filtered(query: Select[*_Columns], where: ItemFilter) -> Select[*_Columns]:
         conditions.append(FlaggedItemRow.created_at >= where.since)
     if where.until is not None:
         conditions.append(FlaggedItemRow.created_at < where.until)
+    if where.key_id is not None:
+        conditions.append(FlaggedItemRow.key_id == where.key_id)
+    if where.origin is not None:
+        conditions.append(FlaggedItemRow.origin == where.origin)
+    elif where.hide_eval:
+        conditions.append(not_eval(FlaggedItemRow.origin))
     return query.where(*conditions) if conditions else query
+
+
+def not_eval(origin: ColumnElement[str | None] | Any) -> ColumnElement[bool]:
+    """Rows whose origin is not ``eval`` (no origin included): the default views' rule."""
+    return or_(origin.is_(None), origin != EVAL_ORIGIN)
 
 
 def _counts(
@@ -1037,6 +1091,7 @@ def _to_spool(record: _Record) -> dict[str, Any]:
             "action": record.action,
             "reasons": list(record.reasons),
             "text": record.text,
+            "origin": record.origin,
         }
     return {
         "schema_version": SCHEMA_VERSION,
@@ -1054,6 +1109,7 @@ def _to_spool(record: _Record) -> dict[str, Any]:
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
         "stream": record.stream,
+        "origin": record.origin,
     }
 
 
@@ -1079,6 +1135,7 @@ def _from_spool(data: Mapping[str, Any]) -> _Record:
                 action=_field(data, "action", str),
                 reasons=tuple(_strings(data, "reasons")),
                 text=_field(data, "text", str),
+                origin=_optional(data, "origin", str),  # absent in lines spooled before 0004
             )
         if kind == "request":
             return RequestRecord(
@@ -1095,6 +1152,7 @@ def _from_spool(data: Mapping[str, Any]) -> _Record:
                 prompt_tokens=_optional(data, "prompt_tokens", int),
                 completion_tokens=_optional(data, "completion_tokens", int),
                 stream=_field(data, "stream", bool),
+                origin=_optional(data, "origin", str),
             )
     except _BadRecord:
         raise

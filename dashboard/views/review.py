@@ -1,4 +1,5 @@
-"""Review queue: flagged items, filtered; label one or many; export; grow a blocklist."""
+"""Review queue: flagged items, filtered (eval traffic only on request); label one or many;
+export; grow a blocklist."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dashboard.session import plain
 from gateway.audit import ReviewLabel, ReviewState
 from gateway.blocklists import ItemKind
 from gateway.errors import ApiError
+from gateway.origin import EVAL_ORIGIN
 from gateway.safety.taxonomy import Category, Shield
 
 LABEL_TEXT = {
@@ -37,8 +39,7 @@ audit = stores.audit
 
 st.title("Review queue")
 
-counts = review.review_counts(audit)
-if counts["total"] == 0:
+if review.review_counts(audit)["total"] == 0:
     st.info(
         "Nothing has been flagged yet. Flagged prompts and completions of requests through "
         "the gateway land here: start it with `make run` and send a request the filter "
@@ -51,13 +52,9 @@ if counts["total"] == 0:
     )
     st.stop()
 
-columns = st.columns(5)
-columns[0].metric("flagged items", counts["total"])
-for column, state in zip(columns[1:], ReviewState, strict=True):
-    column.metric(state.value.replace("_", " "), counts[state.value])
-
 # -- filters -----------------------------------------------------------------------------
 
+names = review.key_names(stores.keys)
 with st.container(border=True):
     row = st.columns(6)
     state_choice = row[0].selectbox(
@@ -69,8 +66,27 @@ with st.container(border=True):
     model = row[3].selectbox("Model", ["any", *models], key="f_model")
     direction = row[4].selectbox("Direction", ["any", "prompt", "completion"], key="f_direction")
     window = row[5].selectbox("Time", list(WINDOWS), key="f_window")
+    more = st.columns([2, 1, 1])
+    key_id = more[0].selectbox(
+        "Key",
+        ["any", *review.queue_keys(audit)],
+        format_func=lambda choice: names.get(choice, choice),
+        key="f_key",
+    )
+    origin = more[1].selectbox("Origin", ["any", *review.queue_origins(audit)], key="f_origin")
+    include_eval = more[2].checkbox(
+        "Include eval traffic",
+        key="f_eval",
+        help=f"Requests marked 'safegate-origin: {EVAL_ORIGIN}' (safegate eval run) are "
+        "left out unless ticked, or unless the origin filter asks for them.",
+    )
 
 span = WINDOWS[window]
+scope = review.item_filter(
+    key_id=None if key_id == "any" else key_id,
+    origin=None if origin == "any" else origin,
+    include_eval=include_eval,
+)
 where = review.item_filter(
     category=None if category == "any" else category,
     severity_min=SEVERITY_CHOICES[severity],
@@ -78,19 +94,36 @@ where = review.item_filter(
     direction=None if direction == "any" else direction,
     review_state=None if state_choice == "any" else state_choice,
     since=None if span is None else datetime.now(UTC) - span,
+    key_id=scope.key_id,
+    origin=scope.origin,
+    include_eval=include_eval,
 )
+
+counts = review.review_counts(audit, scope)
+columns = st.columns(5)
+columns[0].metric("flagged items", counts["total"])
+for column, state in zip(columns[1:], ReviewState, strict=True):
+    column.metric(state.value.replace("_", " "), counts[state.value])
+hidden = review.hidden_eval(audit, where)
+if hidden:
+    st.caption(
+        f"{hidden} eval item{'s' if hidden != 1 else ''} matching these filters "
+        "hidden: tick *Include eval traffic* to show them."
+    )
+
 filter_key = repr(where)
 if st.session_state.get("review_filter") != filter_key:  # a new filter starts at page one
     st.session_state["review_filter"] = filter_key
     st.session_state[CURSOR_STATE] = [None]
 cursors: list[str | None] = st.session_state.setdefault(CURSOR_STATE, [None])
-page = review.queue(audit, where, limit=PAGE_SIZE, cursor=cursors[-1])
+page = review.queue(audit, where, limit=PAGE_SIZE, cursor=cursors[-1], names=names)
 items = page.items
 
 if items.empty:
     st.info(
         "No flagged item matches these filters. Widen them (review state `any`, time "
-        "`any time`) to see reviewed items too."
+        "`any time`) to see reviewed items too"
+        + ("." if include_eval else ", or tick *Include eval traffic*.")
     )
     st.stop()
 
@@ -131,7 +164,9 @@ with left:
     st.markdown(
         f"**{item.direction.value}** {plain(item.source)} of request {plain(item.request_id)} · "
         f"model **{plain(item.model or '-')}** · action **{item.action}** · "
-        f"{item.created_at.strftime('%Y-%m-%d %H:%M:%S UTC')}"
+        f"{item.created_at.strftime('%Y-%m-%d %H:%M:%S UTC')}  \n"
+        f"key **{plain(names.get(item.key_id, item.key_id))}** · "
+        f"origin **{plain(item.origin or 'not declared')}**"
     )
     st.text(item.text)  # plain text: flagged content is never rendered as markdown
     st.caption("reasons: " + plain("; ".join(item.reasons)) if item.reasons else "no reasons")

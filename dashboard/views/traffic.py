@@ -1,4 +1,5 @@
-"""Traffic: requests and blocks per category over time, block rate per model, latency."""
+"""Traffic: requests and blocks per category over time, block rate per model, latency; one
+key's or one origin's, eval traffic only on request."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import streamlit as st
 
-from dashboard import charts, session, traffic
+from dashboard import charts, review, session, traffic
+from gateway.origin import EVAL_ORIGIN
 
 WINDOWS = {
     "last hour": timedelta(hours=1),
@@ -20,17 +22,49 @@ session.require_principal()
 stores = session.stores()
 
 st.title("Traffic")
-choice = st.selectbox("Window", list(WINDOWS), index=2, key="window")
+row = st.columns([1, 2, 1, 1])
+choice = row[0].selectbox("Window", list(WINDOWS), index=2, key="window")
 span = WINDOWS[choice]
-window = traffic.read_requests(stores.audit, since=datetime.now(UTC) - span)
+since = datetime.now(UTC) - span
+senders = traffic.senders(stores.audit, since=since)
+names = review.key_names(stores.keys)
+key_id = row[1].selectbox(
+    "Key",
+    ["any", *senders.key_ids],
+    format_func=lambda option: names.get(option, option),
+    key="t_key",
+)
+origin = row[2].selectbox("Origin", ["any", *senders.origins], key="t_origin")
+include_eval = row[3].checkbox(
+    "Include eval traffic",
+    key="t_eval",
+    help=f"Requests marked 'safegate-origin: {EVAL_ORIGIN}' (safegate eval run) are left out "
+    "unless ticked, or unless the origin filter asks for them.",
+)
+window = traffic.read_requests(
+    stores.audit,
+    since=since,
+    key_id=None if key_id == "any" else key_id,
+    origin=None if origin == "any" else origin,
+    include_eval=include_eval,
+)
 requests = window.requests
+hidden = (
+    f"{window.hidden_eval} eval request{'s' if window.hidden_eval != 1 else ''} hidden: tick "
+    "*Include eval traffic* to count them."
+)
 if requests.empty:
+    if window.hidden_eval:
+        st.info(f"No request in the {choice} matches these filters; {hidden}")
+        st.stop()
     st.info(
         f"No request went through the filter in the {choice}. Start the gateway with "
         "`make run` and send one (README: *Chat through the filter*); each filtered "
         "request is recorded here, without its text."
     )
     st.stop()
+if window.hidden_eval:
+    st.caption(hidden)
 if window.truncated:
     st.warning(f"Showing the newest {traffic.MAX_REQUESTS:,} requests of this window.")
 

@@ -98,6 +98,7 @@ class ChatRun:
     model: str
     policy: Policy
     stream: bool
+    origin: str | None = None  # the caller's safegate-origin (gateway.origin)
     started: float = field(default_factory=time.perf_counter)
     items: list[FlaggedItem] = field(default_factory=list)
     categories: set[str] = field(default_factory=set)
@@ -120,6 +121,7 @@ class ChatRun:
                 key_id=self.principal.key_id,
                 model=self.model,
                 source=source,
+                origin=self.origin,
             )
         )
 
@@ -140,6 +142,7 @@ class ChatRun:
             prompt_tokens=usage.get("prompt_tokens") if usage else None,
             completion_tokens=usage.get("completion_tokens") if usage else None,
             stream=self.stream,
+            origin=self.origin,
         )
         with anyio.CancelScope(shield=True):
             await self.state.audit.record(self.items, request=record)
@@ -171,7 +174,12 @@ class ChatService:
         self.state = state
 
     async def start(
-        self, body: ChatCompletionRequest, *, principal: Principal, request_id: str
+        self,
+        body: ChatCompletionRequest,
+        *,
+        principal: Principal,
+        request_id: str,
+        origin: str | None = None,
     ) -> PromptBlocked | ChatCompletion | Streaming:
         texts = prompt_texts(body)
         self._enforce_limits(body, texts)
@@ -183,6 +191,7 @@ class ChatService:
             model=model,
             policy=self.state.policies.get(principal.policy),
             stream=body.stream,
+            origin=origin,
         )
         try:
             verdicts = await self._check_prompt(run, texts)

@@ -18,6 +18,7 @@ from gateway.auth import Principal, Role, require
 from gateway.chat.schemas import ChatCompletion, ChatCompletionRequest
 from gateway.chat.service import ChatService, PromptBlocked
 from gateway.errors import InvalidRequest
+from gateway.origin import Origin
 from gateway.state import AppState, app_state
 
 router = APIRouter(tags=["chat"])
@@ -68,9 +69,13 @@ async def list_models(principal: Developer, state: State) -> ModelList:
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, principal: Developer, state: State
+    body: ChatCompletionRequest,
+    request: Request,
+    principal: Developer,
+    state: State,
+    origin: Origin,
 ) -> Response:
-    return await _render(body, request=request, principal=principal, state=state)
+    return await _render(body, request=request, principal=principal, state=state, origin=origin)
 
 
 @router.post(
@@ -84,6 +89,7 @@ async def azure_chat_completions(
     request: Request,
     principal: Developer,
     state: State,
+    origin: Origin,
     api_version: Annotated[str | None, Query(alias="api-version")] = None,
 ) -> Response:
     if api_version is None:
@@ -93,14 +99,19 @@ async def azure_chat_completions(
             code="missing_api_version",
         )
     body.model = deployment
-    return await _render(body, request=request, principal=principal, state=state)
+    return await _render(body, request=request, principal=principal, state=state, origin=origin)
 
 
 async def _render(
-    body: ChatCompletionRequest, *, request: Request, principal: Principal, state: AppState
+    body: ChatCompletionRequest,
+    *,
+    request: Request,
+    principal: Principal,
+    state: AppState,
+    origin: str | None,
 ) -> Response:
     outcome = await ChatService(state).start(
-        body, principal=principal, request_id=request.state.request_id
+        body, principal=principal, request_id=request.state.request_id, origin=origin
     )
     if isinstance(outcome, PromptBlocked):
         return JSONResponse(outcome.body, status_code=outcome.status)

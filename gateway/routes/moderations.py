@@ -1,8 +1,9 @@
 """``POST /v1/moderations``: OpenAI-compatible moderation by the safety engine.
 
 Every flagged input goes to the audit store (``source`` ``input[i]``, the request's model
-or the default, the caller's key id), with the request's metadata; both are written
-before the response leaves, shielded from a client that hangs up.
+or the default, the caller's key id and the ``safegate-origin`` it declared), with the
+request's metadata; both are written before the response leaves, shielded from a client
+that hangs up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway.audit import RequestRecord, flagged_item
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.moderation import ModerationRequest, ModerationResponse, to_response
+from gateway.origin import Origin
 from gateway.safety.taxonomy import Direction
 from gateway.safety.verdict import Verdict
 from gateway.state import AppState, app_state
@@ -28,7 +30,10 @@ ROUTE = "moderations"
 
 @router.post("/v1/moderations")
 async def create_moderation(
-    body: ModerationRequest, request: Request, state: Annotated[AppState, Depends(app_state)]
+    body: ModerationRequest,
+    request: Request,
+    state: Annotated[AppState, Depends(app_state)],
+    origin: Origin,
 ) -> ModerationResponse:
     started = time.perf_counter()
     texts = body.texts()
@@ -45,7 +50,14 @@ async def create_moderation(
     checked = time.perf_counter()
     response = to_response(verdicts, model=body.model)
     await _audit(
-        request, state, texts, verdicts, model=response.model, started=started, checked=checked
+        request,
+        state,
+        texts,
+        verdicts,
+        model=response.model,
+        origin=origin,
+        started=started,
+        checked=checked,
     )
     return response
 
@@ -57,6 +69,7 @@ async def _audit(
     verdicts: Sequence[Verdict],
     *,
     model: str,
+    origin: str | None,
     started: float,
     checked: float,
 ) -> None:
@@ -75,6 +88,7 @@ async def _audit(
             key_id=principal.key_id,
             model=model,
             source=f"input[{index}]",
+            origin=origin,
         )
         for index, (text, verdict) in enumerate(zip(texts, verdicts, strict=True))
         if verdict.flagged
@@ -95,6 +109,7 @@ async def _audit(
         prompt_tokens=None,
         completion_tokens=None,
         stream=False,
+        origin=origin,
     )
     with anyio.CancelScope(shield=True):
         await state.audit.record(items, request=record)

@@ -5,6 +5,10 @@ Bodies follow OpenAI's object conventions (an ``object`` field, lists as
 Every route needs the ``reviewer`` role (admin keys pass), except adding a term to a
 blocklist, which is admin's like the rest of ``/v1/blocklists``.
 
+Eval traffic (items whose ``origin`` is ``eval``: ``gateway.origin``) is left out of the
+listing and the stats unless ``include_eval=true`` or ``origin=eval`` asks for it; the
+other filters include ``key_id`` (the key that sent the request) and ``origin``.
+
 Listing is newest first with keyset pagination: pass ``next_cursor`` back as ``cursor``;
 items recorded meanwhile never shift a page, so no item repeats and none is skipped. A
 list entry carries the first ``PREVIEW_CHARS`` characters of the text; the item itself
@@ -53,6 +57,7 @@ from gateway.blocklists import (
     term_tokens,
 )
 from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from gateway.origin import ORIGIN_CHARS
 from gateway.routes.blocklists import BlocklistItemObject
 from gateway.safety.normalize import normalize
 from gateway.safety.taxonomy import Direction
@@ -78,6 +83,11 @@ Store = Annotated[AuditStore, Depends(audit_store)]
 Reviewer = Annotated[Principal, Depends(require(Role.REVIEWER))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 UnixSeconds = Annotated[int | None, Query(ge=0, le=MAX_UNIX_SECONDS)]
+KeyId = Annotated[str | None, Query(min_length=1, max_length=128)]
+OriginQuery = Annotated[str | None, Query(min_length=1, max_length=ORIGIN_CHARS)]
+IncludeEval = Annotated[
+    bool, Query(description="also list eval traffic (origin 'eval'), left out by default")
+]
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -113,6 +123,7 @@ class ReviewFields(BaseModel):
     request_id: str
     key_id: str
     model: str | None
+    origin: str | None
     direction: Direction
     source: str
     categories: list[str]
@@ -136,6 +147,7 @@ def _fields(stored: StoredItem) -> dict[str, object]:
         "request_id": item.request_id,
         "key_id": item.key_id,
         "model": item.model,
+        "origin": item.origin,
         "direction": item.direction,
         "source": item.source,
         "categories": list(item.categories),
@@ -226,6 +238,9 @@ def list_items(
     model: Annotated[str | None, Query(max_length=200)] = None,
     direction: Direction | None = None,
     review_state: ReviewState | None = None,
+    key_id: KeyId = None,
+    origin: OriginQuery = None,
+    include_eval: IncludeEval = False,
     since: UnixSeconds = None,
     until: UnixSeconds = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
@@ -239,6 +254,9 @@ def list_items(
         review_state=review_state,
         since=_moment(since),
         until=_moment(until),
+        key_id=key_id,
+        origin=origin,
+        hide_eval=not include_eval,
     )
     page = store.list_items(where, limit=limit, cursor=cursor)
     return ReviewItemList(
@@ -348,9 +366,22 @@ def add_to_blocklist(
 
 @router.get("/stats")
 def review_stats(
-    principal: Reviewer, store: Store, since: UnixSeconds = None, until: UnixSeconds = None
+    principal: Reviewer,
+    store: Store,
+    key_id: KeyId = None,
+    origin: OriginQuery = None,
+    include_eval: IncludeEval = False,
+    since: UnixSeconds = None,
+    until: UnixSeconds = None,
 ) -> ReviewStatsObject:
-    stats = store.stats(since=_moment(since), until=_moment(until))
+    where = ItemFilter(
+        since=_moment(since),
+        until=_moment(until),
+        key_id=key_id,
+        origin=origin,
+        hide_eval=not include_eval,
+    )
+    stats = store.stats(where)
     return ReviewStatsObject(
         total=stats.total,
         by_category=dict(stats.by_category),

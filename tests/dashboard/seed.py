@@ -14,7 +14,7 @@ import csv
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,70 @@ def _audit(
     if audit.spooled_pending():
         raise RuntimeError("seeding spooled records instead of storing them")
     return tuple(items), tuple(requests)
+
+
+@dataclass(frozen=True)
+class EvalTraffic:
+    """What ``add_eval_traffic`` stored: an eval key's items and requests, and a CI's."""
+
+    eval_key_id: str
+    eval_items: tuple[FlaggedItem, ...]  # newest first
+    ci_item: FlaggedItem
+    eval_requests: tuple[RequestRecord, ...]
+    ci_requests: tuple[RequestRecord, ...]
+
+
+def add_eval_traffic(home: Path, now: datetime) -> EvalTraffic:
+    """Traffic marked ``safegate-origin``: three flagged items and five blocked requests of
+    an eval run (its own developer key, origin ``eval``, the newest in the queue), and one
+    item and two requests from a CI job (origin ``ci``). Kept out of ``seed`` so the other
+    pages' numbers stay as they are."""
+    stores = Stores.open(Settings(home=home))
+    try:
+        runner = stores.keys.create("eval-runner", Role.DEVELOPER).key.id
+        base: dict[str, Any] = {
+            "model": "demo",
+            "direction": Direction.PROMPT,
+            "action": "block",
+            "now": now,
+            "high": {"harassment/threatening": 0.9},
+            "severities": {"hate": 6},
+        }
+        evals = [
+            replace(_item(minutes, text=f"Eval prompt {minutes}: I will hurt you.", **base),
+                    key_id=runner, origin="eval")
+            for minutes in (1, 2, 3)
+        ]  # fmt: skip
+        ci = replace(_item(4, text="CI prompt: I will hurt you.", **base), origin="ci")
+        requests = [
+            replace(record, key_id=runner, origin="eval", request_id=f"eval-{index}")
+            for index, record in enumerate(request_records(now)[:5])
+        ] + [
+            replace(record, origin="ci", request_id=f"ci-{index}")
+            for index, record in enumerate(request_records(now)[5:7])
+        ]
+        audit = AuditStore(
+            stores.audit.database, spool_dir=home / "seed-spool", write_timeout_s=120
+        )
+
+        async def record() -> None:
+            await audit.record([*evals, ci])
+            for request in requests:
+                await audit.record([], request=request)
+            await audit.close()
+
+        asyncio.run(record())
+        if audit.spooled_pending():
+            raise RuntimeError("seeding spooled records instead of storing them")
+    finally:
+        stores.close()
+    return EvalTraffic(
+        eval_key_id=runner,
+        eval_items=tuple(evals),
+        ci_item=ci,
+        eval_requests=tuple(requests[:5]),
+        ci_requests=tuple(requests[5:]),
+    )
 
 
 # -- fine-tuning -------------------------------------------------------------------------

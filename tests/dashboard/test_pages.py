@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,9 +16,9 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.stores import Stores
 from evals.compare import compare_runs
-from gateway.audit import ItemFilter, ReviewLabel, ReviewState
+from gateway.audit import ItemFilter, RequestRecord, ReviewLabel, ReviewState
 from tests.dashboard.conftest import AppFactory, open_page
-from tests.dashboard.seed import Seeded
+from tests.dashboard.seed import Seeded, add_eval_traffic
 
 StoresOf = Callable[[Path], Stores]
 
@@ -140,6 +140,52 @@ def test_the_review_queue_shows_the_audit_store(
     recent = {item.id for item in seeded.items if item.created_at > seeded.now - timedelta(hours=1)}
     assert set(app.dataframe[0].value["id"]) == recent
     assert len(recent) == 3
+
+
+def test_eval_traffic_stays_out_of_the_queue_until_asked_for(
+    fresh: Seeded, make_app: AppFactory, stores_of: StoresOf
+) -> None:
+    extra = add_eval_traffic(fresh.home, fresh.now)
+    evals = [item.id for item in extra.eval_items]  # newest first, newer than the rest
+    theirs = [item.id for item in fresh.items]
+    app = open_page(make_app(fresh.home, fresh.reviewer_key), "review")
+
+    def table() -> list[str]:
+        return list(app.dataframe[0].value["id"]) if app.dataframe else []
+
+    def total() -> str:
+        return next(str(m.value) for m in app.metric if m.label == "flagged items")
+
+    ci_and_users = [extra.ci_item.id, *theirs]
+    assert table() == ci_and_users  # no eval item, the newest ones
+    assert total() == "9"
+    assert "3 eval items matching these filters hidden" in texts_on(app)
+
+    app.checkbox(key="f_eval").check().run()
+    assert table() == [*evals, *ci_and_users]
+    assert total() == "12"
+    runner = stores_of(fresh.home).keys.get(extra.eval_key_id)
+    shown = app.dataframe[0].value.set_index("id")
+    assert {shown.loc[i, "key"] for i in evals} == {f"eval-runner ({runner.id})"}
+    assert {shown.loc[i, "origin"] for i in evals} == {"eval"}
+    assert shown.loc[theirs[0], "origin"] == ""
+    assert "eval items" not in texts_on(app)
+
+    app.checkbox(key="f_eval").uncheck()
+    app.selectbox(key="f_origin").set_value("eval").run()
+    assert table() == evals  # asking for the eval origin shows it
+    assert total() == "3"
+    app.selectbox(key="f_origin").set_value("ci").run()
+    assert table() == [extra.ci_item.id]
+
+    app.selectbox(key="f_origin").set_value("any")
+    app.selectbox(key="f_key").set_value(extra.eval_key_id).run()
+    assert table() == []  # that key sent eval traffic only
+    assert "tick *Include eval traffic*" in app.info[0].value
+    app.checkbox(key="f_eval").check().run()
+    assert table() == evals
+    app.selectbox(key="f_key").set_value("key_developer").run()
+    assert table() == ci_and_users  # the CI job used the developer's key
 
 
 def test_labelling_an_item_stores_the_label_with_the_reviewers_key_id(
@@ -389,6 +435,40 @@ def test_traffic_counts_blocks_per_model_and_latency_per_stage(
 
     app.selectbox(key="window").set_value("last 7 days").run()
     assert {m.label: m.value for m in app.metric}["requests"] == "50"
+
+
+def test_traffic_leaves_eval_requests_out_until_asked_for(
+    fresh: Seeded, make_app: AppFactory
+) -> None:
+    extra = add_eval_traffic(fresh.home, fresh.now)
+    day = [r for r in fresh.requests if r.created_at > fresh.now - timedelta(days=1)]
+    app = open_page(make_app(fresh.home, fresh.reviewer_key), "traffic")
+
+    def shown() -> dict[str, str]:
+        return {metric.label: str(metric.value) for metric in app.metric}
+
+    def blocked(records: Sequence[RequestRecord]) -> str:
+        return str(sum(1 for r in records if r.blocked))
+
+    assert shown()["requests"] == str(len(day) + len(extra.ci_requests))
+    assert "5 eval requests hidden" in texts_on(app)
+
+    app.checkbox(key="t_eval").check().run()
+    everything = [*day, *extra.ci_requests, *extra.eval_requests]
+    assert (shown()["requests"], shown()["blocked"]) == (str(len(everything)), blocked(everything))
+
+    app.checkbox(key="t_eval").uncheck()
+    app.selectbox(key="t_origin").set_value("eval").run()
+    assert (shown()["requests"], shown()["blocked"]) == ("5", blocked(extra.eval_requests))
+
+    app.selectbox(key="t_origin").set_value("any")
+    app.selectbox(key="t_key").set_value(extra.eval_key_id).run()
+    assert not app.metric  # that key sent eval traffic only
+    assert "5 eval requests hidden" in app.info[0].value
+    app.checkbox(key="t_eval").check().run()
+    assert shown()["requests"] == "5"
+    app.selectbox(key="t_key").set_value("key_developer").run()
+    assert shown()["requests"] == str(len(day) + len(extra.ci_requests))
 
 
 # -- empty states ------------------------------------------------------------------------

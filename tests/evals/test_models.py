@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import httpx
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from evals.errors import ModelNotFound
 from evals.models import Completion, GatewayCaller, LitellmCaller
 from evals.suite import GatewayModel, LitellmModel
+from gateway.audit import AuditStore, FlaggedItemRow, ItemFilter, RequestLogRow
 from gateway.auth import Role
 from gateway.config import Settings
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
@@ -101,6 +104,28 @@ def test_the_gateway_caller_sees_what_users_see(gateway: TestClient) -> None:
     assert (withheld.filtered, withheld.finish_reason, withheld.text) == (
         "completion", "content_filter", None,
     )  # fmt: skip
+
+
+def test_the_gateway_marks_what_the_eval_sends_as_eval_traffic(gateway: TestClient) -> None:
+    asyncio.run(_ask(_caller(gateway, "support"), HATE))  # a blocked prompt
+    asyncio.run(_ask(_caller(gateway, "hateful"), "Tell me about my neighbours."))  # withheld
+    user = gateway.post(
+        "/v1/chat/completions",
+        json={"model": "support", "messages": [{"role": "user", "content": HATE}]},
+    )
+    assert user.status_code == 400  # the same prompt from a user, without the header
+
+    audit: AuditStore = gateway.app.state.audit  # type: ignore[attr-defined]
+    with audit.database.session() as session:
+        requests = Counter(session.execute(select(RequestLogRow.origin, RequestLogRow.blocked)))
+        items = Counter(session.execute(select(FlaggedItemRow.origin, FlaggedItemRow.direction)))
+    expected = Counter([("eval", "prompt"), ("eval", "completion"), (None, "prompt")])
+    assert requests == expected
+    assert items == expected
+    # the review queue leaves the eval's items out unless asked
+    assert [
+        stored.item.origin for stored in audit.list_items(ItemFilter(hide_eval=True)).items
+    ] == [None]
 
 
 def test_the_gateway_caller_checks_the_model_is_served(gateway: TestClient) -> None:

@@ -205,6 +205,7 @@ def test_list_filters_and_objects(api: Api) -> None:
         "request_id": "req--60",
         "key_id": "key_developer",
         "model": "gpt-4o-mini",
+        "origin": None,
         "direction": "prompt",
         "source": "messages[0]",
         "categories": ["pii"],
@@ -234,6 +235,10 @@ def test_list_filters_and_objects(api: Api) -> None:
         ({"limit": 501}, "limit"),
         ({"since": -1}, "since"),
         ({"cursor": "garbage"}, "cursor"),
+        ({"origin": "not an origin"}, "origin"),
+        ({"origin": "x" * 33}, "origin"),
+        ({"include_eval": "perhaps"}, "include_eval"),
+        ({"key_id": "k" * 129}, "key_id"),
     ],
 )
 def test_bad_filters_are_400s(api: Api, params: dict[str, Any], param: str) -> None:
@@ -241,6 +246,41 @@ def test_bad_filters_are_400s(api: Api, params: dict[str, Any], param: str) -> N
     assert response.status_code == 400
     error = response.json()["error"]
     assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+def test_eval_traffic_is_left_out_unless_asked_for(api: Api) -> None:
+    user, ci, *evals = seed(
+        api,
+        [
+            item(1),
+            item(2, key_id="key_ci", origin="ci"),
+            item(3, key_id="key_evals", origin="eval"),
+            item(4, key_id="key_evals", origin="eval"),
+        ],
+    )
+    newest_eval = [evals[1].id, evals[0].id]
+    assert listed(api) == [ci.id, user.id]
+    assert listed(api, include_eval="true") == [*newest_eval, ci.id, user.id]
+    assert listed(api, origin="eval") == newest_eval  # asking for eval shows it
+    assert listed(api, origin="ci") == [ci.id]
+    assert listed(api, key_id="key_evals") == []  # that key sent only eval traffic
+    assert listed(api, key_id="key_evals", include_eval="true") == newest_eval
+    assert listed(api, key_id="key_developer") == [user.id]
+    entries = api.client.get(
+        "/v1/review/items", params={"origin": "eval"}, headers=api.as_(Role.REVIEWER)
+    ).json()["data"]
+    assert {(entry["origin"], entry["key_id"]) for entry in entries} == {("eval", "key_evals")}
+
+    def stats(**params: Any) -> dict[str, Any]:
+        response = api.client.get("/v1/review/stats", params=params, headers=api.as_(Role.REVIEWER))
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    assert stats()["total"] == 2
+    assert stats(include_eval="true")["total"] == 4
+    assert stats(origin="eval")["by_review_state"]["unreviewed"] == 2
+    assert stats(key_id="key_ci")["total"] == 1
 
 
 def test_pagination_walks_every_item_once(api: Api) -> None:
