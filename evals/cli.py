@@ -10,7 +10,6 @@ any model is called. Nothing prints a traceback.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from evals.errors import EvalError
 from evals.runs import Run, RunStatus, RunStore, dumps
 from evals.settings import get_settings
 from evals.suite import MAX_CONCURRENCY
+from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 if TYPE_CHECKING:
@@ -40,14 +40,6 @@ console = Console(stderr=True, soft_wrap=True)  # messages stay whole for copy a
 
 RunIdArgument = Annotated[str, typer.Argument(help="A run id ('safegate eval list').")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-
-
-def _offline_defaults() -> None:
-    """Nothing downloads unless asked: a suite's Hugging Face datasets need HF_HUB_OFFLINE=0."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -106,7 +98,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a suite; prints each run's id on its own stdout line."""
-    _offline_defaults()
+    offline_defaults()  # a suite's Hugging Face datasets need HF_HUB_OFFLINE=0
     from evals.endpoints import parse_endpoints
 
     try:
