@@ -1,0 +1,80 @@
+"""Resident memory of the safety engine in process: loaded, then after ``--texts``
+toxicchat-train prompts (16 per check, as ``/v1/moderations`` batches them), with ONNX
+Runtime's CPU memory arena on (the default) or off (``--no-arena``).
+
+Time budgets are lifted so a loaded machine does not turn long texts into failures.
+Usage: .venv/bin/python bench/engine_memory.py [--texts 600] [--no-arena]
+Prints one JSON line; docs/BENCHMARKS.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import onnxruntime  # noqa: E402
+import psutil  # noqa: E402
+
+from gateway.config import Settings  # noqa: E402
+from gateway.ensemble import build_engine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOXICCHAT = ROOT.parent / "shared/data/toxicchat-train/toxic_chat_train.json"
+NO_BUDGET_S = 3600.0
+
+
+def without_arena() -> None:
+    """Every ONNX Runtime session made from now on allocates without the CPU arena."""
+    original = onnxruntime.SessionOptions
+
+    class Options(original):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            self.enable_cpu_mem_arena = False
+
+    onnxruntime.SessionOptions = Options  # type: ignore[misc]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--texts", type=int, default=600)
+    parser.add_argument("--no-arena", action="store_true")
+    args = parser.parse_args()
+    if args.no_arena:
+        without_arena()
+    rows = json.loads(TOXICCHAT.read_text(encoding="utf-8"))["instances"]
+    texts = [row["instance"][:32_000] for row in rows][: args.texts]
+    settings = Settings(
+        home=Path(tempfile.mkdtemp()),
+        encoder={"timeout_s": NO_BUDGET_S},
+        engine={"timeout_per_kchar_s": NO_BUDGET_S},
+    )
+    engine = build_engine(settings, blocklists=None)
+    engine.check(["hello"])
+    process = psutil.Process()
+    loaded = process.memory_info().rss
+    started = time.perf_counter()
+    for start in range(0, len(texts), 16):
+        engine.check(texts[start : start + 16])
+    print(  # noqa: T201
+        json.dumps(
+            {
+                "arena": not args.no_arena,
+                "texts": len(texts),
+                "rss_loaded_mib": round(loaded / 2**20),
+                "rss_after_mib": round(process.memory_info().rss / 2**20),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
