@@ -103,8 +103,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from gateway.blocklists import UtcDateTime
-from gateway.db import Base, Database
+from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import (
     Conflict,
     Forbidden,
