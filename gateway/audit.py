@@ -102,8 +102,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from gateway.blocklists import UtcDateTime
-from gateway.db import Base, Database
+from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.origin import EVAL_ORIGIN, ORIGIN_CHARS, is_origin, parse_origin
 from gateway.safety.taxonomy import Direction, Severity, parse_label

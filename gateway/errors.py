@@ -36,13 +36,12 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from typing import TYPE_CHECKING
 
 from gateway.safety.engine import EngineOverloaded, InputTooLong
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
 
 log = logging.getLogger("safegate.errors")
 
@@ -159,12 +158,6 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _response(
-    status: int, body: dict[str, dict[str, str | None]], headers: Mapping[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body, headers=headers)
-
-
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
@@ -174,6 +167,18 @@ def _is_type_tag(part: object) -> bool:
 
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every failure into an OpenAI-style body."""
+    # FastAPI loads here, with the app: code that only raises these errors (``safegate
+    # keys``) does not import the web stack.
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def _response(
+        status: int,
+        body: dict[str, dict[str, str | None]],
+        headers: Mapping[str, str] | None = None,
+    ) -> JSONResponse:
+        return JSONResponse(status_code=status, content=body, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.auth import ApiKey, KeyStore, Role, ensure_local_key, local_key_path
+from gateway.auth.keys import ApiKey, KeyStore, Role, ensure_local_key, local_key_path
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.errors import ApiError

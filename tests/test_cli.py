@@ -57,11 +57,12 @@ def test_root_help_imports_no_package() -> None:
     assert _imported_after(["--help"]) == []
 
 
-def test_key_commands_import_neither_torch_nor_transformers() -> None:
+def test_key_commands_import_neither_models_nor_the_web_stack() -> None:
     imported = _imported_after(["keys", "--help"])
     assert "gateway" in imported
     assert "torch" not in imported
     assert "transformers" not in imported
+    assert "fastapi" not in imported
 
 
 def test_an_unknown_command_is_a_usage_error() -> None:

@@ -305,7 +305,7 @@ def test_item_limits(store: BlocklistStore, monkeypatch: pytest.MonkeyPatch) -> 
     # Existing items do not count again.
     store.add_items("codenames", [pattern("falcon0")])
 
-    monkeypatch.setattr("gateway.blocklists.MAX_ITEMS_PER_LIST", MAX_REGEXES_PER_LIST + 1)
+    monkeypatch.setattr("gateway.blocklists.store.MAX_ITEMS_PER_LIST", MAX_REGEXES_PER_LIST + 1)
     store.add_items("codenames", [term("frobnicate")])
     with pytest.raises(InvalidRequest) as full:
         store.add_items("codenames", [term("quux")])

@@ -1,67 +1,8 @@
-"""Custom blocklists: exact terms and regexes, kept in the database, matched after normalisation.
+"""The blocklist store: the two tables, the records it returns, its limits and its cache.
 
-Admins manage lists through ``/v1/blocklists`` (``gateway.routes.blocklists``); the
-``blocklist`` ensemble member (``gateway.safety.members.blocklist``) reads an immutable,
-compiled :class:`BlocklistSnapshot` of every list once per batch and reports one finding,
-labelled ``blocklist`` and kinded with the list's name, per hit.
-
-Storage
-    Two tables, created by Alembic revision ``0001``: ``blocklists`` (a unique name, a
-    description) and ``blocklist_items`` (``term`` or ``regex`` and its value, unique per
-    list; deleting a list cascades to its items). Rows are only ever inserted or deleted,
-    never updated, and ids are never reused (``AUTOINCREMENT`` on SQLite, a sequence on
-    PostgreSQL), so ``(count, max id, sum of ids)`` of the two tables changes with every
-    change: that is the store's version, read in one cheap query.
-
-Terms
-    A term goes through the same ``normalize`` as every text (NFKC, invisible characters
-    removed, then ``fold``: case, accents, homoglyphs, letter spacing, leetspeak) and is
-    split into tokens: runs of word characters, single punctuation or symbol characters,
-    and single characters of scripts written without spaces (Han, kana, Thai, ...). A term
-    matches where its tokens appear consecutively among the text's tokens, whitespace
-    between tokens ignored. So ``frobnicate`` matches ``Please FR0BN1CATE the report``,
-    ``f r o b n i c a t e`` and ``frobnicate's``, but not ``frobnicated`` or
-    ``unfrobnicate`` (whole words only); ``project falcon`` matches ``Project\\n\\nFalcon``;
-    punctuation is kept, so ``e-mail`` does not match ``e mail``. At each place the longest
-    term of a list wins and one list's hits never overlap. All terms of all lists live in
-    one token trie, so a text costs one pass however many terms there are.
-Regexes
-    RE2 syntax (the ``google-re2`` package), compiled case-insensitive and searched in the
-    folded view (so write them in lower case and expect leetspeak and homoglyphs folded:
-    ``\\bproject\\s+falcon\\b`` matches ``Project  Falcon launch``). RE2 matches in time
-    linear in the text whatever the pattern, so a search needs no time budget and no
-    pattern can hang a worker, on an idle machine or a loaded one. The price is syntax
-    that needs backtracking: backreferences (``\\1``, ``(?P=name)``), lookarounds
-    (``(?=``, ``(?!``, ``(?<=``, ``(?<!``), atomic groups and possessive quantifiers are
-    refused when the item is added, with a message naming the pattern and why. ``\\w``,
-    ``\\d``, ``\\s`` and ``\\b`` are ASCII-only in RE2: for words of other scripts use
-    ``\\p{L}`` classes or, better, terms (which tokenise every script). ``\\z`` ends the
-    text (``\\Z`` is refused). Folding reads digits inside some mixed words as leetspeak
-    (``JIRA-1234`` becomes ``jira-i2ea``), so such identifiers are safer as terms, which
-    fold the same way. A pattern that matches the empty string is refused, and empty
-    matches are never hits. One regex reports at most ``MAX_HITS_PER_REGEX`` hits in a
-    text (one hit already blocks it): finding every match of some patterns rescans the
-    text once per match, and the cap keeps that linear too. A stored pattern that RE2
-    cannot compile (one added before blocklists used RE2) makes the snapshot raise
-    ``UnsupportedRegex`` naming its list and item: the member fails and the engine blocks
-    (fail closed) until an admin deletes the item.
-
-Caching and replicas
-    ``snapshot()`` compiles every list once and caches the result. A change made through
-    this store drops the cache, so the next snapshot sees it at once; a change made by
-    another replica is picked up when the cached snapshot is older than ``refresh_s`` and the
-    version query says the tables changed (unchanged tables keep the same snapshot object).
-    If the database cannot be read when a check is due, ``snapshot()`` raises: the member
-    fails and the engine fails closed rather than serve a list of unknown age.
-
-Errors are the API's (``gateway.errors``)::
-
-    InvalidRequest   a bad name, description, term or regex, too many items (``param`` says which)
-    NotFound         no list of that name, or no item of that id in the list
-    Conflict         a list of that name exists, or a concurrent change collided (retry)
-
-and ``UnsupportedRegex`` from :func:`compile_regex` (a pattern RE2 cannot compile; the
-store turns it into ``InvalidRequest``). Nothing here logs an item's value.
+``BlocklistStore`` validates and stores lists and items, and keeps a compiled
+``BlocklistSnapshot`` (``gateway.blocklists.matching``) of every list, rebuilt when the
+tables change; ``gateway.blocklists`` says how, and what the limits are for.
 """
 
 from __future__ import annotations
@@ -71,19 +12,13 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from types import MappingProxyType
-from typing import Any, Protocol
 
-import re2
-import regex
 from sqlalchemy import (
     CheckConstraint,
-    DateTime,
-    Dialect,
     ForeignKey,
     Integer,
     Select,
@@ -94,11 +29,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
-from sqlalchemy.types import TypeDecorator
 
-from gateway.db import Base, Database
+from gateway.blocklists.matching import (
+    BlocklistSnapshot,
+    CompiledRegex,
+    RegexPattern,
+    TermTrie,
+    UnsupportedRegex,
+    compile_regex,
+    term_tokens,
+)
+from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.safety.normalize import normalize
 
 log = logging.getLogger("safegate.blocklists")
 
@@ -113,42 +55,7 @@ MAX_VALUE_BYTES = 2000
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_ITEMS_PER_LIST = 10_000
 MAX_REGEXES_PER_LIST = 100
-# One regex's hits in one text: past the first the text is blocked anyway, and finding
-# every match of a pattern like ``a[^z]*z|a`` rescans the rest of the text per match.
-MAX_HITS_PER_REGEX = 100
-# RE2's memory for one compiled pattern (its default): a pattern needing more is refused.
-REGEX_MAX_MEM_BYTES = 8 << 20
 DEFAULT_REFRESH_S = 5.0
-
-# Scripts written without spaces between words: each of their characters is a token, so a
-# term in them matches as a substring.
-_UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}"
-_TOKEN: Any = regex.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+|[^\w\s]")
-
-
-class UnsupportedRegex(ValueError):
-    """RE2 cannot compile a pattern: the message names it (``what``) and says why.
-
-    ``detail`` is RE2's own reason (``invalid escape sequence: \\1``).
-    """
-
-    def __init__(self, what: str, reason: str, *, detail: str) -> None:
-        super().__init__(f"{what} is refused: {reason}")
-        self.detail = detail
-
-
-class RegexMatch(Protocol):
-    """What the snapshot reads of an RE2 match (``google-re2`` ships no type stubs)."""
-
-    def span(self) -> tuple[int, int]: ...
-
-
-class RegexPattern(Protocol):
-    """A compiled RE2 pattern; spans index the ``str`` searched, in characters."""
-
-    def finditer(self, text: str) -> Iterator[RegexMatch]: ...
-
-    def fullmatch(self, text: str) -> RegexMatch | None: ...
 
 
 class ItemKind(StrEnum):
@@ -157,25 +64,6 @@ class ItemKind(StrEnum):
 
 
 # -- tables ------------------------------------------------------------------------------
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """A timezone-aware UTC timestamp on every backend (SQLite stores no offset)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("timestamps must be timezone-aware")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class BlocklistRow(Base):
@@ -243,97 +131,6 @@ class Blocklist:
 @dataclass(frozen=True, slots=True)
 class BlocklistDetail(Blocklist):
     items: tuple[BlocklistItem, ...] = ()
-
-
-# -- the compiled snapshot ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BlocklistHit:
-    """A place in the folded text that a list's term or regex matched."""
-
-    blocklist: str
-    start: int
-    end: int
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledRegex:
-    blocklist: str
-    item_id: int
-    pattern: RegexPattern
-
-
-@dataclass(frozen=True, slots=True)
-class TermTrie:
-    """Every list's terms as one trie over tokens, flattened so it can be frozen.
-
-    Node 0 is the root; ``edges[(node, token)]`` is the next node, and ``ends[node]``
-    names the lists with a term that ends there.
-    """
-
-    edges: Mapping[tuple[int, str], int]
-    ends: Mapping[int, frozenset[str]]
-
-    @classmethod
-    def build(cls, terms: Iterable[tuple[str, tuple[str, ...]]]) -> TermTrie:
-        edges: dict[tuple[int, str], int] = {}
-        ends: dict[int, set[str]] = {}
-        for blocklist, tokens in terms:
-            node = 0
-            for token in tokens:
-                node = edges.setdefault((node, token), len(edges) + 1)
-            ends.setdefault(node, set()).add(blocklist)
-        frozen = {node: frozenset(names) for node, names in ends.items()}
-        return cls(edges=MappingProxyType(edges), ends=MappingProxyType(frozen))
-
-    def search(self, folded: str) -> list[BlocklistHit]:
-        """Leftmost-longest hits of each list; one list's hits never overlap."""
-        if not self.edges:
-            return []
-        matches = list(_TOKEN.finditer(folded))
-        tokens: list[str] = [match.group() for match in matches]
-        hits: list[BlocklistHit] = []
-        free_from: dict[str, int] = {}  # per list: the first token a new hit may start at
-        for first in range(len(tokens)):
-            node = 0
-            longest: dict[str, int] = {}
-            for index in range(first, len(tokens)):
-                child = self.edges.get((node, tokens[index]))
-                if child is None:
-                    break
-                node = child
-                for blocklist in self.ends.get(node, ()):
-                    longest[blocklist] = index
-            for blocklist, last in longest.items():
-                if first >= free_from.get(blocklist, 0):
-                    hits.append(
-                        BlocklistHit(blocklist, matches[first].start(), matches[last].end())
-                    )
-                    free_from[blocklist] = last + 1
-        return hits
-
-
-@dataclass(frozen=True, slots=True)
-class BlocklistSnapshot:
-    """Every list, compiled: what the ``blocklist`` member searches. Immutable."""
-
-    terms: TermTrie
-    regexes: tuple[CompiledRegex, ...]
-    version: tuple[int, ...]
-
-    def search(self, folded: str) -> tuple[BlocklistHit, ...]:
-        """All hits in ``folded`` (a ``NormalizedText.folded``), ordered by position.
-
-        Linear in the text for every pattern (RE2): no budget, nothing to time out.
-        """
-        hits = set(self.terms.search(folded))
-        for compiled in self.regexes:
-            hits.update(
-                BlocklistHit(compiled.blocklist, start, end)
-                for start, end in regex_spans(compiled.pattern, folded)
-            )
-        return tuple(sorted(hits, key=lambda hit: (hit.start, hit.end, hit.blocklist)))
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -565,70 +362,6 @@ def _item(row: BlocklistItemRow) -> BlocklistItem:
     return BlocklistItem(
         id=row.id, kind=ItemKind(row.kind), value=row.value, created_at=row.created_at
     )
-
-
-def term_tokens(value: str) -> tuple[str, ...]:
-    """The tokens a term matches as: normalised like any text, then tokenised."""
-    tokens: list[str] = _TOKEN.findall(normalize(value).folded)
-    return tuple(tokens)
-
-
-def _regex_options() -> Any:
-    options = re2.Options()
-    options.case_sensitive = False
-    options.log_errors = False  # a refused pattern is the caller's error, not a log line
-    options.max_mem = REGEX_MAX_MEM_BYTES
-    return options
-
-
-_REGEX_OPTIONS = _regex_options()
-_LOOKAROUNDS = ("(?=", "(?!", "(?<=", "(?<!")
-_BACKREFERENCE = re.compile(r"invalid escape sequence: \\[1-9]|invalid perl operator: \(\?P")
-
-
-def compile_regex(value: str) -> RegexPattern:
-    """Compile a blocklist regex the way the snapshot does (RE2, case-insensitive).
-
-    Raises ``UnsupportedRegex`` saying why RE2 refuses it.
-    """
-    try:
-        pattern: RegexPattern = re2.compile(value, _REGEX_OPTIONS)
-    except re2.error as error:
-        raw = error.args[0] if error.args else ""
-        detail = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        raise UnsupportedRegex(f"regex {value!r}", _refusal(detail), detail=detail) from None
-    return pattern
-
-
-def regex_spans(pattern: RegexPattern, folded: str) -> Iterator[tuple[int, int]]:
-    """The non-empty matches of ``pattern`` in ``folded``, at most ``MAX_HITS_PER_REGEX``."""
-    found = 0
-    for match in pattern.finditer(folded):
-        start, end = match.span()
-        if end > start:
-            yield start, end
-            found += 1
-            if found >= MAX_HITS_PER_REGEX:
-                return
-
-
-def _refusal(detail: str) -> str:
-    """RE2's reason for refusing a pattern, with what it means for a blocklist."""
-    linear = "blocklist regexes run on RE2, which matches in linear time and has no"
-    if detail.startswith("invalid perl operator: ") and detail.endswith(_LOOKAROUNDS):
-        return f"lookarounds are not supported ({detail}): {linear} lookahead or lookbehind"
-    if _BACKREFERENCE.fullmatch(detail):
-        return f"backreferences are not supported ({detail}): {linear} backreferences"
-    if detail == "invalid perl operator: (?>" or (
-        detail.startswith("bad repetition operator: ") and detail.endswith("+")
-    ):
-        return (
-            f"atomic groups and possessive quantifiers are not supported ({detail}): "
-            f"{linear} backtracking to control"
-        )
-    if detail == "invalid escape sequence: \\Z":
-        return f"RE2 cannot compile it ({detail}): write \\z for the end of the text"
-    return f"RE2 cannot compile it ({detail})"
 
 
 def _checked(item: NewItem, index: int) -> tuple[str, str]:

@@ -1,71 +1,9 @@
-"""API keys, roles and the ``require(role)`` dependency that guards every filtering route.
+"""API keys: roles, the ``api_keys`` table and ``KeyStore``, and the first start's local key.
 
-Keys
-    A key is ``sg-`` followed by 43 URL-safe characters (``secrets.token_urlsafe(32)``,
-    256 random bits). It is shown once, when it is created; the ``api_keys`` table
-    (Alembic revision ``0002``) keeps only its SHA-256 and a display prefix (``sg-`` and
-    the next 8 characters, which leaves 208 unknown random bits). A plain SHA-256 is
-    enough here, unlike for passwords: a slow, salted hash (bcrypt, argon2) exists to make
-    guessing low-entropy secrets expensive, and 256 random bits cannot be guessed at any
-    speed, so the fast hash gives nothing away while letting the store find a key by an
-    indexed equality lookup on its hash. The stored hash is compared once more with
-    ``hmac.compare_digest`` before it is trusted.
-
-Names
-    A key's name is 1 to 64 letters, digits, ``_``, ``.`` or ``-``, unique among the
-    keys that are not revoked (a partial unique index), so a rotated key can take the
-    name of the one it replaces. Ids (``key_`` + 24 hex characters) are what ``revoke``
-    takes and what logs and the audit store carry; the secret is never logged.
-
-Roles
-    ``admin`` may do everything; ``developer`` may send requests to filter
-    (``/v1/moderations``, chat completions); ``reviewer`` may read blocklists and review
-    flagged content. A key may carry a ``policy`` name (its requests are filtered by
-    ``<name>.yaml``) and its own ``rate_limit_rpm`` (else the service's default).
-
-Caching and replicas
-    ``authenticate`` caches a valid key for ``cache_ttl_s`` (``SAFEGATE_AUTH__CACHE_TTL_S``,
-    5 s by default), so a busy key costs one indexed read per ``cache_ttl_s`` per replica.
-    ``revoke`` through a store drops that store's cache at once (a lookup racing the revoke
-    cannot put the key back), so the revoke takes effect immediately on the replica that
-    made it; other replicas, and a server running beside the ``safegate keys revoke``
-    command, refuse the key within ``cache_ttl_s``. ``last_used_at`` is written at most
-    once every ``touch_interval_s`` (60 s) per key and replica, never on a cache hit.
-
-When the key store cannot be reached
-    A key whose last successful check is less than ``outage_grace_s`` old
-    (``SAFEGATE_AUTH__OUTAGE_GRACE_S``, 300 s by default; 0 turns this off) keeps working
-    when, and only when, the lookup fails because the database cannot be reached: a
-    connection or operational error (``OperationalError``, ``InterfaceError``, a statement
-    cancelled by its timeout) or no pooled connection in time (``TimeoutError``). Such a
-    stale admission is logged (key id, age and error class; never the key) and counted
-    (``on_stale``, the ``safegate_auth_stale_admissions_total`` metric); it re-arms the
-    entry for at most ``cache_ttl_s``, so the database is tried again once per
-    ``cache_ttl_s`` per key and replica, never on every request. An answer from the
-    database always wins: an unknown or revoked key is refused and dropped from the cache,
-    and refusals are never cached, so they are never served stale. Other database errors
-    (a missing table, bad data) admit nothing. A key that cannot be checked (never seen by
-    this replica, or checked more than ``outage_grace_s`` ago) gets a 503
-    ``key_store_unavailable`` with ``Retry-After``, never a 401: the key may well be valid.
-    So a key revoked while a replica could not reach the database is refused by that
-    replica within ``cache_ttl_s`` of the database coming back, and no key outlives its
-    last check by more than ``outage_grace_s``.
-
-Disabled authentication
-    With ``SAFEGATE_AUTH__ENABLED=false`` every request is an anonymous admin and no
-    per-key rate limit applies: anyone who can reach the port can change blocklists and
-    read flagged content. Only for a service bound to localhost or behind a gateway that
-    authenticates on its own.
-
-Errors are the API's (``gateway.errors``)::
-
-    Unauthorized        401  missing_api_key, invalid_api_key (unknown, malformed or revoked)
-    Forbidden           403  insufficient_role (the message names the role needed)
-    RateLimited         429  rate_limit_exceeded, with Retry-After
-    ServiceUnavailable  503  key_store_unavailable (with Retry-After), auth_unavailable,
-                             rate_limiter_unavailable
-    InvalidRequest      400  a bad name, role, policy or rate limit on create
-    NotFound            404  key_not_found;  Conflict 409  key_name_exists
+``gateway.auth`` tells how keys are made, stored, cached and checked when the database
+cannot be reached. Nothing here imports FastAPI or Starlette, so ``safegate keys`` and
+the dashboard use the store without loading the web stack; the route dependencies that
+check a request's key live in ``gateway.auth.dependencies``.
 """
 
 from __future__ import annotations
@@ -81,16 +19,13 @@ import secrets
 import sqlite3
 import threading
 import time
-import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from fastapi import Request, Response
 from sqlalchemy import CheckConstraint, Index, Integer, String, func, select, text
 from sqlalchemy.exc import (
     IntegrityError,
@@ -100,24 +35,16 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Mapped, Session, mapped_column
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 
-from gateway.blocklists import UtcDateTime
-from gateway.db import Base, Database
+from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import (
     Conflict,
-    Forbidden,
     InvalidRequest,
     NotFound,
-    RateLimited,
     ServiceUnavailable,
     Unauthorized,
 )
-from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE, Limit, RateLimiter
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
+from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 
 log = logging.getLogger("safegate.auth")
 
@@ -135,6 +62,8 @@ DEFAULT_CACHE_MAX_ENTRIES = 10_000
 LOCAL_KEY_NAME = "local-developer"
 LOCAL_KEY_FILE = "local-developer.key"
 ANONYMOUS_KEY_ID = "anonymous"
+# Every 401 carries it: the scheme a client should authenticate with (RFC 6750).
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="safegate"'}
 
 
 class Role(StrEnum):
@@ -161,6 +90,15 @@ class Principal:
 ANONYMOUS = Principal(
     key_id=ANONYMOUS_KEY_ID, name="anonymous", role=Role.ADMIN, policy=None, rate_limit_rpm=None
 )
+
+
+def invalid_key() -> Unauthorized:
+    """The 401 for a key that is malformed or that no row has."""
+    return Unauthorized(
+        "Incorrect API key provided. Ask an admin for a key ('safegate keys create').",
+        code="invalid_api_key",
+        headers=CHALLENGE,
+    )
 
 
 # -- the table ---------------------------------------------------------------------------
@@ -401,7 +339,7 @@ class KeyStore:
         in ``async`` code, as ``require`` does.
         """
         if not KEY_PATTERN.fullmatch(secret):
-            raise _invalid_key()
+            raise invalid_key()
         hit = self.cached(secret)
         if hit is not None:
             return hit
@@ -469,138 +407,18 @@ class KeyStore:
             row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.secret_hash == digest))
             if row is None or not hmac.compare_digest(row.secret_hash, digest):
                 log.info("api key rejected", extra={"reason": "unknown", "sha256": digest[:12]})
-                raise _invalid_key()
+                raise invalid_key()
             if row.revoked_at is not None:
                 log.info("api key rejected", extra={"reason": "revoked", "key_id": row.id})
                 raise Unauthorized(
                     "This API key was revoked; ask an admin for a new one.",
                     code="invalid_api_key",
-                    headers=_CHALLENGE,
+                    headers=CHALLENGE,
                 )
             now = self._now()
             if row.last_used_at is None or now - row.last_used_at >= self.touch_interval:
                 row.last_used_at = now
             return _principal(row)
-
-
-# -- the FastAPI dependency ---------------------------------------------------------------
-
-
-def require(role: Role, *more: Role) -> Callable[..., Awaitable[Principal]]:
-    """A dependency: authenticate, check the role (any of those given), then rate limit.
-
-    Usage: ``principal: Annotated[Principal, Depends(require(Role.DEVELOPER))]``, or
-    ``dependencies=[Depends(require(Role.ADMIN))]`` on a route or router. Admin keys pass
-    every role check. The principal is also left on ``request.state.principal``.
-    """
-    roles = (role, *more)
-
-    async def principal_for(request: Request, response: Response) -> Principal:
-        return await _admit(request, response, roles)
-
-    _KEY_CHECKS.add(principal_for)
-    return principal_for
-
-
-def require_by_method(*, read: Role, write: Role) -> Callable[..., Awaitable[Principal]]:
-    """Like ``require``: ``read`` for GET, HEAD and OPTIONS, ``write`` for anything else."""
-
-    async def principal_for(request: Request, response: Response) -> Principal:
-        safe = request.method in {"GET", "HEAD", "OPTIONS"}
-        return await _admit(request, response, (read if safe else write,))
-
-    _KEY_CHECKS.add(principal_for)
-    return principal_for
-
-
-def checks_key(dependency: object) -> bool:
-    """Whether ``dependency`` is one that ``require`` or ``require_by_method`` made.
-
-    The OpenAPI document (``gateway.openapi``) uses it to mark the routes that need a key.
-    """
-    return dependency in _KEY_CHECKS
-
-
-async def _admit(request: Request, response: Response, roles: Iterable[Role]) -> Principal:
-    wanted = tuple(roles)
-    admitted: Principal | None = getattr(request.state, "principal", None)
-    if admitted is not None:  # a router's and a route's ``require``: one key, one token
-        _check_roles(admitted, wanted)
-        return admitted
-    state = request.app.state
-    settings: Settings | None = getattr(state, "settings", None)
-    keys: KeyStore | None = getattr(state, "keys", None)
-    limiter: RateLimiter | None = getattr(state, "limiter", None)
-    if settings is not None and not settings.auth.enabled:
-        request.state.principal = ANONYMOUS
-        return ANONYMOUS
-    if settings is None or keys is None or limiter is None:
-        raise ServiceUnavailable(
-            "authentication is not set up yet, so requests are refused (fail closed); "
-            "retry shortly",
-            code="auth_unavailable",
-        )
-    secret = presented_key(request.headers)
-    if not KEY_PATTERN.fullmatch(secret):
-        raise _invalid_key()
-    principal = keys.cached(secret)
-    if principal is None:  # a database read: off the event loop
-        principal = await run_in_threadpool(keys.authenticate, secret)
-    _check_roles(principal, wanted)
-    defaults = settings.rate_limit
-    limit = Limit.of(principal.rate_limit_rpm or defaults.requests_per_minute, burst=defaults.burst)
-    decision = await limiter.acquire(principal.key_id, limit)
-    if not decision.allowed:
-        log.info(
-            "rate limited",
-            extra={"key_id": principal.key_id, "retry_after_s": round(decision.retry_after_s, 3)},
-        )
-        raise RateLimited(
-            f"Rate limit reached for key '{principal.name}': {limit.requests_per_minute} "
-            f"requests per minute. Retry after {decision.retry_after_s:.1f} s.",
-            retry_after_s=decision.retry_after_s,
-            headers={
-                "x-ratelimit-limit-requests": str(limit.requests_per_minute),
-                "x-ratelimit-remaining-requests": "0",
-            },
-        )
-    response.headers["x-ratelimit-limit-requests"] = str(limit.requests_per_minute)
-    response.headers["x-ratelimit-remaining-requests"] = str(decision.remaining)
-    request.state.principal = principal
-    return principal
-
-
-def _check_roles(principal: Principal, wanted: tuple[Role, ...]) -> None:
-    if not any(principal.allows(role) for role in wanted):
-        needed = " or ".join(f"'{role.value}'" for role in wanted)
-        raise Forbidden(
-            f"This route needs the {needed} role (or 'admin'); the key "
-            f"'{principal.name}' has the '{principal.role.value}' role.",
-            code="insufficient_role",
-        )
-
-
-def presented_key(headers: Headers) -> str:
-    """The key from ``Authorization: Bearer KEY`` or Azure's ``api-key: KEY`` header."""
-    authorization = headers.get("authorization")
-    if authorization is not None:
-        scheme, _, credentials = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not credentials.strip():
-            raise Unauthorized(
-                "The Authorization header must be 'Bearer <your API key>'.",
-                code="invalid_api_key",
-                headers=_CHALLENGE,
-            )
-        return credentials.strip()
-    api_key = headers.get("api-key")
-    if api_key is not None and api_key.strip():
-        return api_key.strip()
-    raise Unauthorized(
-        "You didn't provide an API key. Send it in an 'Authorization: Bearer <key>' header "
-        "(or an 'api-key' header); an admin creates keys with 'safegate keys create'.",
-        code="missing_api_key",
-        headers=_CHALLENGE,
-    )
 
 
 # -- first start --------------------------------------------------------------------------
@@ -651,10 +469,6 @@ def write_private(path: Path, content: str) -> None:
 
 # -- helpers -----------------------------------------------------------------------------
 
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="safegate"'}
-# Every dependency ``require`` and ``require_by_method`` made, for ``checks_key``.
-_KEY_CHECKS: weakref.WeakSet[Callable[..., Awaitable[Principal]]] = weakref.WeakSet()
-
 
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
@@ -686,14 +500,6 @@ def _describe(error: SQLAlchemyError) -> str:
     if original is None:
         return type(error).__name__
     return f"{type(error).__name__}({type(original).__name__})"
-
-
-def _invalid_key() -> Unauthorized:
-    return Unauthorized(
-        "Incorrect API key provided. Ask an admin for a key ('safegate keys create').",
-        code="invalid_api_key",
-        headers=_CHALLENGE,
-    )
 
 
 def _check_name(name: str) -> None:
