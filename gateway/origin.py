@@ -14,14 +14,14 @@ case-insensitive and stored lower-cased. Any other value is refused with a 400
 It is a label the caller chooses, not a credential: any key may send it, and it changes
 nothing about how a request is filtered, blocked or recorded, only where reviewers see
 it by default. To see everything one key sent, whatever it said, filter by the key.
+The routes read the header through ``gateway.routes.origin.Origin``; this module stays
+free of FastAPI so the stores and the CLI can use it.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Final
-
-from fastapi import Depends, Header
+from typing import Final
 
 from gateway.errors import InvalidRequest
 
@@ -53,18 +53,3 @@ def parse_origin(value: str | None, *, param: str = ORIGIN_HEADER) -> str | None
             code="invalid_origin",
         )
     return origin
-
-
-async def request_origin(
-    origin: Annotated[
-        str | None,
-        Header(
-            alias=ORIGIN_HEADER,
-            description="where this traffic comes from (e.g. 'eval'); recorded, not trusted",
-        ),
-    ] = None,
-) -> str | None:
-    return parse_origin(origin)
-
-
-Origin = Annotated[str | None, Depends(request_origin)]

@@ -18,7 +18,7 @@ from gateway.auth import Principal, Role, require
 from gateway.chat.schemas import ChatCompletion, ChatCompletionRequest
 from gateway.chat.service import ChatService, PromptBlocked
 from gateway.errors import InvalidRequest
-from gateway.origin import Origin
+from gateway.routes.origin import Origin
 from gateway.state import AppState, app_state
 
 router = APIRouter(tags=["chat"])

@@ -19,7 +19,7 @@ from gateway.audit import RequestRecord, flagged_item
 from gateway.auth import Principal
 from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.moderation import ModerationRequest, ModerationResponse, to_response
-from gateway.origin import Origin
+from gateway.routes.origin import Origin
 from gateway.safety.taxonomy import Direction
 from gateway.safety.verdict import Verdict
 from gateway.state import AppState, app_state
