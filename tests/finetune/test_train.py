@@ -50,7 +50,7 @@ TINY = DemoBaseConfig(
     intermediate_size=64,
     max_position_embeddings=512,
 )
-STEPS_PER_EPOCH = 6  # 48 training examples, batch 8
+STEPS_PER_EPOCH = 6  # 49 training examples, batch 9
 KILL_TIMEOUT_S = 120.0
 
 
@@ -80,7 +80,7 @@ def tiny_config(base: Path, **overrides: Any) -> TrainConfig:
         "train_file": SAMPLE_TRAIN,
         "validation_file": SAMPLE_VALIDATION,
         "epochs": 2,
-        "batch_size": 8,
+        "batch_size": 9,
         "learning_rate": 5e-3,
         "lora_r": 4,
         "lora_alpha": 8,
@@ -117,9 +117,9 @@ def test_a_job_trains_registers_and_reports_an_adapter(tiny_base: Path, services
     assert model.job_id == job.id
     assert model.data_sha256 == job.data_sha256
     assert model.hyperparameters["lora_r"] == 4
-    assert model.hyperparameters["effective_batch_size"] == 8
+    assert model.hyperparameters["effective_batch_size"] == 9
     assert model.metrics["steps"] == 2 * STEPS_PER_EPOCH
-    assert model.metrics["train_examples"] == 48
+    assert model.metrics["train_examples"] == 49
     assert model.metrics["valid_examples"] == 12
     assert model.metrics["train_dropped"] == model.metrics["train_truncated"] == 0
     first = read_results(job_dir(job.id, services=services) / RESULTS_FILE)
@@ -186,7 +186,7 @@ def test_without_a_validation_file_a_seeded_split_is_held_out(
     job = run(submit(config, services=services).id, services=services)
     assert job.status is JobStatus.SUCCEEDED, job.error
     metrics = services.registry.get("split").metrics
-    assert (metrics["train_examples"], metrics["valid_examples"]) == (36, 12)
+    assert (metrics["train_examples"], metrics["valid_examples"]) == (37, 12)
     assert math.isfinite(metrics["full_valid_loss"])
 
 
@@ -276,7 +276,7 @@ def test_a_killed_run_is_marked_failed_and_resumes_from_its_checkpoint(
     checkpoint = last_checkpoint(job_id, services=services)
     assert checkpoint is not None
     killed_at = int(checkpoint.name.split("-")[-1])
-    assert killed_at < 3 * 48
+    assert killed_at < 3 * 49
 
     listed = runner.invoke(app, ["jobs", "--json"])
     assert listed.exit_code == 0, listed.output
@@ -291,10 +291,10 @@ def test_a_killed_run_is_marked_failed_and_resumes_from_its_checkpoint(
     assert resumed.stdout.strip().splitlines()[-1] == "resumed"
     model = services.registry.get("resumed")
     assert model.metrics["resumed_from_step"] == killed_at
-    assert model.metrics["steps"] == 3 * 48
+    assert model.metrics["steps"] == 3 * 49
     steps = [int(row["step"]) for row in read_results(Path(model.path) / RESULTS_FILE)]
     assert steps == sorted(set(steps))  # no step twice after the resume
-    assert steps[-1] == 3 * 48
+    assert steps[-1] == 3 * 49
     assert services.jobs.get(job_id).status is JobStatus.SUCCEEDED
 
 
