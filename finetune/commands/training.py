@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -455,7 +456,14 @@ def demo(
     """
     _quiet_libraries()
     with _reported():
-        from finetune.demo import DEMO_ADAPTER, SAMPLE_TRAIN, answer, deployed_demo, run_demo
+        from finetune.demo import (
+            DEMO_ADAPTER,
+            SAMPLE_TRAIN,
+            answer,
+            demo_train_args,
+            deployed_demo,
+            run_demo,
+        )
 
         if if_missing and (existing := deployed_demo()) is not None:
             console.print(f"{DEMO_ADAPTER} is already deployed ({escape(existing.path)})")
@@ -465,14 +473,16 @@ def demo(
         console.print(f"building the demo base and training {DEMO_ADAPTER} on {SAMPLE_TRAIN}")
         with _sigterm_as_interrupt():
             model = run_demo(epochs=epochs, progress=True)
-        question, reply = answer(model)
+        question, reply = answer(model, line=-1, system=False)
         typer.echo(f"base: {model.base}")
         typer.echo(f"job: {model.job_id}")
         for key in ("train_loss", "full_valid_loss", "train_mean_token_accuracy"):
             if key in model.metrics:
                 typer.echo(f"{key}: {model.metrics[key]}")
         typer.echo(f"adapter: {model.path} (deployed)")
-        typer.echo(f"sample question: {question}")
+        command = shlex.join(demo_train_args(epochs=epochs))
+        typer.echo(f"trained as: safegate finetune train {command}")
+        typer.echo(f"sample question (no system prompt): {question}")
         ending = "" if reply.stopped else " [no <|end|> within the token limit]"
         typer.echo(f"adapter's answer: {reply.text}{ending}")
         typer.echo(model.name)
