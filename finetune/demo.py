@@ -8,7 +8,7 @@ Nothing is downloaded. Top to bottom:
    ``data/safety/intent_examples.jsonl``: everyday questions and replies on every topic),
    with Phi-3's special tokens and chat template, and a ``Phi3ForCausalLM`` from a tiny
    ``Phi3Config`` with random weights (hidden 192, 4 layers, 4 heads, MLP 512: about
-   3.4 million parameters), saved with safetensors. Any text round-trips through the
+   3.3 million parameters), saved with safetensors. Any text round-trips through the
    tokenizer (every byte is in its alphabet); most common English words are one token. Its
    ``generation_config.json`` says ``do_sample: false``: the local model server answers
    requests that leave out ``temperature`` greedily (``finetune.serving``). It is built
