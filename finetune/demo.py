@@ -3,25 +3,42 @@
 Nothing is downloaded. Top to bottom:
 
 1. ``build_demo_base`` makes a Phi-3-architecture base: a byte-level BPE tokenizer
-   trained here (``tokenizers``) on the shipped sample plus a little embedded English,
+   trained here (``tokenizers``, 4,096 tokens) on the shipped sample and on ordinary
+   English the project wrote itself (the benign English rows of
+   ``data/safety/intent_examples.jsonl``: everyday questions and replies on every topic),
    with Phi-3's special tokens and chat template, and a ``Phi3ForCausalLM`` from a tiny
    ``Phi3Config`` with random weights (hidden 192, 4 layers, 4 heads, MLP 512: about
-   2.3 million parameters with the ~1,500-token vocabulary the sample allows), saved
-   with safetensors. It is built once into ``models_dir/demo-base`` and registered as the
-   base ``demo-base``, so ``safegate finetune train --base demo-base ...`` works too.
+   3.3 million parameters), saved with safetensors. Any text round-trips through the
+   tokenizer (every byte is in its alphabet); most common English words are one token. Its
+   ``generation_config.json`` says ``do_sample: false``: the local model server answers
+   requests that leave out ``temperature`` greedily (``finetune.serving``). It is built
+   once into ``models_dir/demo-base`` and registered as the base ``demo-base``, so
+   ``safegate finetune train --base demo-base ...`` works too.
 2. ``run_demo`` trains the adapter ``demo-console-support`` on
    ``data/finetune/console_support.jsonl`` (validation: ``..._validation.jsonl``) through
-   the same job path as ``safegate finetune train`` (``finetune.train``), then registers
-   and deploys it.
+   the same job path as ``safegate finetune train`` (``finetune.train``), with settings
+   that are all flags of that command (``DEMO_TRAINING``; ``demo_train_args`` spells
+   them out), then registers and deploys it.
 
-A random base knows no language, so the demo adapter learns the sample by heart: its
-answers to the sample's questions follow the sample's answers and end with ``<|end|>``.
-It shows the machinery (jobs, checkpoints, metrics, registry, serving), not quality.
-The settings in ``DEMO_TRAINING`` were measured to get there within the time budget:
-on 2 CPU cores the whole command takes 36-50 s and peaks at about 0.75 GB resident
-(``/usr/bin/time -v safegate finetune demo``, fresh ``SAFEGATE_HOME``); lower rates or
-fewer epochs left some answers garbled (word F1 below 0.8), LoRA without ``lm_head``
-did not converge at all. ``tests/finetune/test_demo.py`` holds it to that.
+A random base knows no language, so an adapter on it learns its data by heart: it answers
+the sample's questions with the sample's answers, with or without the sample's system
+prompt, and ends with ``<|end|>``. It shows the machinery (jobs, checkpoints, metrics,
+registry, serving), not quality. What makes that quick, measured on 2 CPU cores with 24
+conversations of another topic (``data/finetune/houseplants.jsonl``), final training loss
+after 8 to 10 epochs:
+
+- random weights drawn with std 0.1 (``initializer_range``), not Phi-3's 0.02: from a
+  0.02 base the frozen layers pass on little of the question (2.1, even at learning rate
+  2e-3 and LoRA rank 32); 0.2 learns slower again;
+- ``lm_head`` trained in full (``--modules-to-save lm_head``): 0.009, against 0.26 with
+  LoRA alone;
+- learning rate 5e-3 (1e-3: 1.3; 8e-3 is as good; 1.2e-2 is unstable, 1.6);
+- every conversation also without its system prompt (``--also-without-system``):
+  trained only with it, the adapter answers a bare question with gibberish.
+
+``tests/finetune/test_demo.py`` holds the demo to that, and
+``tests/finetune/test_demo_recipe.py`` holds the README's command (the same settings on
+another topic) to it.
 """
 
 from __future__ import annotations
@@ -41,28 +58,26 @@ from finetune.settings import DEMO_BASE
 from finetune.train import Services, TrainConfig, run, submit
 
 DEMO_ADAPTER = "demo-console-support"
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "finetune"
+REPOSITORY = Path(__file__).resolve().parent.parent
+SAMPLE_DIR = REPOSITORY / "data" / "finetune"
 SAMPLE_TRAIN = SAMPLE_DIR / "console_support.jsonl"
 SAMPLE_VALIDATION = SAMPLE_DIR / "console_support_validation.jsonl"
+# Everyday English the project wrote (for its safety engine); its benign rows train the BPE.
+ENGLISH_SOURCE = REPOSITORY / "data" / "safety" / "intent_examples.jsonl"
 PAD_TOKEN = SPECIAL_TOKENS[0]  # <|endoftext|>: padding and bos
 BASE_CONFIG_FILE = "demo_base.json"
 DEMO_MAX_NEW_TOKENS = 120  # longer than any answer in the sample
-# Measured on 2 CPU cores: the random base's own logits are near-uniform, so the adapter
-# also trains lm_head in full (``modules_to_save``); LoRA alone stalls at a high loss.
-DEMO_TRAINING: dict[str, object] = {
-    "epochs": 50,
-    "batch_size": 8,
-    "learning_rate": 2e-3,
-    "warmup_ratio": 0.05,
-    "lora_r": 32,
-    "lora_alpha": 64,
-    "lora_dropout": 0.0,
+# The demo's training settings (see the module docstring for how they were measured).
+# Each is a flag of ``safegate finetune train``; the README's command for one's own data
+# on demo-base passes the same ones (``DEMO_RECIPE``). The demo itself also keeps only
+# its last checkpoint: it is never resumed, and ten would take 120 MB.
+DEMO_RECIPE: dict[str, object] = {
+    "epochs": 10,
+    "learning_rate": 5e-3,
     "modules_to_save": ("lm_head",),
-    "max_seq_length": 1024,
-    "logging_steps": 6,
-    "save_total_limit": 1,
-    "seed": 0,
+    "also_without_system": True,
 }
+DEMO_TRAINING: dict[str, object] = {**DEMO_RECIPE, "save_total_limit": 1}
 
 # A few lines of plain English so the vocabulary is not only the sample's words.
 ENGLISH = """\
@@ -84,12 +99,15 @@ Contact us again if you need more help. Have a great day!
 class DemoBaseConfig:
     """Size of the demo base; saved as ``demo_base.json`` beside it."""
 
-    vocab_size: int = field(default=3000, metadata={"help": "BPE vocabulary (at most)"})
+    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary (at most)"})
     hidden_size: int = field(default=192, metadata={"help": "model width"})
     num_hidden_layers: int = field(default=4, metadata={"help": "decoder layers"})
     num_attention_heads: int = field(default=4, metadata={"help": "attention heads"})
     intermediate_size: int = field(default=512, metadata={"help": "MLP width"})
     max_position_embeddings: int = field(default=1024, metadata={"help": "context length"})
+    initializer_range: float = field(
+        default=0.1, metadata={"help": "std of the random weights (Phi-3's is 0.02)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the random weights"})
 
     def __post_init__(self) -> None:
@@ -101,6 +119,8 @@ class DemoBaseConfig:
             raise ValueError("sizes must be positive")
         if self.max_position_embeddings < 64:
             raise ValueError("max_position_embeddings must be at least 64")
+        if not 0 < self.initializer_range <= 1:
+            raise ValueError("initializer_range must be in (0, 1]")
 
     def to_json(self) -> dict[str, Any]:
         return dict(sorted(asdict(self).items()))
@@ -118,6 +138,26 @@ def sample_texts(*paths: Path) -> list[str]:
                 if line.strip():
                     texts.extend(m["content"] for m in json.loads(line)["messages"])
     return texts
+
+
+def english_texts(path: Path = ENGLISH_SOURCE) -> list[str]:
+    """The benign English texts of the project's safety examples (no harmful rows)."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError) as error:
+        message = f"cannot read the demo tokenizer's English from {path}: {error}"
+        raise FinetuneError(message) from error
+    return [
+        row["text"]
+        for row in rows
+        if row.get("lang") == "en" and not str(row.get("group", "")).startswith("harmful")
+    ]
+
+
+def tokenizer_corpus() -> list[str]:
+    """What the demo base's BPE is trained on: the console sample and everyday English."""
+    return [*sample_texts(SAMPLE_TRAIN, SAMPLE_VALIDATION), *english_texts()]
 
 
 def build_tokenizer(corpus_texts: Iterable[str], *, vocab_size: int, model_max_length: int) -> Any:
@@ -185,6 +225,7 @@ def build_demo_base(
         eos_token_id=end,
         pad_token_id=pad,
         tie_word_embeddings=False,
+        initializer_range=config.initializer_range,
     )
     torch.manual_seed(config.seed)
     model = Phi3ForCausalLM(model_config)
@@ -209,15 +250,14 @@ def ensure_demo_base(
 ) -> Path:
     """Build ``models_dir/demo-base`` unless it is there, and register it (idempotent).
 
-    A folder built with other sizes (an older safegate) is rebuilt.
+    A folder built with another ``DemoBaseConfig`` (an older safegate) is rebuilt; adapters
+    trained on the old one no longer fit it.
     """
     config = config or DEMO_BASE_CONFIG
     target = models_dir / DEMO_BASE
     complete = _built_with(target, config)
     if not complete:
-        build_demo_base(
-            target, corpus_texts=sample_texts(SAMPLE_TRAIN, SAMPLE_VALIDATION), config=config
-        )
+        build_demo_base(target, corpus_texts=tokenizer_corpus(), config=config)
     registered = registry.find(DEMO_BASE)
     if registered is None or registered.path != str(target) or not complete:
         registry.register(
@@ -254,6 +294,36 @@ def demo_training(*, name: str = DEMO_ADAPTER, epochs: int | None = None) -> Tra
     )
 
 
+def train_flags(settings: dict[str, object]) -> list[str]:
+    """TrainConfig fields as ``safegate finetune train`` flags (``--epochs 10`` ...)."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(value, tuple):
+            flags.extend([flag, ",".join(value)])
+        else:
+            flags.extend([flag, str(value)])
+    return flags
+
+
+def demo_train_args(*, name: str = DEMO_ADAPTER, epochs: int | None = None) -> list[str]:
+    """The ``safegate finetune train`` arguments that train what ``run_demo`` trains."""
+    config = demo_training(name=name, epochs=epochs)
+    return [
+        "--base",
+        config.base,
+        "--train",
+        str(config.train_file),
+        "--validation",
+        str(config.validation_file),
+        "--name",
+        config.name,
+        *train_flags({key: getattr(config, key) for key in DEMO_TRAINING}),
+    ]
+
+
 def run_demo(
     *,
     name: str = DEMO_ADAPTER,
@@ -284,15 +354,31 @@ def run_demo(
 
 
 def deployed_demo(*, name: str = DEMO_ADAPTER, services: Services | None = None) -> Model | None:
-    """The demo adapter if it is registered, deployed and on disk; None otherwise."""
+    """The demo adapter if it is registered, deployed, on disk and current; None otherwise.
+
+    Current: its base was built with this version's ``DemoBaseConfig`` and it was trained
+    with this version's ``DEMO_TRAINING`` (epochs aside), so ``demo --if-missing`` (what
+    ``make run`` does) trains the demo again after an upgrade that changed either.
+    """
     services = services or Services.from_settings()
     model = services.registry.find(name)
     if model is None or not model.deployed or not Path(model.path).exists():
         return None
     base = services.registry.find(DEMO_BASE)
-    if base is None or not Path(base.path).exists():
+    if base is None or not _built_with(Path(base.path), DEMO_BASE_CONFIG):
         return None
-    return model
+    return model if _trained_as_demo(model) else None
+
+
+def _trained_as_demo(model: Model) -> bool:
+    try:
+        saved = TrainConfig.from_json(model.hyperparameters)
+    except (TypeError, ValueError):
+        return False
+    current = demo_training()
+    return all(
+        getattr(saved, key) == getattr(current, key) for key in DEMO_TRAINING if key != "epochs"
+    )
 
 
 @dataclass(frozen=True)
@@ -345,10 +431,14 @@ def ask(
     )
 
 
-def answer(model: Model, *, line: int = 0) -> tuple[str, Reply]:
-    """The demo adapter's reply to one of the sample's questions: (question, reply)."""
+def answer(model: Model, *, line: int = 0, system: bool = True) -> tuple[str, Reply]:
+    """The demo adapter's reply to one of the sample's questions: (question, reply).
+
+    ``line`` counts from 0 (-1: the last line, the README's question); ``system=False``
+    asks without the sample's system prompt.
+    """
     with SAMPLE_TRAIN.open(encoding="utf-8") as handle:
         record = json.loads(handle.readlines()[line])
-    prompt = [m for m in record["messages"] if m["role"] != "assistant"]
+    prompt = [m for m in record["messages"][:-1] if system or m["role"] != "system"]
     base_dir = Path(model.path).parent / DEMO_BASE
     return prompt[-1]["content"], ask(Path(model.path), prompt, base_dir=base_dir)

@@ -15,6 +15,12 @@ reloads one whose registry row changed; the base stays where it is.
     POST /v1/chat/completions    OpenAI's request; "stream": true answers with SSE chunks
     GET  /healthz                base, adapters, adapters that failed to load
 
+A request that leaves out ``temperature`` or ``top_p`` gets the base's own defaults where
+its ``generation_config.json`` sets them, as vLLM applies them (``SamplingDefaults``):
+``"do_sample": false`` answers greedily (the demo base says so: its adapters answer what
+they learned), ``temperature`` and ``top_p`` are taken as they are. Otherwise, and for
+Phi-3's own files, which set none of them, OpenAI's defaults (1.0 and 1.0) apply.
+
 One request at a time reaches the model: generations and refreshes run on one worker
 thread per loaded model (``GenerationWorker``), never on the event loop, and at most
 ``DEFAULT_MAX_QUEUED`` wait for it; past that the server answers 503. A stream's
@@ -71,7 +77,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol, TypeGuard, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
@@ -96,8 +102,9 @@ T = TypeVar("T")
 OWNER = "safegate"
 DEFAULT_MAX_TOKENS = 256  # when a request gives neither max_tokens nor max_completion_tokens
 MAX_TOKENS_CAP = 2048  # a request asking for more is refused
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults, unless the base's generation config sets its own
 DEFAULT_TOP_P = 1.0
+GENERATION_CONFIG = "generation_config.json"
 MAX_STOP_SEQUENCES = 4
 MAX_MESSAGES = 256
 MAX_PROMPT_CHARS = 200_000  # checked before tokenizing
@@ -277,6 +284,54 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves out ``temperature`` or ``top_p`` gets."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+
+    @classmethod
+    def of(cls, generation_config: Mapping[str, Any]) -> SamplingDefaults:
+        """A base's defaults from its ``generation_config.json``: ``do_sample: false`` is
+        greedy, ``temperature`` and ``top_p`` count where set; OpenAI's otherwise. A value
+        out of OpenAI's range is ignored (logged), never an error for every request."""
+        if generation_config.get("do_sample") is False:
+            return cls(temperature=0.0)
+        temperature = generation_config.get("temperature", DEFAULT_TEMPERATURE)
+        top_p = generation_config.get("top_p", DEFAULT_TOP_P)
+        if _number(temperature) and _number(top_p) and 0 <= temperature <= 2 and 0 < top_p <= 1:
+            return cls(temperature=float(temperature), top_p=float(top_p))
+        log.warning("the base's generation config has sampling values out of range; ignored")
+        return cls()
+
+    @classmethod
+    def of_base(cls, location: str) -> SamplingDefaults:
+        """The defaults of a local folder, or of a hub id from the local cache only."""
+        folder = Path(location).expanduser()
+        if folder.is_dir():
+            found: object = folder / GENERATION_CONFIG
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                found = try_to_load_from_cache(location, GENERATION_CONFIG)
+            except Exception:  # noqa: BLE001 - not a hub id: no file, no defaults
+                found = None
+        if not isinstance(found, str | Path) or not Path(found).is_file():
+            return cls()
+        try:
+            data = json.loads(Path(found).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the base's %s: %s", GENERATION_CONFIG, _reason(exc))
+            return cls()
+        return cls.of(data) if isinstance(data, dict) else cls()
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A tokenized request, checked against the model's context window."""
 
@@ -336,6 +391,7 @@ class LocalModelServer:
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._stop_ids: tuple[int, ...] = ()
         self._context = 0
+        self.sampling_defaults = SamplingDefaults()  # the base's, once it is loaded
         self._adapters: Mapping[str, _Loaded] = {}
         self._failed: Mapping[str, tuple[tuple[str, str], str]] = {}
         self._started = int(time.time())
@@ -390,6 +446,7 @@ class LocalModelServer:
         self._model = model
         self._stop_ids = _stop_token_ids(tokenizer, model)
         self._context = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.sampling_defaults = SamplingDefaults.of_base(self.base.path)
         self.base_loads += 1
         log.info("base loaded", extra={"base": self.base.name, "device": device})
 
@@ -948,7 +1005,9 @@ class ChatCompletionRequest(_Lenient):
             turns.append(Turn(ROLES[role], _text_of(message, where)))
         return turns
 
-    def params(self) -> SamplingParams:
+    def params(self, defaults: SamplingDefaults | None = None) -> SamplingParams:
+        """The sampling parameters; ``defaults`` fill in a left-out temperature and top_p."""
+        defaults = defaults or SamplingDefaults()
         if self.n not in (None, 1):
             raise InvalidRequest("n: only one choice per request is supported", param="n")
         if self.logprobs:
@@ -962,8 +1021,8 @@ class ChatCompletionRequest(_Lenient):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
-            top_p=DEFAULT_TOP_P if self.top_p is None else self.top_p,
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
             stop=stop,
             seed=self.seed,
         )
@@ -1132,7 +1191,7 @@ def create_app(
         body: ChatCompletionRequest,
     ) -> ChatCompletion | StreamingResponse:
         turns = body.turns()
-        params = body.params()
+        params = body.params(server.sampling_defaults)
         await _ensure_known(server, worker, body.model)
         prompt = await worker.run(partial(server.prepare, body.model, turns, params))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -8,12 +8,14 @@
 2. Load the conversations (``finetune.dataset``); validation comes from its own file or
    a seeded split. Each conversation is tokenised in Phi-3's chat format with labels on
    the learned assistant tokens and their ``<|end|>`` (``finetune.chat``); over-long ones
-   lose leading turns or are dropped, and both are counted.
+   lose leading turns or are dropped, and both are counted. ``also_without_system``
+   trains each conversation that has a system message twice, with and without it.
 3. Wrap the base with LoRA on Phi-3's fused projections (``qkv_proj``, ``o_proj``,
    ``gate_up_proj``, ``down_proj``); optionally 4-bit (QLoRA, CUDA + bitsandbytes only).
 4. Train: bf16 where CUDA supports it, fp32 on CPU; optional gradient checkpointing and
    padding-free packing. An adapter-only checkpoint every epoch under
-   ``jobs_dir/<job>/checkpoints``; ``run(job_id, resume=True)`` continues from the last.
+   ``jobs_dir/<job>/checkpoints``, all of them kept unless ``save_total_limit`` keeps
+   only the newest; ``run(job_id, resume=True)`` continues from the last.
    Each logging step and each epoch append a row to ``jobs_dir/<job>/results.csv``
    (Azure's columns, plus epoch, learning rate and perplexities) and update the job's
    metrics; a cancel request stops training after the current step.
@@ -58,7 +60,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +69,7 @@ from finetune.dataset import (
     DEFAULT_SPLIT_SEED,
     DEFAULT_VALIDATION_FRACTION,
     Conversation,
+    Role,
     file_sha256,
     load_conversations,
     split_conversations,
@@ -180,7 +183,15 @@ class TrainConfig:
         default=PHI3_LORA_TARGETS, metadata=_help("modules that get LoRA matrices")
     )
     modules_to_save: tuple[str, ...] = field(
-        default=(), metadata=_help("modules trained in full and saved in the adapter")
+        default=(),
+        metadata=_help("modules trained in full and saved in the adapter, e.g. lm_head"),
+    )
+    also_without_system: bool = field(
+        default=False,
+        metadata=_help(
+            "train each conversation that has a system message a second time without it, "
+            "so the adapter answers with or without one (twice the examples)"
+        ),
     )
     max_seq_length: int = field(
         default=DEFAULT_MAX_SEQ_LENGTH, metadata=_help("longest example in tokens")
@@ -205,7 +216,10 @@ class TrainConfig:
         default=False, metadata=_help("compile the model with torch.compile (pays off on GPUs)")
     )
     logging_steps: int = field(default=10, metadata=_help("steps between results.csv rows"))
-    save_total_limit: int = field(default=2, metadata=_help("epoch checkpoints kept"))
+    save_total_limit: int | None = field(
+        default=None,
+        metadata=_help("epoch checkpoints kept, the newest ones; unset: every epoch's"),
+    )
     seed: int = field(default=DEFAULT_SPLIT_SEED, metadata=_help("seed of split, init, order"))
 
     def __post_init__(self) -> None:
@@ -254,7 +268,10 @@ class TrainConfig:
                 f"attn_implementation must be one of {', '.join(ATTENTION)}",
             ),
             (self.logging_steps >= 1, "logging_steps must be at least 1"),
-            (self.save_total_limit >= 1, "save_total_limit must be at least 1"),
+            (
+                self.save_total_limit is None or self.save_total_limit >= 1,
+                "save_total_limit must be at least 1",
+            ),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -630,17 +647,32 @@ def encode_all(
     conversations: Iterable[Conversation],
     *,
     max_length: int,
+    also_without_system: bool = False,
 ) -> EncodedSet:
+    """Each conversation as an example; with ``also_without_system``, a conversation
+    with system messages is a second example without them (counted as examples)."""
     encoded = EncodedSet(examples=[], conversations=0)
     for conversation in conversations:
         encoded.conversations += 1
-        example = encode_conversation(tokenizer, conversation, max_length=max_length)
-        if example is None:
-            encoded.dropped += 1
-            continue
-        encoded.truncated += example.dropped_messages > 0
-        encoded.examples.append(example)
+        variants = [conversation]
+        if also_without_system and (bare := without_system(conversation)) is not None:
+            variants.append(bare)
+        for variant in variants:
+            example = encode_conversation(tokenizer, variant, max_length=max_length)
+            if example is None:
+                encoded.dropped += 1
+                continue
+            encoded.truncated += example.dropped_messages > 0
+            encoded.examples.append(example)
     return encoded
+
+
+def without_system(conversation: Conversation) -> Conversation | None:
+    """The conversation less its system messages; None when it has none."""
+    kept = tuple(m for m in conversation.messages if m.role is not Role.SYSTEM)
+    if len(kept) == len(conversation.messages):
+        return None
+    return replace(conversation, messages=kept)
 
 
 class ExampleDataset:
@@ -1145,7 +1177,12 @@ def _train(
         train_conversations, valid_conversations = split_conversations(
             train_conversations, validation_fraction=config.validation_fraction, seed=config.seed
         )
-    train = encode_all(tokenizer, train_conversations, max_length=config.max_seq_length)
+    train = encode_all(
+        tokenizer,
+        train_conversations,
+        max_length=config.max_seq_length,
+        also_without_system=config.also_without_system,
+    )
     valid = encode_all(tokenizer, valid_conversations, max_length=config.max_seq_length)
     if not train.examples:
         raise FinetuneError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def _field_help(name: str) -> str:
                 default = ",".join(default) or "none"
             elif isinstance(default, bool):
                 default = "yes" if default else "no"
+            elif default is None:
+                default = "unset"
             return f"{item.metadata.get('help', '')} (default: {default})"
     raise KeyError(name)
 
@@ -158,6 +161,8 @@ def train(
     lora_alpha: Annotated[int | None, _opt("lora_alpha", min=1)] = None,
     lora_dropout: Annotated[float | None, _opt("lora_dropout")] = None,
     target_modules: Annotated[str | None, _opt("target_modules", ", comma-separated")] = None,
+    modules_to_save: Annotated[str | None, _opt("modules_to_save", "; comma-separated")] = None,
+    also_without_system: Annotated[bool | None, _opt("also_without_system")] = None,
     max_seq_length: Annotated[int | None, _opt("max_seq_length")] = None,
     packing: Annotated[bool | None, _opt("packing")] = None,
     gradient_checkpointing: Annotated[bool | None, _opt("gradient_checkpointing")] = None,
@@ -166,6 +171,7 @@ def train(
     attn_implementation: Annotated[str | None, _opt("attn_implementation")] = None,
     torch_compile: Annotated[bool | None, _opt("torch_compile")] = None,
     logging_steps: Annotated[int | None, _opt("logging_steps", min=1)] = None,
+    save_total_limit: Annotated[int | None, _opt("save_total_limit", min=1)] = None,
     seed: Annotated[int | None, _opt("seed")] = None,
     resume: Annotated[
         str | None,
@@ -206,9 +212,9 @@ def train(
         "lora_r": lora_r,
         "lora_alpha": lora_alpha,
         "lora_dropout": lora_dropout,
-        "target_modules": None
-        if target_modules is None
-        else tuple(part.strip() for part in target_modules.split(",") if part.strip()),
+        "target_modules": _names(target_modules),
+        "modules_to_save": _names(modules_to_save),
+        "also_without_system": also_without_system,
         "max_seq_length": max_seq_length,
         "packing": packing,
         "gradient_checkpointing": gradient_checkpointing,
@@ -217,6 +223,7 @@ def train(
         "attn_implementation": attn_implementation,
         "torch_compile": torch_compile,
         "logging_steps": logging_steps,
+        "save_total_limit": save_total_limit,
         "seed": seed,
     }
     with _reported():
@@ -238,6 +245,13 @@ def train(
             return
         console.print(f"job {job.id}: training {name} on {base}")
         _run_foreground(job.id, resume=False, services=services)
+
+
+def _names(option: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple of names (None: not given)."""
+    if option is None:
+        return None
+    return tuple(part.strip() for part in option.split(",") if part.strip())
 
 
 def _resume(job_id: str, *, detach: bool) -> None:
@@ -443,7 +457,14 @@ def demo(
     """
     _quiet_libraries()
     with _reported():
-        from finetune.demo import DEMO_ADAPTER, SAMPLE_TRAIN, answer, deployed_demo, run_demo
+        from finetune.demo import (
+            DEMO_ADAPTER,
+            SAMPLE_TRAIN,
+            answer,
+            demo_train_args,
+            deployed_demo,
+            run_demo,
+        )
 
         if if_missing and (existing := deployed_demo()) is not None:
             console.print(f"{DEMO_ADAPTER} is already deployed ({escape(existing.path)})")
@@ -453,14 +474,16 @@ def demo(
         console.print(f"building the demo base and training {DEMO_ADAPTER} on {SAMPLE_TRAIN}")
         with _sigterm_as_interrupt():
             model = run_demo(epochs=epochs, progress=True)
-        question, reply = answer(model)
+        question, reply = answer(model, line=-1, system=False)
         typer.echo(f"base: {model.base}")
         typer.echo(f"job: {model.job_id}")
         for key in ("train_loss", "full_valid_loss", "train_mean_token_accuracy"):
             if key in model.metrics:
                 typer.echo(f"{key}: {model.metrics[key]}")
         typer.echo(f"adapter: {model.path} (deployed)")
-        typer.echo(f"sample question: {question}")
+        command = shlex.join(demo_train_args(epochs=epochs))
+        typer.echo(f"trained as: safegate finetune train {command}")
+        typer.echo(f"sample question (no system prompt): {question}")
         ending = "" if reply.stopped else " [no <|end|> within the token limit]"
         typer.echo(f"adapter's answer: {reply.text}{ending}")
         typer.echo(model.name)

@@ -86,7 +86,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def test_shipped_sample_validates_clean() -> None:
-    for path, count in ((SAMPLE, 48), (SAMPLE_VALIDATION, 12)):
+    for path, count in ((SAMPLE, 49), (SAMPLE_VALIDATION, 12)):
         report = validate_file(path)
         assert report.ok, report.format()
         assert report.warnings == ()
@@ -97,8 +97,8 @@ def test_shipped_sample_validates_clean() -> None:
 
 def test_sample_is_a_nova_x_support_set_with_multi_turn_and_weight_zero_turns() -> None:
     conversations = load_conversations(SAMPLE)
-    assert len(conversations) == 48
-    assert [c.line for c in conversations] == list(range(1, 49))
+    assert len(conversations) == 49
+    assert [c.line for c in conversations] == list(range(1, 50))
     for conversation in conversations:
         assert conversation.messages[0].role is Role.SYSTEM
         assert "Nova X" in conversation.messages[0].content
@@ -559,9 +559,9 @@ def test_split_is_seeded_deterministic_and_disjoint() -> None:
     assert (train, validation) == again
     assert validation != other[1]
     assert len(validation) == 10
-    assert len(train) == 38
+    assert len(train) == 39
     assert {c.line for c in train}.isdisjoint({c.line for c in validation})
-    assert sorted(c.line for c in train + validation) == list(range(1, 49))
+    assert sorted(c.line for c in train + validation) == list(range(1, 50))
     assert [c.line for c in validation] == sorted(c.line for c in validation)  # file order
 
 
@@ -584,9 +584,9 @@ def test_split_rejects_a_bad_fraction(fraction: float) -> None:
 
 def test_load_splits_uses_the_validation_file_or_a_seeded_split() -> None:
     train, validation = load_splits(SAMPLE, SAMPLE_VALIDATION)
-    assert (len(train), len(validation)) == (48, 12)
+    assert (len(train), len(validation)) == (49, 12)
     train, validation = load_splits(SAMPLE, validation_fraction=0.25, seed=3)
-    assert (len(train), len(validation)) == (36, 12)
+    assert (len(train), len(validation)) == (37, 12)
     assert load_splits(SAMPLE, validation_fraction=0.25, seed=3) == (train, validation)
 
 
@@ -610,7 +610,7 @@ def test_cli_passes_the_shipped_sample(home: Path) -> None:
     result = invoke(str(SAMPLE))
     assert result.exit_code == 0, result.output
     assert "OK:" in result.output
-    assert "48 (48 valid)" in result.output
+    assert "49 (49 valid)" in result.output
     assert "not counted: pass --base BASE" in result.output
 
 

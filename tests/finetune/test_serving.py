@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,9 +32,11 @@ from finetune import serving
 from finetune.db import Database
 from finetune.registry import ModelKind, ModelRegistry
 from finetune.serving import (
+    ChatCompletionRequest,
     GenerationWorker,
     LocalModelServer,
     ModelNotFound,
+    SamplingDefaults,
     SamplingParams,
     ServerBusy,
     StopFilter,
@@ -461,6 +464,45 @@ def test_a_stop_string_ends_the_answer_before_it(
         )
         text, finish = answer.choices[0].message.content or "", answer.choices[0].finish_reason
     assert (text, finish) == (before, "stop")
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "defaults"),
+    [
+        ({}, SamplingDefaults(1.0, 1.0)),  # Phi-3's own files set no sampling values
+        ({"do_sample": False, "temperature": 0.7}, SamplingDefaults(0.0, 1.0)),
+        ({"do_sample": True, "temperature": 0.7, "top_p": 0.9}, SamplingDefaults(0.7, 0.9)),
+        ({"temperature": 0.5}, SamplingDefaults(0.5, 1.0)),
+        ({"temperature": 5.0}, SamplingDefaults(1.0, 1.0)),  # out of OpenAI's range: ignored
+        ({"top_p": 0}, SamplingDefaults(1.0, 1.0)),
+        ({"temperature": True}, SamplingDefaults(1.0, 1.0)),
+    ],
+)
+def test_sampling_defaults_come_from_the_bases_generation_config(
+    generation_config: dict[str, Any], defaults: SamplingDefaults
+) -> None:
+    assert SamplingDefaults.of(generation_config) == defaults
+
+
+def test_a_request_without_temperature_gets_the_bases_default(
+    folders: Folders, server: LocalModelServer, tmp_path: Path
+) -> None:
+    assert server.sampling_defaults == SamplingDefaults()  # the tiny base sets none
+    request = ChatCompletionRequest.model_validate({"model": "tiny", "messages": MESSAGES})
+    assert request.params(server.sampling_defaults).temperature == 1.0
+    greedy = tmp_path / "greedy-base"
+    shutil.copytree(folders.base, greedy)
+    settings = greedy / "generation_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "do_sample": False}))
+    local = LocalModelServer.open(str(greedy))
+    assert local.sampling_defaults == SamplingDefaults(temperature=0.0)
+    expected = local.complete(str(greedy), TURNS, GREEDY).text
+    with TestClient(create_app(local, refresh_s=0)) as client:
+        body = {"model": str(greedy), "messages": MESSAGES, "max_tokens": 12}
+        for seed in (1, 2):  # no temperature: greedy, whatever the seed
+            reply = client.post("/v1/chat/completions", json={**body, "seed": seed})
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["choices"][0]["message"]["content"] == expected
 
 
 def test_sampling_with_a_seed_repeats(oai: openai.OpenAI) -> None:

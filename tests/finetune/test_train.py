@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from transformers import TrainerCallback
+from safetensors import safe_open
+from transformers import AutoTokenizer, TrainerCallback
 from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.commands import training as training_commands
-from finetune.dataset import file_sha256
+from finetune.dataset import Role, file_sha256, load_conversations
 from finetune.demo import SAMPLE_TRAIN, SAMPLE_VALIDATION, DemoBaseConfig, build_demo_base
 from finetune.demo import sample_texts as demo_corpus
 from finetune.errors import BaseModelError, DataError
@@ -35,11 +36,13 @@ from finetune.train import (
     PaddingCollator,
     Services,
     TrainConfig,
+    encode_all,
     job_dir,
     last_checkpoint,
     make_collator,
     run,
     submit,
+    without_system,
 )
 
 TINY = DemoBaseConfig(
@@ -50,7 +53,7 @@ TINY = DemoBaseConfig(
     intermediate_size=64,
     max_position_embeddings=512,
 )
-STEPS_PER_EPOCH = 6  # 48 training examples, batch 8
+STEPS_PER_EPOCH = 6  # 49 training examples, batch 9
 KILL_TIMEOUT_S = 120.0
 
 
@@ -80,7 +83,7 @@ def tiny_config(base: Path, **overrides: Any) -> TrainConfig:
         "train_file": SAMPLE_TRAIN,
         "validation_file": SAMPLE_VALIDATION,
         "epochs": 2,
-        "batch_size": 8,
+        "batch_size": 9,
         "learning_rate": 5e-3,
         "lora_r": 4,
         "lora_alpha": 8,
@@ -117,9 +120,9 @@ def test_a_job_trains_registers_and_reports_an_adapter(tiny_base: Path, services
     assert model.job_id == job.id
     assert model.data_sha256 == job.data_sha256
     assert model.hyperparameters["lora_r"] == 4
-    assert model.hyperparameters["effective_batch_size"] == 8
+    assert model.hyperparameters["effective_batch_size"] == 9
     assert model.metrics["steps"] == 2 * STEPS_PER_EPOCH
-    assert model.metrics["train_examples"] == 48
+    assert model.metrics["train_examples"] == 49
     assert model.metrics["valid_examples"] == 12
     assert model.metrics["train_dropped"] == model.metrics["train_truncated"] == 0
     first = read_results(job_dir(job.id, services=services) / RESULTS_FILE)
@@ -171,6 +174,72 @@ def test_a_job_trains_registers_and_reports_an_adapter(tiny_base: Path, services
     assert stored.metrics["max_steps"] == 12
 
 
+def test_every_epoch_leaves_a_checkpoint(tiny_base: Path, services: Services) -> None:
+    job = run(submit(tiny_config(tiny_base, epochs=3), services=services).id, services=services)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    checkpoints = (job_dir(job.id, services=services) / "checkpoints").iterdir()
+    steps = sorted(int(path.name.split("-")[-1]) for path in checkpoints)
+    assert steps == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH]
+
+
+def test_the_demo_recipes_options_are_flags_of_train(tiny_base: Path, services: Services) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--base",
+            str(tiny_base),
+            "--train",
+            str(SAMPLE_TRAIN),
+            "--validation",
+            str(SAMPLE_VALIDATION),
+            "--name",
+            "recipe",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "14",
+            "--learning-rate",
+            "5e-3",
+            "--lora-r",
+            "4",
+            "--modules-to-save",
+            "lm_head",
+            "--also-without-system",
+            "--save-total-limit",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    model = services.registry.get("recipe")
+    config = TrainConfig.from_json(model.hyperparameters)
+    assert (config.modules_to_save, config.also_without_system) == (("lm_head",), True)
+    assert (config.save_total_limit, config.learning_rate, config.lora_r) == (1, 5e-3, 4)
+    assert model.metrics["train_examples"] == 2 * 49  # each with and without its system prompt
+    assert model.metrics["steps"] == 2 * 7
+    [checkpoint] = (job_dir(model.job_id or "", services=services) / "checkpoints").iterdir()
+    assert checkpoint.name == "checkpoint-14"  # only the newest is kept
+    with safe_open(str(Path(model.path) / "adapter_model.safetensors"), framework="pt") as saved:
+        assert any("lm_head" in name for name in saved.keys())  # noqa: SIM118
+
+
+def test_also_without_system_adds_a_bare_copy_of_each_conversation_with_a_system_prompt(
+    tiny_base: Path,
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    conversations = load_conversations(SAMPLE_TRAIN)[:3]
+    bare = without_system(conversations[0])
+    assert bare is not None
+    assert [m.role for m in bare.messages] == [Role.USER, Role.ASSISTANT]
+    assert without_system(bare) is None
+    both = encode_all(tokenizer, [*conversations, bare], max_length=512, also_without_system=True)
+    assert (both.conversations, len(both.examples)) == (4, 7)
+    assert both.examples[1] == both.examples[6]  # the bare copy is the bare conversation
+    assert len(both.examples[1]) < len(both.examples[0])
+    plain = encode_all(tokenizer, conversations, max_length=512)
+    assert len(plain.examples) == 3
+
+
 def test_without_a_validation_file_a_seeded_split_is_held_out(
     tiny_base: Path, services: Services
 ) -> None:
@@ -186,7 +255,7 @@ def test_without_a_validation_file_a_seeded_split_is_held_out(
     job = run(submit(config, services=services).id, services=services)
     assert job.status is JobStatus.SUCCEEDED, job.error
     metrics = services.registry.get("split").metrics
-    assert (metrics["train_examples"], metrics["valid_examples"]) == (36, 12)
+    assert (metrics["train_examples"], metrics["valid_examples"]) == (37, 12)
     assert math.isfinite(metrics["full_valid_loss"])
 
 
@@ -276,7 +345,7 @@ def test_a_killed_run_is_marked_failed_and_resumes_from_its_checkpoint(
     checkpoint = last_checkpoint(job_id, services=services)
     assert checkpoint is not None
     killed_at = int(checkpoint.name.split("-")[-1])
-    assert killed_at < 3 * 48
+    assert killed_at < 3 * 49
 
     listed = runner.invoke(app, ["jobs", "--json"])
     assert listed.exit_code == 0, listed.output
@@ -291,10 +360,10 @@ def test_a_killed_run_is_marked_failed_and_resumes_from_its_checkpoint(
     assert resumed.stdout.strip().splitlines()[-1] == "resumed"
     model = services.registry.get("resumed")
     assert model.metrics["resumed_from_step"] == killed_at
-    assert model.metrics["steps"] == 3 * 48
+    assert model.metrics["steps"] == 3 * 49
     steps = [int(row["step"]) for row in read_results(Path(model.path) / RESULTS_FILE)]
     assert steps == sorted(set(steps))  # no step twice after the resume
-    assert steps[-1] == 3 * 48
+    assert steps[-1] == 3 * 49
     assert services.jobs.get(job_id).status is JobStatus.SUCCEEDED
 
 
@@ -354,6 +423,7 @@ def test_a_base_that_cannot_be_loaded_offline_is_named_with_the_way_out(
         ("name", "no spaces", "name"),
         ("quantization", "8bit", "quantization"),
         ("target_modules", (), "target_modules"),
+        ("save_total_limit", 0, "save_total_limit"),
     ],
 )
 def test_bad_settings_are_refused(field: str, value: Any, message: str) -> None:
