@@ -193,3 +193,12 @@ def test_a_broken_row_is_reported_with_its_file_and_line(tmp_path: Path) -> None
     path.write_text(json.dumps(_row("fine")) + "\n" + json.dumps(_row("bad", labels=["evil"])))
     with pytest.raises(OwnSetError, match=r"writer.jsonl: line 2: unknown labels \['evil'\]"):
         list(read_rows(path))
+
+
+def test_the_committed_consolidated_set_is_up_to_date(tmp_path: Path) -> None:
+    # intent_examples.jsonl is built from data/safety/v2/ (data/safety/README.md says how);
+    # an edit to v2/ without the rebuild would train on stale rows.
+    root = Path(__file__).resolve().parents[3] / "data" / "safety"
+    rebuilt = tmp_path / "intent_examples.jsonl"
+    consolidate(root / "v2", rebuilt)
+    assert rebuilt.read_bytes() == (root / "intent_examples.jsonl").read_bytes()
