@@ -36,7 +36,6 @@ REQUEST_COLUMNS = (
     "latency_ms",
     "stream",
 )
-OUTCOMES = ("allowed", "flagged", "blocked")
 STAGE_ORDER = ("prompt_check", "upstream", "first_token", "completion_check", "total")
 NO_MODEL = "(none)"
 

@@ -48,18 +48,13 @@ from gateway.audit import (
 )
 from gateway.auth import Principal, Role, require
 from gateway.blocklists import (
-    BlocklistStore,
     ItemKind,
     NewItem,
-    TermTrie,
-    checked_regex,
-    regex_spans,
-    term_tokens,
 )
-from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from gateway.errors import InvalidRequest, ServiceUnavailable
 from gateway.origin import ORIGIN_CHARS
+from gateway.review_actions import check_term_occurs, ensure_blocklist, eval_example
 from gateway.routes.blocklists import BlocklistItemObject
-from gateway.safety.normalize import normalize
 from gateway.safety.taxonomy import Direction
 from gateway.state import AppState, app_state
 
@@ -68,7 +63,6 @@ router = APIRouter(prefix="/v1/review", tags=["review"])
 PREVIEW_CHARS = 200
 MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 NDJSON = "application/x-ndjson"
-CREATED_BLOCKLIST_DESCRIPTION = "created from the review of flagged items"
 
 
 def audit_store(request: Request) -> AuditStore:
@@ -306,39 +300,6 @@ def _ndjson(items: Iterator[StoredItem]) -> Iterator[bytes]:
         yield (json.dumps(eval_example(stored), ensure_ascii=False) + "\n").encode()
 
 
-def eval_example(stored: StoredItem) -> dict[str, object]:
-    """One labelled item as an eval example: the text as a chat turn and what to expect.
-
-    ``labels`` is what ``safegate eval`` suites read: a prompt reviewers confirmed is
-    ``harmful`` (a model should refuse it: ``refusal_rate``), one they called a false
-    positive is ``benign_risky`` (a model should answer it: ``over_refusal_rate``), so the
-    prompt items of an export load as a suite dataset (``format: chat``). Completion items
-    carry only the assistant's text (the prompt behind them is not kept).
-    """
-    item = stored.item
-    role = "user" if item.direction is Direction.PROMPT else "assistant"
-    expected = {
-        ReviewState.TRUE_POSITIVE: "flag",
-        ReviewState.FALSE_POSITIVE: "allow",
-    }.get(stored.review_state)
-    labels: dict[str, object] = {
-        "review": stored.review_state.value,
-        "direction": item.direction.value,
-        "categories": list(item.categories),
-    }
-    if expected is not None:
-        labels["harmful" if expected == "flag" else "benign_risky"] = True
-    return {
-        "id": item.id,
-        "messages": [{"role": role, "content": item.text}],
-        "direction": item.direction.value,
-        "categories": list(item.categories),
-        "label": stored.review_state.value,
-        "expected": expected,
-        "labels": labels,
-    }
-
-
 @router.post("/items/{item_id}/blocklist", status_code=status.HTTP_201_CREATED)
 def add_to_blocklist(
     item_id: str,
@@ -393,46 +354,3 @@ def review_stats(
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def check_term_occurs(kind: ItemKind, value: str, text: str) -> None:
-    """Raise unless ``value`` matches ``text`` the way the blocklist member would."""
-    folded = normalize(text).folded
-    if kind is ItemKind.TERM:
-        tokens = term_tokens(value)
-        if not tokens:
-            raise InvalidRequest(
-                "the term is empty after normalisation", param="term", code="empty_term"
-            )
-        if TermTrie.build([("review", tokens)]).search(folded):
-            return
-        raise InvalidRequest(
-            "the term does not occur in the item's text (terms match whole words, after "
-            "case, accents, homoglyphs, spacing and leetspeak are folded)",
-            param="term",
-            code="term_not_in_item",
-        )
-    pattern = checked_regex(value, param="term")
-    if next(regex_spans(pattern, folded), None) is None:
-        raise InvalidRequest(
-            "the regex does not match the item's text (regexes search the folded text: "
-            "lower case, leetspeak and homoglyphs folded)",
-            param="term",
-            code="term_not_in_item",
-        )
-
-
-def ensure_blocklist(blocklists: BlocklistStore, name: str) -> bool:
-    """Create the list unless it exists; True when this call created it."""
-    try:
-        blocklists.get(name)
-        return False
-    except NotFound:
-        pass
-    try:
-        blocklists.create(name, CREATED_BLOCKLIST_DESCRIPTION)
-    except Conflict:  # created concurrently: it exists, which is all we need
-        return False
-    except InvalidRequest as error:
-        raise InvalidRequest(error.message, param="blocklist", code=error.code) from None
-    return True
