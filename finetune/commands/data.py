@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from finetune.cli import app, offline_defaults
+from finetune.commands.apps import app
 from finetune.dataset import DEFAULT_MAX_SEQ_LENGTH, ChatTokenizer, ValidationReport, validate_file
 from finetune.errors import BaseModelError
+from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 EXIT_OK = 0

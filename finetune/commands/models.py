@@ -20,11 +20,12 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from finetune.cli import app, models, offline_defaults
+from finetune.commands.apps import app, models
 from finetune.db import Database
 from finetune.errors import FinetuneError
 from finetune.registry import ModelKind, ModelRegistry
 from finetune.settings import get_settings
+from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 if TYPE_CHECKING:

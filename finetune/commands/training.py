@@ -32,10 +32,11 @@ from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.exc import SQLAlchemyError
 
-from finetune.cli import app, offline_defaults
+from finetune.commands.apps import app
 from finetune.errors import FinetuneError
 from finetune.jobs import Job, JobStatus
 from finetune.settings import DEFAULT_BASE_MODEL
+from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 EXIT_FAILED = 1
