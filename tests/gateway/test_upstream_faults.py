@@ -74,7 +74,7 @@ def _client(
 def test_timeout_bounds_the_whole_call_retries_included(
     tmp_path: Path, engine_factory: EngineFactory, silent_port: int, stream: bool
 ) -> None:
-    client = _client(tmp_path, engine_factory, silent_port, timeout_s=1.0, retries=3)
+    client = _client(tmp_path, engine_factory, silent_port, timeout_s=1.0, retries=5)
     try:
         started = time.monotonic()
         response = client.post(
@@ -85,9 +85,9 @@ def test_timeout_bounds_the_whole_call_retries_included(
         client.__exit__(None, None, None)
     assert response.status_code == 504, response.text
     assert response.json()["error"]["code"] == "upstream_timeout"
-    # Four attempts of 1 s each would take 4 s or more; the bound is the one second asked
-    # for (plus the prompt check and a scheduling margin).
-    assert elapsed < 2.5
+    # Six attempts of 1 s each would take 6 s or more; the bound is the one second asked
+    # for, plus the prompt check and a margin for a loaded machine.
+    assert elapsed < 3.5
 
 
 @pytest.mark.parametrize("stream", [False, True])
