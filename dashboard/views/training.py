@@ -17,8 +17,9 @@ if jobs.empty:
     st.info(
         "No fine-tuning jobs yet. Train the offline demo adapter (about a minute on two "
         "cores) with `safegate finetune demo` (`make run` does it once), or your own with "
-        "`safegate finetune train --base demo-base --train data/finetune/console_support.jsonl "
-        "--name support-v2`."
+        'the demo\'s settings (README, "Fine-tune Phi-3"): `safegate finetune train --base '
+        "demo-base --train data/finetune/houseplants.jsonl --name plants-v1 --epochs 10 "
+        "--learning-rate 5e-3 --modules-to-save lm_head --also-without-system`."
     )
 else:
     counts = jobs["status"].value_counts()

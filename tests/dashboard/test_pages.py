@@ -480,6 +480,7 @@ def test_traffic_leaves_eval_requests_out_until_asked_for(
         ("compare", "safegate eval run evals/suites/smoke.yaml"),
         ("review", "Nothing has been flagged yet"),
         ("training", "safegate finetune demo"),
+        ("training", "--modules-to-save lm_head --also-without-system"),  # the demo's recipe
         ("traffic", "make run"),
     ],
 )
