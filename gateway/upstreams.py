@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.errors import ApiError, InvalidRequest, NotFound
 from safegate.database import DEFAULT_TIMEOUTS, DatabaseTimeouts
 from safegate.offline import offline_defaults
+from safegate.settings import local_models_api_base
 
 log = logging.getLogger("safegate.upstreams")
 
@@ -172,7 +173,7 @@ class LitellmUpstreams:
         config: UpstreamsConfig,
         *,
         adapters: AdapterSource | None = None,
-        local_api_base: str = "http://127.0.0.1:8001/v1",
+        local_api_base: str = local_models_api_base(),
     ) -> None:
         offline_defaults()
         self.config = config

@@ -15,6 +15,11 @@ LOCAL_MODELS_HOST = "127.0.0.1"
 DEFAULT_LOCAL_MODELS_PORT = 8001
 
 
+def local_models_api_base(port: int = DEFAULT_LOCAL_MODELS_PORT) -> str:
+    """The local model server's OpenAI base URL, as litellm wants it."""
+    return f"http://{LOCAL_MODELS_HOST}:{port}/v1"
+
+
 class SharedSettings(StorageSettings):
     local_models_port: int = Field(
         default=DEFAULT_LOCAL_MODELS_PORT,
@@ -25,5 +30,4 @@ class SharedSettings(StorageSettings):
 
     @property
     def local_models_api_base(self) -> str:
-        """The local model server's OpenAI base URL, as litellm wants it."""
-        return f"http://{LOCAL_MODELS_HOST}:{self.local_models_port}/v1"
+        return local_models_api_base(self.local_models_port)

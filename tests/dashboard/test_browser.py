@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from dashboard.cli import streamlit_command
 from gateway.audit import ReviewState
 from tests.dashboard.conftest import open_stores
 from tests.dashboard.seed import Seeded
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -89,16 +89,10 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def served(fresh: Seeded, tmp_path: Path) -> Iterator[str]:
     """The dashboard, as ``safegate dashboard`` starts it, over the seeded home."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SAFEGATE_HOME": str(fresh.home)}
     env.pop("SAFEGATE_DATABASE_URL", None)
     log = (tmp_path / "streamlit.log").open("w")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,10 @@ from typer.testing import CliRunner
 from dashboard import cli
 from dashboard.access import sign_in
 from gateway.auth import Role
+from gateway.local_models import port_in_use
 from safegate.cli import app
 from tests.dashboard.conftest import open_stores
+from tests.ports import free_port
 
 
 def test_safegate_dashboard_starts_streamlit_over_the_same_home(
@@ -63,23 +64,11 @@ def test_safegate_dashboard_starts_streamlit_over_the_same_home(
     assert dict(zip(started[1][5::2], started[1][6::2], strict=True))["--server.port"] == "8501"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stopping_the_dashboard_leaves_no_streamlit_behind(
     tmp_path: Path, stop: signal.Signals
 ) -> None:
-    port = _free_port()
+    port = free_port()
     environ = {**os.environ, "SAFEGATE_HOME": str(tmp_path / "home")}
     environ.pop("SAFEGATE_DATABASE_URL", None)
     dashboard = subprocess.Popen(  # noqa: S603 - this interpreter, fixed arguments
@@ -91,16 +80,16 @@ def test_stopping_the_dashboard_leaves_no_streamlit_behind(
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while not _listening(port):
+        while not port_in_use(port):
             assert dashboard.poll() is None, "the dashboard exited before listening"
             assert time.monotonic() < deadline, "the dashboard did not start listening"
             time.sleep(0.2)
         dashboard.send_signal(stop)
         dashboard.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while _listening(port) and time.monotonic() < deadline:
+        while port_in_use(port) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _listening(port), "something still serves the dashboard's port"
+        assert not port_in_use(port), "something still serves the dashboard's port"
     finally:
         if dashboard.poll() is None:
             dashboard.kill()

@@ -7,12 +7,11 @@ Upstreams are litellm mock responses: nothing leaves the machine."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import httpx
 import litellm
@@ -30,6 +29,7 @@ from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy
+from tests.ports import free_port
 
 HATE = "All Muslims are terrorists and should be thrown out of this country."
 QUESTION = "How do I reset my console?"
@@ -44,15 +44,10 @@ class Server:
     key: str
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, members_home: Path) -> Iterator[Server]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, loaded_members: list[MemberSpec]
+) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("clients")
     upstreams = folder / "upstreams.yaml"
     upstreams.write_text(
@@ -75,16 +70,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, members_home: Path) -> Iter
         encoding="utf-8",
     )
     settings = Settings(home=folder / "home", upstreams={"file": upstreams})
-    members = _members(members_home)
 
     def factory(settings: Settings, store: BlocklistStore) -> SafetyEngine:
         return SafetyEngine(
-            [*members, MemberSpec(BlocklistClassifier(source=store))],
+            [*loaded_members, MemberSpec(BlocklistClassifier(source=store))],
             policy=Policy.load(settings.policy_file),
         )
 
     app = create_app(settings, engine_factory=factory)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     served = uvicorn.Server(config)
     thread = threading.Thread(target=served.run, daemon=True)
@@ -106,12 +100,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, members_home: Path) -> Iter
     thread.join(timeout=10)
 
 
-def _members(members_home: Path) -> list[MemberSpec]:
-    from gateway.ensemble import build_members
-
-    return build_members(Settings(home=members_home), blocklists=None)
-
-
 def _ask(content: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
@@ -130,46 +118,27 @@ def _assert_safegate_details(body: object) -> None:
 # -- litellm ------------------------------------------------------------------------------
 
 
-def test_litellm_openai_route_raises_content_policy_violation(server: Server) -> None:
-    answer = litellm.completion(
-        model="openai/support",
-        api_base=f"{server.url}/v1",
-        api_key=server.key,
-        messages=_ask(QUESTION),
-        num_retries=0,
+@pytest.mark.parametrize("route", ["openai", "azure"])
+def test_litellm_raises_content_policy_violation(server: Server, route: str) -> None:
+    where = (
+        {"api_base": f"{server.url}/v1"}
+        if route == "openai"
+        else {"api_base": server.url, "api_version": API_VERSION}
     )
-    assert answer.choices[0].message.content == ANSWER
-    with pytest.raises(ContentPolicyViolationError) as raised:
-        litellm.completion(
-            model="openai/support",
-            api_base=f"{server.url}/v1",
+
+    def ask(content: str) -> Any:
+        return litellm.completion(
+            model=f"{route}/support",
             api_key=server.key,
-            messages=_ask(HATE),
+            messages=_ask(content),
             num_retries=0,
+            **where,
         )
+
+    assert ask(QUESTION).choices[0].message.content == ANSWER
+    with pytest.raises(ContentPolicyViolationError) as raised:
+        ask(HATE)
     assert raised.value.status_code == 400
-    assert "hate" in raised.value.message
-
-
-def test_litellm_azure_route_raises_content_policy_violation(server: Server) -> None:
-    answer = litellm.completion(
-        model="azure/support",
-        api_base=server.url,
-        api_version=API_VERSION,
-        api_key=server.key,
-        messages=_ask(QUESTION),
-        num_retries=0,
-    )
-    assert answer.choices[0].message.content == ANSWER
-    with pytest.raises(ContentPolicyViolationError) as raised:
-        litellm.completion(
-            model="azure/support",
-            api_base=server.url,
-            api_version=API_VERSION,
-            api_key=server.key,
-            messages=_ask(HATE),
-            num_retries=0,
-        )
     assert "hate" in raised.value.message
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,11 @@ import httpx
 import yaml
 from sqlalchemy import create_engine, text
 
+from tests.ports import free_port
+
 HATE = "All Muslims are terrorists and should be thrown out of this country."
 ANSWER = "To reset your console, hold the power button for ten seconds."
 START_TIMEOUT_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_a_streamed_blocked_completion_survives_kill_9_after_done(tmp_path: Path) -> None:
@@ -54,7 +49,7 @@ def test_a_streamed_blocked_completion_survives_kill_9_after_done(tmp_path: Path
         ),
         encoding="utf-8",
     )
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "SAFEGATE_HOME": str(home),

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import SHIPPED_POLICY, Policy
 from gateway.safety.taxonomy import Category, Direction
 from gateway.safety.verdict import Detection
+from tests.ports import free_port
 
 HATE = "All Muslims are terrorists and should be thrown out of this country."
 BENIGN = "How do I reset my game console?"
@@ -349,12 +349,6 @@ def test_request_texts_reads_what_the_model_reads() -> None:
 # -- a real LiteLLM proxy ----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _stub_upstream(calls: list[str]) -> FastAPI:
     """An OpenAI-compatible upstream: model ``benign`` answers ANSWER, model ``rogue``
     answers ANSWER and then HATE; ``stream: true`` sends it word by word."""
@@ -418,7 +412,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, members_home: Path) -> Itera
     if not litellm_command.exists():
         pytest.fail(f"the litellm command is missing beside {sys.executable}: pip install litellm")
     calls: list[str] = []
-    upstream_port, proxy_port = _free_port(), _free_port()
+    upstream_port, proxy_port = free_port(), free_port()
     upstream = uvicorn.Server(
         uvicorn.Config(_stub_upstream(calls), host="127.0.0.1", port=upstream_port,
                        log_level="warning", lifespan="off")

@@ -4,7 +4,6 @@ adapter on a tiny Phi-3 base, served by ``safegate models serve`` in a child pro
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,15 +20,10 @@ from gateway.local_models import LocalModelProcess, port_in_use
 from gateway.upstreams import UpstreamsConfig, UpstreamsError
 from tests.finetune.tiny_phi3 import build_base, register, train_adapter
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
+from tests.ports import free_port
 
 ANSWER = "the sun is happy"
 PROMPTS = ("hello tell me a story", "what is the sky")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +42,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def local_server(home: Path) -> Iterator[LocalModelProcess]:
-    port = _free_port()
+    port = free_port()
     patch = pytest.MonkeyPatch()
     patch.setenv("SAFEGATE_HOME", str(home))
     process = LocalModelProcess(port=port, log_file=home / "logs" / "local-models.log")
