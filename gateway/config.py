@@ -143,7 +143,12 @@ class EngineSettings(BaseModel):
         description="characters waiting for detection; a request past it gets a 429 "
         "engine_overloaded with Retry-After (an idle engine admits any valid request)",
     )
-    max_wait_s: float = Field(default=DEFAULT_MAX_WAIT_S, ge=0)
+    max_wait_s: float = Field(
+        default=DEFAULT_MAX_WAIT_S,
+        ge=0,
+        description="how long an idle engine waits for more texts before a forward pass; "
+        "0 starts at once and lets batches form from what arrives during one",
+    )
 
 
 class AuditSettings(BaseModel):

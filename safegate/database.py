@@ -64,6 +64,12 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 # What SQLite writes beside a database file in WAL (and rollback-journal) mode.
 SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+# WAL with synchronous=NORMAL, SQLite's advice for WAL: a committed transaction survives a
+# crash of the process (kill -9; tests/gateway/test_crash_durability.py) without an fsync
+# per commit (3.6 ms each on this machine, docs/BENCHMARKS.md); only a power loss or an
+# OS crash can take the last commits back. Deployments that need those on disk too run
+# on PostgreSQL, whose commits are synchronous.
+SQLITE_SYNCHRONOUS = "NORMAL"
 _GROUP_AND_OTHERS = 0o077
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -194,6 +200,7 @@ def make_engine(url: str, *, timeouts: DatabaseTimeouts = DEFAULT_TIMEOUTS) -> E
             _tighten(path)  # before WAL mode creates -wal and -shm with the file's mode
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
         if path is not None:

@@ -8,6 +8,7 @@ its own SAFEGATE_HOME, database and app.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -146,6 +147,13 @@ def postgres_admin() -> Iterator[Engine]:
 @pytest.fixture
 def postgres_url(postgres_admin: Engine) -> Iterator[str]:
     """A URL whose connections live in a fresh schema, dropped after the test."""
+    with fresh_schema(postgres_admin) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_schema(postgres_admin: Engine) -> Iterator[str]:
+    """A URL whose connections live in a new schema, dropped on leaving."""
     schema = f"safegate_test_{uuid.uuid4().hex[:12]}"
     with postgres_admin.connect() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
