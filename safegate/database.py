@@ -54,7 +54,7 @@ from alembic import command
 from alembic.config import Config
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("safegate.storage")
@@ -272,7 +272,9 @@ class Database:
         """Upgrade the owner's tables to their newest Alembic revision.
 
         On PostgreSQL each statement of the upgrade may run for ``statement_timeout_s``
-        (its own transaction only; requests keep the engine's statement timeout).
+        (its own transaction only; requests keep the engine's statement timeout), and
+        replicas starting together take turns: a transaction-scoped advisory lock per
+        package (gateway, finetune), so the second finds the tables at head and changes nothing.
         """
         if not (math.isfinite(statement_timeout_s) and statement_timeout_s > 0):
             raise ValueError(
@@ -285,6 +287,10 @@ class Database:
             if connection.dialect.name == "postgresql":
                 milliseconds = max(1, math.ceil(statement_timeout_s * 1000))
                 connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:owner))"),
+                    {"owner": f"safegate-migrations:{self.migrations.parent.name}"},
+                )
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

@@ -217,3 +217,35 @@ def test_sqlite_commits_without_an_fsync_and_survive_a_killed_process(tmp_path: 
         process.wait(timeout=10)
     with sqlite3.connect(path) as reopened:
         assert reopened.execute("SELECT body FROM item").fetchall() == [("kept",)]
+
+
+def test_replicas_migrating_at_the_same_moment_take_turns(postgres_url: str) -> None:
+    """Four start-ups upgrade one empty schema at the same moment: all succeed, one head."""
+    script = (
+        "import sys, time\n"
+        "from gateway.db import Database\n"
+        "database = Database(sys.argv[1])\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "database.migrate()\n"
+    )
+    at = time.time() + 8  # after every interpreter has imported what it needs
+    processes = [
+        subprocess.Popen(  # noqa: S603 - this interpreter and our own script
+            [sys.executable, "-c", script, postgres_url, str(at)], stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    failures = []
+    for process in processes:
+        with process:
+            _, stderr = process.communicate(timeout=120)
+            if process.returncode != 0:
+                failures.append(stderr.decode(errors="replace").strip().splitlines()[-1:])
+    assert failures == []
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            heads = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    finally:
+        engine.dispose()
+    assert len(heads) == 1

@@ -115,7 +115,7 @@ def cluster(
     }
     replicas: list[Replica] = []
     try:
-        # One after the other: the first one runs the migrations, as the deployment page says.
+        # Both at once, as an orchestrator starts them: they take turns at the migrations.
         for name in ("a", "b"):
             port = free_port()
             home = tmp_path / f"home-{name}"
@@ -125,8 +125,8 @@ def cluster(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            replica = Replica(name, f"http://127.0.0.1:{port}", process)
-            replicas.append(replica)
+            replicas.append(Replica(name, f"http://127.0.0.1:{port}", process))
+        for replica in replicas:
             _wait_ready(replica)
         yield replicas, {**env, "SAFEGATE_HOME": str(tmp_path / "home-a")}
     finally:
