@@ -19,8 +19,10 @@ import typer
 import typer.rich_utils
 from typer._click.core import Command as ClickCommand  # typer's own copy of click
 from typer._click.core import Context
+from typer._click.exceptions import ClickException
 from typer._click.formatting import HelpFormatter
 from typer.core import TyperCommand, TyperGroup
+from typer.exceptions import Abort
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,18 @@ def fit_help_to_pipes(environ: Mapping[str, str], *, terminal: bool) -> None:
 
 
 def main() -> None:
+    """Run the CLI; a usage error prints click's plain lines (usage, a hint, ``Error: ...``
+    on a line of its own, greppable and unboxed) and exits 2."""
     fit_help_to_pipes(os.environ, terminal=sys.stdout.isatty())
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
