@@ -14,23 +14,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
-from finetune import dataset
-from finetune.chat import SPECIAL_TOKENS
-from finetune.dataset import (
-    MIN_EXAMPLES,
-    Conversation,
-    Message,
-    Role,
-    count_tokens,
-    file_sha256,
-    load_conversations,
-    load_splits,
-    render_phi3,
-    split_conversations,
-    validate_file,
-)
+from finetune import validation
+from finetune.conversation import SPECIAL_TOKENS, Conversation, Message, Role, render_phi3
 from finetune.errors import DataError
 from finetune.settings import get_settings
+from finetune.training.dataset import load_conversations, load_splits, split_conversations
+from finetune.validation import MIN_EXAMPLES, count_tokens, file_sha256, validate_file
 from safegate.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,7 +338,7 @@ def test_missing_file_and_directory_are_one_issue_without_a_line(tmp_path: Path)
 def test_an_overlong_line_is_reported_and_the_next_line_still_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dataset, "MAX_LINE_BYTES", 300)
+    monkeypatch.setattr(validation, "MAX_LINE_BYTES", 300)
     huge = line(example(2) | {"padding": "x" * 5000})
     path = write_lines(tmp_path / "train.jsonl", [*good_lines(1), huge, *good_lines(10, start=3)])
     report = validate_file(path)
