@@ -39,13 +39,13 @@ DEFAULT_GENERATION_TIMEOUT_S = 300.0  # a generation running longer stops, finis
 FinishReason = Literal["stop", "length"]
 
 
-Role = Literal["system", "user", "assistant"]
-ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
+TurnRole = Literal["system", "user", "assistant"]  # a request's roles, "developer" as system
+ROLES: dict[str, TurnRole] = {"system": "system", "user": "user", "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
 class Turn:
-    role: Role
+    role: TurnRole
     content: str
 
 

@@ -68,6 +68,7 @@ def results_row(step: int, logs: dict[str, float]) -> dict[str, Any]:
 
 
 def rounded(row: dict[str, Any]) -> dict[str, Any]:
+    """Finite floats to 6 places (what results.csv and metrics.json store); the rest as is."""
     return {
         key: round(value, 6) if isinstance(value, float) and math.isfinite(value) else value
         for key, value in row.items()
