@@ -27,7 +27,8 @@ from evals.records import Output, Sample, prompt_sha256, reference_sha256
 from evals.runs import RunStatus
 from finetune.jobs import JobStatus
 from finetune.registry import ModelKind
-from finetune.train import RESULTS_COLUMNS, RESULTS_FILE, TrainConfig
+from finetune.training.config import TrainConfig
+from finetune.training.results import RESULTS_COLUMNS, RESULTS_FILE
 from gateway.audit import AuditStore, FlaggedItem, RequestRecord
 from gateway.auth import Role
 from gateway.config import Settings
