@@ -253,6 +253,35 @@ class LitellmUpstreams:
         aliases = [ModelInfo(alias, "safegate", self._created) for alias in self.config.aliases]
         return configured + local + aliases
 
+    def litellm_models(self, name: str) -> tuple[str, ...]:
+        """The litellm model strings a call to ``name`` may reach: its own, then its
+        fallbacks' (aliases followed). Used to price and count tokens."""
+        target = self.config.aliases.get(name, name)
+        chain = [target, *self.config.fallbacks.get(target, ())]
+        entries = {entry.name: entry for entry in self.config.models}
+        models: list[str] = []
+        for member in chain:
+            entry = entries.get(member)
+            if entry is None:  # a deployed adapter, served by the local model server
+                models.append(f"openai/{member}")
+            else:
+                models.append(str(self._params(entry)["model"]))
+        return tuple(dict.fromkeys(models))
+
+    def reports_stream_usage(self, name: str) -> bool:
+        """Whether every model ``name`` may reach takes ``stream_options`` (so a stream can
+        be asked for its usage)."""
+        from litellm import get_supported_openai_params
+
+        for model in self.litellm_models(name):
+            try:
+                supported = get_supported_openai_params(model=model) or []
+            except Exception:  # noqa: BLE001 - a provider litellm cannot place: do not ask
+                return False
+            if "stream_options" not in supported:
+                return False
+        return True
+
     async def resolve(self, name: str) -> str:
         """The name itself when callable; a 404 in OpenAI's words otherwise."""
         if not self.known(name) and time.monotonic() - self._refreshed >= MIN_REFRESH_GAP_S:
