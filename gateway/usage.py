@@ -6,23 +6,29 @@ rows quota checks sum (``gateway.quotas``), so the report and the enforcement ne
 disagree. ``safegate keys usage``, ``GET /v1/admin/usage`` and the dashboard's traffic page
 show them. Days are UTC calendar days, grouped in the database (SQLite's ``substr`` of its
 ISO timestamps, PostgreSQL's ``to_char`` at UTC). Bad filters raise ``InvalidRequest``;
-an unknown key, ``NotFound``.
+an unknown key, ``NotFound``; a database that cannot be reached, ``ServiceUnavailable``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 
 from gateway.audit import KEY_ID_CHARS, MODEL_CHARS, RequestLogRow
 from gateway.auth.keys import ApiKey
 from gateway.db import Database
-from gateway.errors import InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.quotas import Quota, Spent, spent
+
+log = logging.getLogger("safegate.usage")
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
@@ -119,7 +125,7 @@ def usage_by_day(database: Database, where: UsageFilter) -> list[UsageRow]:
         .order_by(day.desc(), table.key_id, table.model)
         .limit(MAX_ROWS)
     )
-    with database.session() as session:
+    with _reading(database) as session:
         return [
             UsageRow(
                 key_id=key_id,
@@ -171,8 +177,21 @@ class QuotaUse:
 def quota_use(database: Database, keys: Sequence[ApiKey], *, now: datetime) -> list[QuotaUse]:
     """For every active key with a quota: its quotas and today's and this month's use."""
     limited = [key for key in keys if key.active and key.quota.limited]
-    with database.session() as session:
+    with _reading(database) as session:
         return [
             QuotaUse(key=key, quota=key.quota, spent=spent(session, key.id, now=now))
             for key in limited
         ]
+
+
+@contextmanager
+def _reading(database: Database) -> Iterator[Session]:
+    """A session whose connection failures are 503s, not 500s."""
+    try:
+        with database.session() as session:
+            yield session
+    except (OperationalError, InterfaceError) as error:
+        log.warning("usage database unavailable", extra={"error": type(error).__name__})
+        raise ServiceUnavailable(
+            "the usage totals cannot be read; retry shortly", code="database_unavailable"
+        ) from None

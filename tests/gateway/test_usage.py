@@ -508,7 +508,7 @@ def _record(
 
 @pytest.fixture
 def audit(database: Database, tmp_path: Path) -> Iterator[AuditStore]:
-    store = AuditStore(database, spool_dir=tmp_path / "spool")
+    store = AuditStore(database, spool_dir=tmp_path / "spool", write_timeout_s=60)
     yield store
     asyncio.run(store.close())
 
@@ -555,3 +555,40 @@ def test_usage_by_day_and_quota_windows_on_each_database(
         check(Quota(monthly_budget_usd=5), priced=False)
     yesterday = asyncio.run(guard.totals("key_a", now=late))  # another day: read afresh
     assert (yesterday.day_tokens, yesterday.month_tokens) == (15, 15)
+
+
+def test_two_replicas_share_the_totals_through_the_database(
+    database: Database, tmp_path: Path
+) -> None:
+    now = EVENING
+    ticks = [0.0]
+    audit = AuditStore(database, spool_dir=tmp_path / "spool", write_timeout_s=60)
+    first = QuotaGuard(database, cache_ttl_s=2.0, now=lambda: now, clock=lambda: ticks[0])
+    second = QuotaGuard(database, cache_ttl_s=2.0, now=lambda: now, clock=lambda: ticks[0])
+    quota = Quota(daily_tokens=100)
+    try:
+        asyncio.run(first.check(key_id="key_a", name="a", quota=quota, priced=True))  # caches 0
+        # The other replica serves 120 tokens and records them.
+        asyncio.run(audit.record([], request=_record("key_a", now, tokens=(100, 20))))
+        second.spend("key_a", tokens=120, cost_usd=None, at=now)
+        with pytest.raises(QuotaExceeded):
+            asyncio.run(second.check(key_id="key_a", name="a", quota=quota, priced=True))
+        # Within its cache TTL the first replica still admits; past it, it reads the rows.
+        asyncio.run(first.check(key_id="key_a", name="a", quota=quota, priced=True))
+        ticks[0] = 2.5
+        with pytest.raises(QuotaExceeded, match=r"\(120 used\)"):
+            asyncio.run(first.check(key_id="key_a", name="a", quota=quota, priced=True))
+        assert audit.spooled_pending() == 0
+    finally:
+        asyncio.run(audit.close())
+
+
+def test_spooled_request_records_keep_their_usage(tmp_path: Path) -> None:
+    from gateway.audit import _from_spool, _to_spool
+
+    record = _record("key_a", EVENING, cost_usd=0.00125)
+    assert _from_spool(json.loads(json.dumps(_to_spool(record)))) == record
+    older = {k: v for k, v in _to_spool(record).items() if k not in {"usage_source", "cost_usd"}}
+    restored = _from_spool(older)  # a line spooled before revision 0006
+    assert isinstance(restored, RequestRecord)
+    assert (restored.usage_source, restored.cost_usd) == (None, None)
