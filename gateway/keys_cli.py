@@ -130,6 +130,7 @@ def create(
     limit = f"{key.rate_limit_rpm} requests/minute" if key.rate_limit_rpm else "service default"
     console.print(f"rate limit: {limit}")
     console.print(f"quota: {_describe(key.quota)}")
+    _note_unpriced(key.quota)
     console.print("store it now: it cannot be shown again")
     typer.echo(issued.secret)
 
@@ -191,6 +192,7 @@ def set_quota(
     console.print(
         f"{key_id} ({escape(updated.name)}) quota: {_describe(updated.quota)}", soft_wrap=True
     )
+    _note_unpriced(updated.quota)
 
 
 @keys.command("usage")
@@ -292,6 +294,31 @@ def usage(
                 else f"{use.quota.monthly_budget_usd:.2f}",
             )
         table_console().print(quotas)
+
+
+def _note_unpriced(quota: Quota) -> None:
+    """With a budget: name the configured models it rules out (litellm has no price)."""
+    if quota.monthly_budget_usd is None:
+        return
+    from gateway.chat.metering import priced
+    from gateway.upstreams import UpstreamsConfig, UpstreamsError
+
+    try:
+        config = UpstreamsConfig.load(get_settings().upstreams.file)
+    except UpstreamsError as error:
+        console.print(f"[yellow]cannot read the upstreams file to check prices:[/] {error}")
+        return
+    unpriced = [
+        entry.name for entry in config.models if not priced(config.litellm_models(entry.name))
+    ]
+    if unpriced:
+        console.print(
+            "note: litellm has no price for "
+            + ", ".join(escape(name) for name in unpriced)
+            + ": with a budget, this key's requests to them are refused "
+            "(403 budget_unenforceable), since the budget could not be kept",
+            soft_wrap=True,
+        )
 
 
 _NUMERIC = frozenset({"requests", "prompt", "completion", "total"})
