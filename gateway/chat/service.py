@@ -2,9 +2,11 @@
 
 ``ChatService.start`` runs::
 
-    limits -> prompt check (every text the model reads) -> upstream (litellm)
+    limits -> the key's quotas (gateway.quotas) -> prompt check (every text the model reads)
+           -> upstream (litellm)
            -> completion check (whole, or streamed in increments by ``gateway.chat.streaming``)
-           -> Azure content_filter annotations, audit records, metrics
+           -> usage (gateway.chat.metering), Azure content_filter annotations, audit records,
+              metrics
 
 and returns what the route renders: a ``PromptBlocked`` error, a ``ChatCompletion``, or a
 ``Streaming`` body of server-sent events.
@@ -16,6 +18,9 @@ and returns what the route renders: a ``PromptBlocked`` error, a ``ChatCompletio
   ``safety_check_failed``, so clients retry instead of rewording.
 - A prompt the engine's queue cannot take: 429 ``engine_overloaded`` with ``Retry-After``
   (``gateway.safety.batcher``); no upstream call.
+- A key past a token quota or budget: 429 ``quota_exceeded`` with ``Retry-After`` at the
+  quota's reset; a key with a budget and a model litellm cannot price: 403
+  ``budget_unenforceable``; neither reaches the engine or the upstream.
 - A blocked completion: its choice's ``finish_reason`` is ``content_filter`` and its
   content is withheld (``null``); ``content_filter_reasons`` says why.
 
