@@ -25,7 +25,7 @@ from gateway.audit import AuditStore, RequestLogRow, RequestRecord, UsageSource
 from gateway.auth import KeyStore, Role
 from gateway.config import Settings
 from gateway.db import Database
-from gateway.errors import Forbidden, QuotaExceeded
+from gateway.errors import Forbidden, QuotaExceeded, ServiceUnavailable
 from gateway.quotas import Quota, QuotaGuard
 from gateway.usage import UsageFilter, usage_by_day
 from tests.gateway.conftest import EngineFactory, ready_client
@@ -592,3 +592,35 @@ def test_spooled_request_records_keep_their_usage(tmp_path: Path) -> None:
     restored = _from_spool(older)  # a line spooled before revision 0006
     assert isinstance(restored, RequestRecord)
     assert (restored.usage_source, restored.cost_usd) == (None, None)
+
+
+def test_quotas_fail_closed_when_their_totals_cannot_be_read(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    quota = Quota(daily_tokens=100)
+    ticks = [0.0]
+    down = Database("postgresql+psycopg://postgres@127.0.0.1:9/safegate?connect_timeout=2")
+    try:
+        guard = QuotaGuard(
+            down, cache_ttl_s=1.0, outage_grace_s=60.0, now=lambda: EVENING, clock=lambda: ticks[0]
+        )
+        with pytest.raises(ServiceUnavailable) as raised:
+            asyncio.run(guard.check(key_id="key_a", name="a", quota=quota, priced=True))
+        assert raised.value.code == "quota_unavailable"
+        assert raised.value.headers["Retry-After"] == "5"
+        # Totals read before the outage serve within the grace, and no longer.
+        guard.database = sqlite_database
+        asyncio.run(guard.check(key_id="key_a", name="a", quota=quota, priced=True))
+        guard.database = down
+        ticks[0] = 30.0
+        asyncio.run(guard.check(key_id="key_a", name="a", quota=quota, priced=True))
+        ticks[0] = 61.0
+        with pytest.raises(ServiceUnavailable):
+            asyncio.run(guard.check(key_id="key_a", name="a", quota=quota, priced=True))
+    finally:
+        down.dispose()
+
+    unrecorded = QuotaGuard(sqlite_database, recording=False)
+    with pytest.raises(ServiceUnavailable, match="SAFEGATE_AUDIT__RECORD_REQUESTS=false"):
+        asyncio.run(unrecorded.check(key_id="key_a", name="a", quota=quota, priced=True))
+    asyncio.run(unrecorded.check(key_id="key_a", name="a", quota=Quota(), priced=True))
