@@ -275,6 +275,7 @@ class LitellmUpstreams:
         return configured + local + aliases
 
     def litellm_models(self, name: str) -> tuple[str, ...]:
+        """``UpstreamsConfig.litellm_models``: what a call to ``name`` may reach."""
         return self.config.litellm_models(name)
 
     def reports_stream_usage(self, name: str) -> bool:
