@@ -28,6 +28,7 @@ from gateway.chat import (
     DEFAULT_STREAM_OVERLAP_CHARS,
     DEFAULT_STREAM_WINDOW_CHARS,
 )
+from gateway.quotas import DEFAULT_QUOTA_CACHE_TTL_S
 from gateway.ratelimit import (
     DEFAULT_REDIS_KEY_PREFIX,
     DEFAULT_REDIS_TIMEOUT_S,
@@ -211,6 +212,17 @@ class RateLimitSettings(BaseModel):
     timeout_s: float = Field(default=DEFAULT_REDIS_TIMEOUT_S, gt=0)
 
 
+class QuotaSettings(BaseModel):
+    """Per-key token quotas and budgets (``gateway.quotas``), set on each key."""
+
+    cache_ttl_s: float = Field(
+        default=DEFAULT_QUOTA_CACHE_TTL_S,
+        gt=0,
+        description="how long a key's usage totals are cached; other replicas' requests "
+        "count within it",
+    )
+
+
 class ChatSettings(BaseModel):
     """Limits of ``/v1/chat/completions`` and how streams are held back for checking."""
 
@@ -282,6 +294,7 @@ class Settings(SharedSettings):
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    quota: QuotaSettings = QuotaSettings()
 
     def degraded(self) -> tuple[str, ...]:
         """What these settings switch off that weakens every verdict: ``/readyz`` lists it

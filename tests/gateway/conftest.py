@@ -29,6 +29,7 @@ from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
 from gateway.ensemble import build_members
+from gateway.quotas import Clock, utc_now
 from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
@@ -101,9 +102,12 @@ def issue_key(
     return issued.secret
 
 
-def ready_client(app_settings: Settings, factory: EngineFactory) -> TestClient:
-    """A started app whose requests carry an admin key (``client.headers``)."""
-    client = TestClient(create_app(app_settings, engine_factory=factory))
+def ready_client(
+    app_settings: Settings, factory: EngineFactory, *, now: Clock = utc_now
+) -> TestClient:
+    """A started app whose requests carry an admin key (``client.headers``); ``now`` is its
+    clock for request records and quota windows."""
+    client = TestClient(create_app(app_settings, engine_factory=factory, now=now))
     client.__enter__()
     admin = issue_key(client, Role.ADMIN, name="test-admin", rate_limit_rpm=MAX_REQUESTS_PER_MINUTE)
     client.headers["Authorization"] = f"Bearer {admin}"
