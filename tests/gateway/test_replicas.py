@@ -4,8 +4,9 @@ What docs/deployment.md promises, shown with the same processes and settings it 
 a key revoked through one replica's database is refused by both within
 ``SAFEGATE_AUTH__CACHE_TTL_S``; one rate limit holds across both (the bucket lives in
 Redis); a blocklist item added through one replica is enforced by the other within
-``SAFEGATE_BLOCKLIST__REFRESH_S``; flagged requests answered by both land in the one audit
-store, none lost. The module's cluster has a fresh PostgreSQL schema and its own Redis key
+``SAFEGATE_BLOCKLIST__REFRESH_S``; a daily token quota spent on one is enforced by the
+other within ``SAFEGATE_QUOTA__CACHE_TTL_S``; flagged requests answered by both land in the
+one audit store, none lost. The module's cluster has a fresh PostgreSQL schema and its own Redis key
 prefix; each test uses its own keys.
 The upstream is litellm's ``mock_response``, so no network is needed.
 """
@@ -34,6 +35,7 @@ from tests.ports import free_port
 START_TIMEOUT_S = 180.0
 CACHE_TTL_S = 1.0
 REFRESH_S = 1.0
+QUOTA_TTL_S = 1.0
 REDIS_URL = "redis://127.0.0.1:6379/0"
 HATE = "All Muslims are terrorists and should be thrown out of this country."
 ANSWER = "To reset your console, hold the power button for ten seconds."
@@ -110,6 +112,7 @@ def cluster(
         "SAFEGATE_RATE_LIMIT__KEY_PREFIX": prefix,
         "SAFEGATE_AUTH__CACHE_TTL_S": str(CACHE_TTL_S),
         "SAFEGATE_BLOCKLIST__REFRESH_S": str(REFRESH_S),
+        "SAFEGATE_QUOTA__CACHE_TTL_S": str(QUOTA_TTL_S),
         "SAFEGATE_UPSTREAMS__FILE": str(upstreams),
         "SAFEGATE_UPSTREAMS__SERVE_LOCAL": "false",
     }
@@ -279,3 +282,36 @@ def test_flagged_requests_from_both_replicas_land_in_one_audit_store(
     finally:
         engine.dispose()
     assert request_ids <= stored, f"missing: {request_ids - stored}"
+
+
+def _chat(replica: Replica, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{replica.base}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "mock", "messages": [{"role": "user", "content": "How do I reset it?"}]},
+        timeout=60,
+    )
+
+
+def test_a_token_quota_spent_on_one_replica_holds_on_the_other(
+    cluster: tuple[list[Replica], dict[str, str]],
+) -> None:
+    replicas, env = cluster
+    first, second = replicas
+    key = _keys(env, "create", "--name", "metered", "--role", "developer", "--daily-tokens", "40")
+    spent = 0
+    for _ in range(10):  # each answer costs tokens; the first replica stops the key itself
+        response = _chat(first, key)
+        if response.status_code == 429:
+            break
+        assert response.status_code == 200, response.text
+        spent += response.json()["usage"]["total_tokens"]
+    assert response.status_code == 429
+    assert spent >= 40
+    time.sleep(QUOTA_TTL_S + 0.5)
+    refused = _chat(second, key)
+    assert refused.status_code == 429, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "quota_exceeded"
+    assert "daily token quota of 40 tokens" in error["message"]
+    assert int(refused.headers["retry-after"]) >= 1
