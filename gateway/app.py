@@ -1,6 +1,6 @@
 """The FastAPI application: ``create_app()`` wires settings, storage, engine and routes.
 
-Start-up order: logging, database migrations, blocklist store, API keys and rate
+Start-up order: logging, database migrations, blocklist and allowlist stores, API keys and rate
 limiter (so keys are checked while loading), then the safety engine,
 which loads in a worker thread so ``/healthz`` answers at once while ``/readyz`` and
 every filtering route answer 503 until each classifier has loaded. A member that fails
@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from gateway import errors, logs
+from gateway.allowlists import AllowlistStore
 from gateway.audit import SPOOL_DIRNAME, AuditStore
 from gateway.auth import KeyStore, Role, require, require_by_method
 from gateway.blocklists import BlocklistStore
@@ -28,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
 from gateway.openapi import SafegateAPI
 from gateway.ratelimit import build_limiter
-from gateway.routes import blocklists, chat, docs, health, moderations, review
+from gateway.routes import allowlists, blocklists, chat, docs, health, moderations, review
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
@@ -37,6 +38,8 @@ from safegate.offline import offline_defaults
 
 log = logging.getLogger("safegate.app")
 
+# Builds the members and the policy; the app attaches the allowlist store to what it
+# returns (``SafetyEngine.attach_allowlists``), so every engine it serves applies them.
 EngineFactory = Callable[[Settings, BlocklistStore], SafetyEngine]
 
 
@@ -57,6 +60,7 @@ def create_app(
         database = Database(settings.database, timeouts=settings.database_timeouts)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
+        allowlist_store = AllowlistStore(database, refresh_s=settings.blocklist.refresh_s)
         # The audit store works before the engine loads: review needs no engine.
         audit = AuditStore(
             database,
@@ -88,7 +92,9 @@ def create_app(
         await asyncio.to_thread(upstreams.refresh)
         app.state.upstreams = upstreams
         app.state.safegate_error = None
-        loader = asyncio.create_task(_load(app, settings, database, store, engine_factory))
+        loader = asyncio.create_task(
+            _load(app, settings, database, (store, allowlist_store), engine_factory)
+        )
         try:
             yield
         finally:
@@ -121,6 +127,7 @@ def create_app(
         blocklists.router,
         dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
     )
+    app.include_router(allowlists.router)  # each route names its role (reviewer, admin)
     app.include_router(review.router)  # each route names its role (reviewer, admin)
     if settings.api_docs:
         app.include_router(
@@ -136,11 +143,13 @@ async def _load(
     app: FastAPI,
     settings: Settings,
     database: Database,
-    store: BlocklistStore,
+    stores: tuple[BlocklistStore, AllowlistStore],
     engine_factory: EngineFactory,
 ) -> None:
+    blocklist_store, allowlist_store = stores
     try:
-        engine = await asyncio.to_thread(engine_factory, settings, store)
+        engine = await asyncio.to_thread(engine_factory, settings, blocklist_store)
+        engine.attach_allowlists(allowlist_store)
     except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests fail closed
         # Clients read it without paths (``/readyz`` is open); the log keeps all of it.
         app.state.safegate_error = errors.public_error(exc)
@@ -157,7 +166,8 @@ async def _load(
     app.state.safegate = AppState(
         settings=settings,
         database=database,
-        blocklists=store,
+        blocklists=blocklist_store,
+        allowlists=allowlist_store,
         engine=engine,
         batcher=batcher,
         audit=app.state.audit,
