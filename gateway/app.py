@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app()`` wires settings, storage, engine and routes.
 
-Start-up order: logging, database migrations, blocklist and allowlist stores, API keys and rate
-limiter (so keys are checked while loading), then the safety engine,
+Start-up order: logging, database migrations, blocklist and allowlist stores, API keys and
+rate limiter (so keys are checked while loading), then the safety engine (the allowlist
+store attached to whatever engine the factory builds),
 which loads in a worker thread so ``/healthz`` answers at once while ``/readyz`` and
 every filtering route answer 503 until each classifier has loaded. A member that fails
 to load keeps the service unready (fail closed) and ``/readyz`` says which and why.
