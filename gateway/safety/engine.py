@@ -187,11 +187,11 @@ class SafetyEngine:
             )
             for spec, future in futures
         ]
-        scoring = [
-            index
-            for index, spec in enumerate(self.members)
-            if any(isinstance(label, Category) for label in spec.classifier.labels)
-        ]
+        scoring = (
+            [i for i, spec in enumerate(self.members) if _scores_categories(spec.classifier)]
+            if masked
+            else []
+        )
         results: list[tuple[MemberReport, ...]] = []
         position = len(texts)
         for index in range(len(texts)):
@@ -413,6 +413,15 @@ class SafetyEngine:
                 for label, value in thresholds.items():
                     tuned[label] = max(tuned.get(label, 0.0), value)
         return tuned
+
+
+def _scores_categories(classifier: Classifier) -> bool:
+    """Whether a member scores harm categories; one that cannot say is taken to (its
+    failure on the masked text then voids the exemption: fail closed)."""
+    try:
+        return any(isinstance(label, Category) for label in classifier.labels)
+    except Exception:  # noqa: BLE001 - a broken member must not break detection
+        return True
 
 
 def _exemptions(masking: Masking, reports: tuple[MemberReport, ...]) -> list[Exemption]:

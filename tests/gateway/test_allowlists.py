@@ -613,3 +613,31 @@ def test_chat_prompt_passes_with_the_allowlist_and_a_block_says_what_was_exempt(
     assert answer["choices"][0]["message"]["content"] == "Table booked."
     prompt_filter = answer["prompt_filter_results"][0]["content_filter_results"]
     assert prompt_filter["violence"]["filtered"] is False
+
+
+class Unlabelled:
+    """A member that cannot even say what it scores, and fails."""
+
+    id = "unlabelled"
+
+    def classify(self, texts: object) -> list[object]:
+        raise RuntimeError("model file is corrupt")
+
+
+def test_a_failing_member_still_fails_closed_when_an_allowlist_matches(
+    loaded_members: list[MemberSpec], store: AllowlistStore
+) -> None:
+    restaurants(store, categories=EVERY_CATEGORY, directions=BOTH)
+    broken = MemberSpec(Unlabelled())  # type: ignore[arg-type]
+    engine = SafetyEngine(
+        [*loaded_members, broken], policy=Policy.load(SHIPPED_POLICY), allowlists=store
+    )
+    try:
+        [verdict] = engine.check([BOOKING], direction=Direction.PROMPT)
+    finally:
+        engine.close()
+    assert verdict.blocked
+    assert (
+        "member unlabelled failed (RuntimeError: model file is corrupt); blocked because the "
+        "policy fails closed"
+    ) in verdict.reasons
