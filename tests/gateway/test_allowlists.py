@@ -10,6 +10,7 @@ and nowhere else, and must not let a threat through because it names the restaur
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import inspect
 
 from gateway.allowlists import AllowlistChange, AllowlistHit, AllowlistStore
@@ -288,6 +291,33 @@ def test_categories_exempted_by_different_lists_get_their_own_masked_text(
     )
     assert plans[("downtown",)].text.folded == f"book a table at murder burger {PLACEHOLDER}."
     assert plans[("downtown",)].scopes == ((Direction.PROMPT, frozenset({Category.ILLICIT})),)
+
+
+@dataclass(frozen=True)
+class Span:
+    allowlist: str
+    start: int
+    end: int
+    categories: frozenset[Category] = frozenset({Category.VIOLENCE})
+    directions: frozenset[Direction] = frozenset({Direction.PROMPT})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="ab ", max_size=40),
+    cuts=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=6),
+)
+def test_mask_keeps_every_character_outside_the_hits_and_no_character_inside(
+    text: str, cuts: list[tuple[int, int]]
+) -> None:
+    hits = [Span("l", min(a, b, len(text)), min(max(a, b), len(text))) for a, b in cuts]
+    covered = {i for hit in hits for i in range(hit.start, hit.end)}
+    masked = mask(text, hits)  # the alphabet never spells the placeholder by itself
+    assert masked.replace(PLACEHOLDER, "") == "".join(
+        char for i, char in enumerate(text) if i not in covered
+    )
+    assert (masked.count(PLACEHOLDER) >= 1) == bool(hits)
+    assert masked.count(PLACEHOLDER) <= len(hits)
 
 
 # -- the engine, on real text ------------------------------------------------------------
