@@ -472,10 +472,15 @@ def _exemption_reasons(
     after: Mapping[Label, LabelResult],
     exempt: Mapping[Label, Exemption],
 ) -> list[str]:
-    """A reason for each category an allowlist unflagged, naming the lists."""
+    """A reason for each category an allowlist unflagged, naming the lists (a parent that
+    was flagged only through an exempted subcategory goes with it, unnamed)."""
     reasons: list[str] = []
-    for label, exemption in exempt.items():
-        if before[label].flagged and not after[label].flagged:
+    for label in before:  # the taxonomy's order, whatever order the lists came in
+        exemption = exempt.get(label)
+        if exemption is None:
+            continue
+        crossed = before[label].score >= before[label].threshold
+        if crossed and before[label].flagged and not after[label].flagged:
             names = ", ".join(f"'{name}'" for name in exemption.allowlists)
             noun = "allowlist" if len(exemption.allowlists) == 1 else "allowlists"
             reasons.append(

@@ -671,3 +671,17 @@ def test_a_failing_member_still_fails_closed_when_an_allowlist_matches(
         "member unlabelled failed (RuntimeError: model file is corrupt); blocked because the "
         "policy fails closed"
     ) in verdict.reasons
+
+
+def test_reasons_name_the_categories_whose_own_score_was_exempted(
+    engine: SafetyEngine, store: AllowlistStore
+) -> None:
+    # illicit (0.83, threshold 0.90) is flagged only as illicit/violent's parent: it goes
+    # with its subcategory and gets no reason of its own.
+    restaurants(store, categories=["violence", "illicit/violent", "illicit"])
+    [verdict] = engine.check([BOOKING], direction=Direction.PROMPT)
+    assert not verdict.flagged
+    assert [reason.split(" (")[0] for reason in verdict.reasons] == [
+        "allowlist 'restaurants' exempted illicit/violent",
+        "allowlist 'restaurants' exempted violence",
+    ]
