@@ -2,7 +2,8 @@
 
 The dashboard runs over the same ``SAFEGATE_HOME`` and ``SAFEGATE_DATABASE_URL`` as the
 gateway, the trainer and the eval harness, through their own stores (never raw SQL where
-a store has the API): keys, flagged items and request metadata, blocklists (the gateway);
+a store has the API): keys, flagged items and request metadata, blocklists and allowlists
+(the gateway);
 jobs and models (``finetune``); eval runs (``evals``). :meth:`Stores.open` upgrades each
 package's tables first, so a fresh home shows empty pages rather than errors.
 """
@@ -17,6 +18,7 @@ from evals.runs import RunStore
 from finetune.db import Database as FinetuneDatabase
 from finetune.jobs import JobStore
 from finetune.registry import ModelRegistry
+from gateway.allowlists import AllowlistStore
 from gateway.audit import SPOOL_DIRNAME, AuditStore
 from gateway.auth import KeyStore
 from gateway.blocklists import BlocklistStore
@@ -36,6 +38,7 @@ class Stores:
     keys: KeyStore
     audit: AuditStore
     blocklists: BlocklistStore
+    allowlists: AllowlistStore
     jobs: JobStore
     models: ModelRegistry
     runs: RunStore
@@ -69,6 +72,7 @@ class Stores:
                 record_requests=False,  # the dashboard records nothing, it only reads
             ),
             blocklists=BlocklistStore(gateway, refresh_s=settings.blocklist.refresh_s),
+            allowlists=AllowlistStore(gateway, refresh_s=settings.blocklist.refresh_s),
             jobs=JobStore(finetune),
             models=ModelRegistry(finetune),
             runs=RunStore(evals, runs_dir=runs_dir),

@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app()`` wires settings, storage, engine and routes.
 
-Start-up order: logging, database migrations, blocklist store, API keys and rate
-limiter (so keys are checked while loading), then the safety engine,
+Start-up order: logging, database migrations, blocklist and allowlist stores, API keys and
+rate limiter (so keys are checked while loading), then the safety engine (the allowlist
+store attached to whatever engine the factory builds),
 which loads in a worker thread so ``/healthz`` answers at once while ``/readyz`` and
 every filtering route answer 503 until each classifier has loaded. A member that fails
 to load keeps the service unready (fail closed) and ``/readyz`` says which and why.
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from gateway import errors, logs
+from gateway.allowlists import AllowlistStore
 from gateway.audit import SPOOL_DIRNAME, AuditStore
 from gateway.auth import KeyStore, Role, require, require_by_method
 from gateway.blocklists import BlocklistStore
@@ -29,7 +31,16 @@ from gateway.middleware import BodySizeLimit, RequestContext
 from gateway.openapi import SafegateAPI
 from gateway.quotas import Clock, QuotaGuard, utc_now
 from gateway.ratelimit import build_limiter
-from gateway.routes import blocklists, chat, docs, health, moderations, review, usage
+from gateway.routes import (
+    allowlists,
+    blocklists,
+    chat,
+    docs,
+    health,
+    moderations,
+    review,
+    usage,
+)
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
@@ -38,6 +49,8 @@ from safegate.offline import offline_defaults
 
 log = logging.getLogger("safegate.app")
 
+# Builds the members and the policy; the app attaches the allowlist store to what it
+# returns (``SafetyEngine.attach_allowlists``), so every engine it serves applies them.
 EngineFactory = Callable[[Settings, BlocklistStore], SafetyEngine]
 
 
@@ -62,6 +75,7 @@ def create_app(
         database = Database(settings.database, timeouts=settings.database_timeouts)
         await asyncio.to_thread(database.migrate)
         store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
+        allowlist_store = AllowlistStore(database, refresh_s=settings.blocklist.refresh_s)
         # The audit store works before the engine loads: review needs no engine.
         audit = AuditStore(
             database,
@@ -100,7 +114,9 @@ def create_app(
         await asyncio.to_thread(upstreams.refresh)
         app.state.upstreams = upstreams
         app.state.safegate_error = None
-        loader = asyncio.create_task(_load(app, settings, database, store, engine_factory))
+        loader = asyncio.create_task(
+            _load(app, settings, database, (store, allowlist_store), engine_factory)
+        )
         try:
             yield
         finally:
@@ -133,6 +149,7 @@ def create_app(
         blocklists.router,
         dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
     )
+    app.include_router(allowlists.router)  # each route names its role (reviewer, admin)
     app.include_router(review.router)  # each route names its role (reviewer, admin)
     app.include_router(usage.router, dependencies=[Depends(require(Role.ADMIN))])
     if settings.api_docs:
@@ -149,11 +166,13 @@ async def _load(
     app: FastAPI,
     settings: Settings,
     database: Database,
-    store: BlocklistStore,
+    stores: tuple[BlocklistStore, AllowlistStore],
     engine_factory: EngineFactory,
 ) -> None:
+    blocklist_store, allowlist_store = stores
     try:
-        engine = await asyncio.to_thread(engine_factory, settings, store)
+        engine = await asyncio.to_thread(engine_factory, settings, blocklist_store)
+        engine.attach_allowlists(allowlist_store)
     except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests fail closed
         # Clients read it without paths (``/readyz`` is open); the log keeps all of it.
         app.state.safegate_error = errors.public_error(exc)
@@ -170,7 +189,8 @@ async def _load(
     app.state.safegate = AppState(
         settings=settings,
         database=database,
-        blocklists=store,
+        blocklists=blocklist_store,
+        allowlists=allowlist_store,
         engine=engine,
         batcher=batcher,
         audit=app.state.audit,

@@ -153,6 +153,7 @@ def moderate(
 
 
 def _engine(settings: Settings) -> SafetyEngine:
+    from gateway.allowlists import AllowlistStore
     from gateway.blocklists import BlocklistStore
     from gateway.db import Database
     from gateway.ensemble import build_engine
@@ -160,8 +161,12 @@ def _engine(settings: Settings) -> SafetyEngine:
     with console.status("loading the safety engine"):
         database = Database(settings.database, timeouts=settings.database_timeouts)
         database.migrate()
-        store = BlocklistStore(database, refresh_s=settings.blocklist.refresh_s)
-        return build_engine(settings, blocklists=store)
+        refresh_s = settings.blocklist.refresh_s
+        return build_engine(
+            settings,
+            blocklists=BlocklistStore(database, refresh_s=refresh_s),
+            allowlists=AllowlistStore(database, refresh_s=refresh_s),
+        )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import importlib
 from dataclasses import replace
 
 from gateway.config import Settings
+from gateway.safety.allowlist import AllowlistSource
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members import MEMBERS, MemberFactory, MemberKind
 from gateway.safety.members.blocklist import BlocklistSource
@@ -88,12 +89,19 @@ def build_members(settings: Settings, *, blocklists: BlocklistSource | None) -> 
     return [replace(spec, timeout_per_kchar_s=per_kchar) for spec in specs]
 
 
-def build_engine(settings: Settings, *, blocklists: BlocklistSource | None) -> SafetyEngine:
+def build_engine(
+    settings: Settings,
+    *,
+    blocklists: BlocklistSource | None,
+    allowlists: AllowlistSource | None = None,
+) -> SafetyEngine:
+    """The engine ``safegate serve`` runs; without an allowlist source nothing is exempt."""
     policy = Policy.load(settings.policy_file)
     return SafetyEngine(
         build_members(settings, blocklists=blocklists),
         policy=policy,
         max_text_chars=settings.engine.max_text_chars,
+        allowlists=allowlists,
     )
 
 

@@ -10,7 +10,8 @@ the official client parses the response unchanged. Beside them each result has:
   ``{"detected": bool, "score": float, "filtered": bool}`` (pii and blocklist also list
   the kinds found, never the text);
 - ``action``: ``block``, ``annotate`` or ``allow`` under the policy;
-- ``reasons``: why, in words (never quoting the input);
+- ``reasons``: why, in words (never quoting the input), including which allowlist exempted
+  which category when that unflagged it (``gateway.safety.allowlist``);
 - ``members``: each member's latency, the labels it fired on, and its error if it failed;
 - ``language`` (when clear) and ``low_confidence``: true when the text is in a language the
   engine's model does not cover (its model card's ``languages``), so its scores are less

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from gateway.allowlists import AllowlistStore
 from gateway.audit import AuditStore
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
@@ -24,6 +25,7 @@ class AppState:
     settings: Settings
     database: Database
     blocklists: BlocklistStore
+    allowlists: AllowlistStore
     engine: SafetyEngine
     batcher: MicroBatcher
     audit: AuditStore

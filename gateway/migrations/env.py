@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gateway.allowlists  # noqa: F401 - registers the tables on Base.metadata
 import gateway.audit  # noqa: F401 - registers the tables on Base.metadata
 import gateway.auth  # noqa: F401 - registers the tables on Base.metadata
 import gateway.blocklists  # noqa: F401 - registers the tables on Base.metadata

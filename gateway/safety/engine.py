@@ -17,6 +17,13 @@ Time budgets: in one ``detect`` call every member gets ``timeout_s`` plus
 ``max_batch_chars`` characters (a longer text runs alone), so a budget covers a text's
 own work plus at most one slice of other requests' texts, never a whole queue.
 
+Allowlists (``gateway.safety.allowlist``): when the engine has a source, ``detect`` also
+searches each text for allowlisted terms and regexes; a text that matches is scored once
+more, by the members that score categories, with the matches masked, in the same pass.
+``decide`` uses the lower of the two scores only for the categories and direction the
+lists name, and says so in the reasons when that unflagged a category. A source that
+cannot be read fails like a member (``allowlist``), closed unless the policy lists it.
+
 Fail closed: a member that raises or overruns its budget yields a report with an
 ``error``; the verdict is blocked, with that reason, unless the policy lists the member
 under ``fail_open``.
@@ -37,6 +44,7 @@ from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
+from gateway.safety.allowlist import ALLOWLIST_MEMBER, AllowlistSource, Masking, maskings
 from gateway.safety.classifier import Classifier
 from gateway.safety.normalize import NormalizedText, normalize
 from gateway.safety.policy import Policy
@@ -45,6 +53,7 @@ from gateway.safety.taxonomy import Category, Direction, Label, Shield
 from gateway.safety.verdict import (
     Action,
     Detection,
+    Exemption,
     Finding,
     LabelResult,
     MemberReport,
@@ -120,6 +129,7 @@ class SafetyEngine:
         *,
         policy: Policy,
         max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+        allowlists: AllowlistSource | None = None,
     ) -> None:
         if not members:
             raise EngineNotReady("the safety engine needs at least one member")
@@ -129,11 +139,20 @@ class SafetyEngine:
         self.members = tuple(members)
         self.policy = policy
         self.max_text_chars = max_text_chars
+        self._allowlists = allowlists
         self._pool = ThreadPoolExecutor(
             max_workers=max(2, 2 * len(members)), thread_name_prefix="safety-member"
         )
         self._tuned = self._tuned_thresholds()
         self.covered_languages = self._covered_languages()
+
+    @property
+    def allowlists(self) -> AllowlistSource | None:
+        return self._allowlists
+
+    def attach_allowlists(self, source: AllowlistSource) -> None:
+        """Apply ``source``'s allowlists from now on (start-up wiring, before serving)."""
+        self._allowlists = source
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -149,22 +168,65 @@ class SafetyEngine:
     def detect(self, texts: Sequence[str]) -> list[tuple[MemberReport, ...]]:
         """Run every member over ``texts``; return each text's member reports.
 
-        Each member's budget is computed from the characters of ``texts`` alone.
+        Each member's budget is computed from the characters of ``texts`` alone, and of
+        the masked readings allowlists ask for (which only texts that match them have).
         """
         self.validate(texts)
         normalized = [normalize(text) for text in texts]
+        plans, allowlist_ms, allowlist_report = self._allowlist_plans(normalized)
+        masked = [masking.text for plan in plans for masking in plan]
+        batch = [*normalized, *masked]
         started = time.perf_counter()
         futures = [
-            (spec, self._pool.submit(_timed, spec.classifier, normalized)) for spec in self.members
+            (spec, self._pool.submit(_timed, spec.classifier, batch)) for spec in self.members
         ]
-        characters = sum(len(text) for text in texts)
+        characters = sum(len(text) for text in texts) + sum(len(m.folded) for m in masked)
         per_member = [
             self._collect(
-                spec, future, budget=spec.budget(characters), count=len(texts), started=started
+                spec, future, budget=spec.budget(characters), count=len(batch), started=started
             )
             for spec, future in futures
         ]
-        return [tuple(reports[i] for reports in per_member) for i in range(len(texts))]
+        scoring = (
+            [i for i, spec in enumerate(self.members) if _scores_categories(spec.classifier)]
+            if masked
+            else []
+        )
+        results: list[tuple[MemberReport, ...]] = []
+        position = len(texts)
+        for index in range(len(texts)):
+            reports = [member_reports[index] for member_reports in per_member]
+            if allowlist_report is not None:
+                reports.append(allowlist_report)
+            elif plans[index]:
+                exemptions: list[Exemption] = []
+                for masking in plans[index]:
+                    rescored = tuple(per_member[member][position] for member in scoring)
+                    position += 1
+                    exemptions += _exemptions(masking, rescored)
+                detection = Detection(scores={}, exemptions=tuple(exemptions))
+                reports.append(MemberReport(ALLOWLIST_MEMBER, allowlist_ms, detection=detection))
+            results.append(tuple(reports))
+        return results
+
+    def _allowlist_plans(
+        self, texts: Sequence[NormalizedText]
+    ) -> tuple[list[list[Masking]], float, MemberReport | None]:
+        """Each text's masked readings and the milliseconds finding them took; or, if the
+        allowlists cannot be read, the failure to report for every text."""
+        started = time.perf_counter()
+        source = self._allowlists
+        if source is None:
+            return [[] for _ in texts], 0.0, None
+        try:
+            matcher = source.snapshot()
+            plans = [maskings(text, matcher) for text in texts]
+        except Exception as exc:  # noqa: BLE001 - an unreadable allowlist fails closed
+            elapsed = (time.perf_counter() - started) * 1000
+            error = f"{type(exc).__name__}: {_first_line(exc)}"
+            failed = MemberReport(ALLOWLIST_MEMBER, elapsed, error=error)
+            return [[] for _ in texts], elapsed, failed
+        return plans, (time.perf_counter() - started) * 1000, None
 
     def _collect(
         self,
@@ -211,29 +273,13 @@ class SafetyEngine:
         about indirect attacks only in documents and tool results, not in a user's turn.
         """
         policy = policy or self.policy
-        labels: dict[Label, LabelResult] = {}
-        for label in ALL_LABELS:
-            threshold = policy.threshold(direction, label, self._tuned)
-            scores = {
-                report.member: report.detection.scores[label]
-                for report in reports
-                if report.detection is not None and label in report.detection.scores
-            }
-            score = max(scores.values(), default=0.0)
-            fired = (
-                ()
-                if label in ignore
-                else tuple(member for member, value in scores.items() if value >= threshold)
-            )
-            labels[label] = LabelResult(
-                label=label,
-                score=score,
-                threshold=threshold,
-                flagged=bool(fired),
-                action=policy.action(direction, label),
-                members=fired,
-            )
-        _flag_parents(labels)
+        exempt = _usable_exemptions(reports, direction)
+        before = self._combine(reports, direction=direction, policy=policy, ignore=ignore)
+        labels = (
+            self._combine(reports, direction=direction, policy=policy, ignore=ignore, exempt=exempt)
+            if exempt
+            else before
+        )
         reasons: list[str] = []
         for label, result in labels.items():
             if result.flagged and result.action is Action.BLOCK:
@@ -254,6 +300,7 @@ class SafetyEngine:
                     f"member {report.member} failed ({report.error}); blocked because the "
                     "policy fails closed"
                 )
+        reasons += _exemption_reasons(before, labels, exempt)
         findings: tuple[Finding, ...] = tuple(
             finding
             for report in reports
@@ -291,6 +338,48 @@ class SafetyEngine:
             low_confidence=low_confidence,
         )
 
+    def _combine(
+        self,
+        reports: Sequence[MemberReport],
+        *,
+        direction: Direction,
+        policy: Policy,
+        ignore: Collection[Label],
+        exempt: Mapping[Label, Exemption] | None = None,
+    ) -> dict[Label, LabelResult]:
+        """Each label's result: the highest member score against its threshold.
+
+        For a label in ``exempt`` each member scores the lower of the text and the masked
+        text (an allowlist only ever lowers a score).
+        """
+        labels: dict[Label, LabelResult] = {}
+        for label in ALL_LABELS:
+            threshold = policy.threshold(direction, label, self._tuned)
+            scores = {
+                report.member: report.detection.scores[label]
+                for report in reports
+                if report.detection is not None and label in report.detection.scores
+            }
+            exemption = exempt.get(label) if exempt else None
+            if exemption is not None:
+                scores = _lowered(scores, exemption, label)
+            score = max(scores.values(), default=0.0)
+            fired = (
+                ()
+                if label in ignore
+                else tuple(member for member, value in scores.items() if value >= threshold)
+            )
+            labels[label] = LabelResult(
+                label=label,
+                score=score,
+                threshold=threshold,
+                flagged=bool(fired),
+                action=policy.action(direction, label),
+                members=fired,
+            )
+        _flag_parents(labels)
+        return labels
+
     def check(
         self,
         texts: Sequence[str],
@@ -324,6 +413,82 @@ class SafetyEngine:
                 for label, value in thresholds.items():
                     tuned[label] = max(tuned.get(label, 0.0), value)
         return tuned
+
+
+def _scores_categories(classifier: Classifier) -> bool:
+    """Whether a member scores harm categories; one that cannot say is taken to (its
+    failure on the masked text then voids the exemption: fail closed)."""
+    try:
+        return any(isinstance(label, Category) for label in classifier.labels)
+    except Exception:  # noqa: BLE001 - a broken member must not break detection
+        return True
+
+
+def _exemptions(masking: Masking, reports: tuple[MemberReport, ...]) -> list[Exemption]:
+    return [
+        Exemption(
+            direction=direction,
+            categories=categories,
+            allowlists=masking.allowlists,
+            reports=reports,
+        )
+        for direction, categories in masking.scopes
+    ]
+
+
+def _usable_exemptions(
+    reports: Sequence[MemberReport], direction: Direction
+) -> dict[Label, Exemption]:
+    """The exemptions for ``direction`` by category; one whose masked text a member failed
+    to score is not used (the text's own scores stand)."""
+    exempt: dict[Label, Exemption] = {}
+    for report in reports:
+        if report.detection is None:
+            continue
+        for exemption in report.detection.exemptions:
+            if exemption.direction is not direction:
+                continue
+            if any(masked.detection is None for masked in exemption.reports):
+                continue
+            for category in exemption.categories:
+                exempt[category] = exemption
+    return exempt
+
+
+def _lowered(scores: Mapping[str, float], exemption: Exemption, label: Label) -> dict[str, float]:
+    masked = {
+        report.member: report.detection.scores[label]
+        for report in exemption.reports
+        if report.detection is not None and label in report.detection.scores
+    }
+    return {
+        member: min(value, masked[member]) if member in masked else value
+        for member, value in scores.items()
+    }
+
+
+def _exemption_reasons(
+    before: Mapping[Label, LabelResult],
+    after: Mapping[Label, LabelResult],
+    exempt: Mapping[Label, Exemption],
+) -> list[str]:
+    """A reason for each category an allowlist unflagged, naming the lists (a parent that
+    was flagged only through an exempted subcategory goes with it, unnamed)."""
+    reasons: list[str] = []
+    for label in before:  # the taxonomy's order, whatever order the lists came in
+        exemption = exempt.get(label)
+        if exemption is None:
+            continue
+        crossed = before[label].score >= before[label].threshold
+        if crossed and before[label].flagged and not after[label].flagged:
+            names = ", ".join(f"'{name}'" for name in exemption.allowlists)
+            noun = "allowlist" if len(exemption.allowlists) == 1 else "allowlists"
+            reasons.append(
+                f"{noun} {names} exempted {label.value} (score {before[label].score:.2f} "
+                f"with the text as sent, {after[label].score:.2f} with its matches masked; "
+                f"threshold {after[label].threshold:.2f})"
+            )
+    return reasons
 
 
 def _flag_parents(labels: dict[Label, LabelResult]) -> None:

@@ -44,12 +44,15 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class Detection:
-    """What one member says about one text: calibrated scores per label, findings, and
-    (from the language member) the language the text is written in, when it is clear."""
+    """What one member says about one text: calibrated scores per label, findings,
+    (from the language member) the language the text is written in, when it is clear,
+    and (from the engine's allowlist step) how the text scores with allowlisted matches
+    masked."""
 
     scores: Mapping[Label, float]
     findings: tuple[Finding, ...] = ()
     language: str | None = None
+    exemptions: tuple[Exemption, ...] = ()
 
     def __post_init__(self) -> None:
         checked = {
@@ -78,6 +81,21 @@ class MemberReport:
     def __post_init__(self) -> None:
         if (self.detection is None) == (self.error is None):
             raise ValueError("a member report has exactly one of detection and error")
+
+
+@dataclass(frozen=True, slots=True)
+class Exemption:
+    """Allowlists that matched a text, and how it scores with their matches masked.
+
+    For ``categories`` in ``direction`` the engine may use ``reports`` (the members that
+    score categories, run on the text with every match of ``allowlists`` replaced by a
+    placeholder) instead of the text's own scores; ``gateway.safety.allowlist`` says how.
+    """
+
+    direction: Direction
+    categories: frozenset[Category]
+    allowlists: tuple[str, ...]
+    reports: tuple[MemberReport, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,11 @@
 What docs/deployment.md promises, shown with the same processes and settings it lists:
 a key revoked through one replica's database is refused by both within
 ``SAFEGATE_AUTH__CACHE_TTL_S``; one rate limit holds across both (the bucket lives in
-Redis); a blocklist item added through one replica is enforced by the other within
-``SAFEGATE_BLOCKLIST__REFRESH_S``; a daily token quota spent on one is enforced by the
-other within ``SAFEGATE_QUOTA__CACHE_TTL_S``; flagged requests answered by both land in the
-one audit store, none lost. The module's cluster has a fresh PostgreSQL schema and its own Redis key
+Redis); a blocklist item added through one replica is enforced by the other, and an
+allowlist made through one exempts on the other, within ``SAFEGATE_BLOCKLIST__REFRESH_S``;
+a daily token quota spent on one is enforced by the other within
+``SAFEGATE_QUOTA__CACHE_TTL_S``; flagged requests answered by both land in the one audit
+store, none lost. The module's cluster has a fresh PostgreSQL schema and its own Redis key
 prefix; each test uses its own keys.
 The upstream is litellm's ``mock_response``, so no network is needed.
 """
@@ -240,6 +241,37 @@ def test_a_blocklist_item_added_on_one_replica_is_enforced_by_the_other(
         time.sleep(0.2)
     assert result["shields"]["blocklist"]["filtered"] is True
     assert result["action"] == "block"
+
+
+def test_an_allowlist_made_on_one_replica_exempts_on_the_other(
+    cluster: tuple[list[Replica], dict[str, str]],
+) -> None:
+    replicas, env = cluster
+    admin = _keys(env, "create", "--name", "ops-allowlists", "--role", "admin")
+    first, second = replicas
+    text_ = "Book a table at Murder Burger downtown."  # violence to the shipped model
+    assert _moderate(second, admin, text_).json()["results"][0]["flagged"] is True
+    created = httpx.post(
+        f"{first.base}/v1/allowlists",
+        headers={"Authorization": f"Bearer {admin}"},
+        json={
+            "name": "restaurants",
+            "terms": ["Murder Burger"],
+            "categories": ["violence", "illicit/violent"],
+            "directions": ["prompt"],
+        },
+        timeout=30,
+    )
+    assert created.status_code == 201, created.text
+    deadline = time.monotonic() + REFRESH_S + 5
+    while True:
+        result = _moderate(second, admin, text_).json()["results"][0]
+        if not result["flagged"]:
+            break
+        assert time.monotonic() < deadline, "the other replica never applied the allowlist"
+        time.sleep(0.2)
+    assert result["action"] == "allow"
+    assert any(r.startswith("allowlist 'restaurants' exempted") for r in result["reasons"])
 
 
 def test_flagged_requests_from_both_replicas_land_in_one_audit_store(

@@ -14,7 +14,7 @@ where SQLite cannot add a constraint in place. Adding nullable columns rewrites 
 on SQLite or PostgreSQL; SQLite 3.35+ drops them in place. See ``gateway.quotas``.
 
 Revision ID: 0006
-Revises: 0004 (re-chained onto 0005 when that revision merges)
+Revises: 0005
 Create Date: 2026-12-03
 """
 
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
