@@ -1,12 +1,13 @@
 """The dashboard's entry point: ``streamlit run dashboard/app.py`` (``safegate dashboard``).
 
 Before a reviewer or admin key is accepted the only page is the sign-in page, so no URL
-reaches content. Afterwards: model comparison, review queue, fine-tuning and traffic.
-Each page (``dashboard/views/``) only arranges UI; the numbers come from
+reaches content. Afterwards: model comparison, review queue, fine-tuning, traffic and the
+chat playground. Each page (``dashboard/views/``) only arranges UI; the numbers come from
 ``dashboard.comparison``, ``dashboard.review``, ``dashboard.training`` and
-``dashboard.traffic``. The folder is not called ``pages/``: Streamlit serves a ``pages/``
-folder beside the main script as pages of their own (``/review`` ran the page directly,
-without this script and its sign-in), and every page also checks the key itself.
+``dashboard.traffic``, the playground's talk with the gateway from ``dashboard.playground``.
+The folder is not called ``pages/``: Streamlit serves a ``pages/`` folder beside the main
+script as pages of their own (``/review`` ran the page directly, without this script and
+its sign-in), and every page also checks the key itself.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ PAGES = (
     ("views/review.py", "Review queue", ":material/fact_check:"),
     ("views/training.py", "Fine-tuning", ":material/model_training:"),
     ("views/traffic.py", "Traffic", ":material/monitoring:"),
+    ("views/playground.py", "Playground", ":material/chat:"),
 )
 
 st.set_page_config(page_title="safegate", page_icon=":material/shield:", layout="wide")

@@ -1,0 +1,238 @@
+"""The playground page through ``AppTest`` against a real gateway over HTTP (the real engine,
+upstreams answered by litellm's ``mock_response``): answers and the filter's annotations,
+blocks with their reasons, which keys may chat, and keeping a flagged exchange for review or
+as an eval example."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboard import playground
+from dashboard.playground import PlaygroundError
+from evals.datasets import load_datasets
+from evals.suite import load_suite
+from gateway.audit import ItemFilter
+from gateway.auth import Principal, Role
+from gateway.config import Settings
+from gateway.origin import EVAL_ORIGIN
+from tests.dashboard.conftest import AppFactory, open_page, open_stores
+from tests.dashboard.seed import Seeded
+from tests.dashboard.served_gateway import (  # noqa: F401 - fixtures
+    ANSWER,
+    HATE,
+    QUESTION,
+    ServedGateway,
+    served_gateway,
+)
+from tests.gateway.conftest import engine_factory, loaded_members, members_home  # noqa: F401
+
+
+@pytest.fixture
+def gateway_env(served_gateway: ServedGateway, monkeypatch: pytest.MonkeyPatch) -> ServedGateway:  # noqa: F811
+    monkeypatch.setenv(playground.GATEWAY_URL_VARIABLE, served_gateway.url)
+    return served_gateway
+
+
+def texts_on(app: AppTest) -> str:
+    parts = [element.value for element in app.markdown]
+    parts += [element.value for element in app.caption]
+    parts += [element.value for element in app.error]
+    return "\n".join(str(part) for part in parts)
+
+
+def send(app: AppTest, text: str, *, stream: bool = True, model: str = "support") -> AppTest:
+    app.selectbox(key="pg_model").select(model).run()
+    app.toggle(key="pg_stream").set_value(stream).run()
+    app.chat_input[0].set_value(text).run()
+    assert not app.exception, [error.value for error in app.exception]
+    return app
+
+
+def filter_table(app: AppTest, index: int) -> dict[str, tuple[str, str]]:
+    frame = app.dataframe[index].value
+    return {row["category"]: (row["filtered"], row["found"]) for row in frame.to_dict("records")}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
+def test_a_benign_message_gets_the_answer_and_safe_annotations(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory, stream: bool
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
+    assert [t.value for t in app.title] == ["Playground"]
+    assert app.selectbox(key="pg_model").options == ["hateful", "support"]  # GET /v1/models
+    send(app, QUESTION, stream=stream)
+    shown = texts_on(app)
+    assert ANSWER in shown
+    assert "**Prompt**: safe" in shown
+    assert "**Completion**: safe" in shown
+    prompt = filter_table(app, 0)
+    assert prompt["hate"] == ("no", "safe")
+    assert prompt["jailbreak"] == ("no", "not detected")
+    assert filter_table(app, 1)["violence"] == ("no", "safe")
+    assert not app.error
+    assert not [b for b in app.button if b.label == "Send to review"]  # nothing flagged
+
+
+def test_a_harmful_prompt_shows_blocked_with_its_category_and_reason(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
+    send(app, HATE)
+    shown = texts_on(app)
+    assert "**Prompt**: blocked: hate (" in shown
+    assert "not sent to the model: the prompt was blocked" in shown
+    reason = app.error[0].value
+    assert "content filter" in reason
+    assert "hate" in reason
+    assert "messages[0]" in reason
+    assert filter_table(app, 0)["hate"][0] == "yes"
+    assert filter_table(app, 0)["hate"][1] in {"medium", "high"}
+
+
+def test_a_harmful_completion_is_cut_and_shown_blocked(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
+    send(app, QUESTION, model="hateful")
+    shown = texts_on(app)
+    assert "**Prompt**: safe" in shown
+    assert "**Completion**: blocked: hate (" in shown
+    assert "withheld by the content filter" in shown
+    assert HATE not in shown  # nothing of a blocked completion reaches the page
+    assert "hate" in app.error[0].value
+
+
+def test_a_flagged_exchange_sent_to_review_appears_in_the_review_queue(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
+    send(app, HATE)
+    stores = open_stores(fresh.home)
+    try:
+        default_view = ItemFilter(hide_eval=True)
+        before = {s.item.id for s in stores.audit.list_items(default_view, limit=500).items}
+        eval_items = stores.audit.list_items(ItemFilter(origin=EVAL_ORIGIN), limit=500).items
+        recorded = [s.item for s in eval_items if s.item.text == HATE]
+        assert len(recorded) == 1  # the gateway's own record, as eval traffic: not in the queue
+        assert recorded[0].id not in before
+
+        next(b for b in app.button if b.label == "Send to review").click().run()
+        assert "1 flagged item(s) sent to the review queue" in [s.value for s in app.success]
+        after = stores.audit.list_items(default_view, limit=500).items
+        sent = [s.item for s in after if s.item.id not in before]
+    finally:
+        stores.close()
+    assert len(sent) == 1
+    item = sent[0]
+    assert item.text == HATE
+    assert item.origin == playground.PLAYGROUND_ORIGIN
+    assert item.request_id == recorded[0].request_id
+    assert item.key_id == fresh.admin_id
+    assert "hate" in item.categories
+    assert item.action == "block"
+    assert item.scores == recorded[0].scores
+
+
+def test_a_flagged_exchange_added_to_an_eval_dataset_lands_in_the_file(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory, tmp_path: Path
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
+    send(app, QUESTION, model="hateful")
+    app.text_input(key=next(k.key for k in app.text_input if k.key.startswith("pg_ds_"))).input(
+        "hate-cases"
+    ).run()
+    next(b for b in app.button if b.label == "Add").click().run()
+    path = fresh.home / "eval-datasets" / "hate-cases.jsonl"
+    assert any(str(path) in s.value for s in app.success)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 1
+    assert rows[0]["messages"] == [{"role": "user", "content": QUESTION}]
+    labels = rows[0]["labels"]
+    assert labels["harmful"] is True
+    assert labels["blocked"] == "completion"
+    assert "hate" in labels["categories"]
+    assert labels["model"] == "hateful"
+
+    next(b for b in app.button if b.label == "Add").click().run()  # the same exchange again
+    assert "already in hate-cases" in app.warning[0].value
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 1
+
+    # a suite loads it as a chat dataset
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(
+        "name: playground\n"
+        f"datasets: [{{name: hate-cases, path: {path}, format: chat}}]\n"
+        "models: [{name: m, via: litellm, model: openai/m, params: {mock_response: ok}}]\n"
+        "metrics: [refusal_rate]\n",
+        encoding="utf-8",
+    )
+    [dataset] = load_datasets(load_suite(suite_file))
+    assert dataset.samples[0].labels["harmful"] is True
+    assert dataset.samples[0].messages[0]["content"] == QUESTION
+
+
+def test_an_admin_chats_with_a_pasted_developer_key(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
+    app.radio(key="pg_key_choice").set_value("Another key (paste it)").run()
+    assert "paste an API key" in app.warning[0].value
+    app.text_input(key="playground_pasted_key").input(fresh.revoked_key).run()
+    assert "revoked" in app.warning[0].value
+    app.text_input(key="playground_pasted_key").input(fresh.developer_key).run()
+    assert "as app-developer (developer)" in texts_on(app)
+    send(app, QUESTION)
+    assert ANSWER in texts_on(app)
+
+
+def test_a_reviewer_may_chat_only_with_their_own_key_which_cannot_chat(
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory
+) -> None:
+    app = open_page(make_app(fresh.home, fresh.reviewer_key), "playground")
+    assert not app.radio  # no other key to choose
+    assert "alice-reviewer is a reviewer key; chat needs a developer or admin key" in (
+        app.warning[0].value
+    )
+    assert not app.chat_input
+
+
+def test_key_rules_and_dataset_names() -> None:
+    def of(role: Role) -> Principal:
+        return Principal(key_id="k", name="n", role=role, policy=None, rate_limit_rpm=None)
+
+    assert playground.can_curate(of(Role.ADMIN))
+    assert playground.can_curate(of(Role.REVIEWER))
+    assert not playground.can_curate(of(Role.DEVELOPER))
+    for bad in ("", "../x", "a/b", "x.jsonl", "-lead", "a" * 65):
+        with pytest.raises(PlaygroundError, match="dataset name"):
+            playground.dataset_path(Path("/home"), bad)
+    assert playground.dataset_path(Path("/h"), "hate_cases-1") == Path(
+        "/h/eval-datasets/hate_cases-1.jsonl"
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "host", "expected"),
+    [
+        ({}, "127.0.0.1", "http://127.0.0.1:8123"),
+        ({}, "0.0.0.0", "http://127.0.0.1:8123"),  # noqa: S104 - a setting's value
+        ({}, "::1", "http://[::1]:8123"),
+        ({"SAFEGATE_GATEWAY_URL": "https://gw.example/ "}, "127.0.0.1", "https://gw.example"),
+    ],
+)
+def test_the_gateway_url_follows_the_settings(
+    environ: dict[str, str], host: str, expected: str
+) -> None:
+    settings = Settings(host=host, port=8123)
+    assert playground.gateway_url(settings, environ) == expected
+
+
+def test_a_gateway_url_without_a_scheme_is_refused() -> None:
+    with pytest.raises(PlaygroundError, match="must start with http"):
+        playground.gateway_url(Settings(), {"SAFEGATE_GATEWAY_URL": "gw:8000"})
