@@ -21,7 +21,7 @@ Annotations
     :class:`Turn` is one exchange as the gateway answered it: the prompt's and the
     completion's Azure-style ``content_filter_results``, what was blocked (``prompt``: the
     400 ``content_filter`` error; ``completion``: ``finish_reason: content_filter``) and
-    the gateway's words why. :func:`filter_rows` and :func:`verdict_line` turn them into
+    the gateway's words why. :func:`filter_table` and :func:`verdict_line` turn them into
     what the page shows.
 
 Keeping an exchange (reviewers and admins, :func:`can_curate`)
@@ -197,6 +197,31 @@ def filter_rows(results: Mapping[str, Any] | None) -> list[dict[str, str]]:
     return rows
 
 
+def filter_table(turn: Turn) -> list[dict[str, str]]:
+    """The prompt's and the completion's annotations side by side, one row per category:
+    what was found, ``, filtered`` when that blocked; ``-`` where a side was not checked."""
+    sides = {
+        direction: {row["category"]: row for row in filter_rows(results)}
+        for direction, results in (
+            ("prompt", turn.prompt_results),
+            ("completion", turn.completion_results),
+        )
+    }
+    names = [*sides["prompt"], *(n for n in sides["completion"] if n not in sides["prompt"])]
+    table = []
+    for name in names:
+        row = {"category": name}
+        for direction, rows in sides.items():
+            cell = rows.get(name)
+            row[direction] = (
+                "-"
+                if cell is None
+                else cell["found"] + (", filtered" if cell["filtered"] == "yes" else "")
+            )
+        table.append(row)
+    return table
+
+
 def verdict_line(turn: Turn, direction: str) -> str:
     """``safe``, ``flagged: hate (medium), pii`` or ``blocked: hate (high)`` for a direction."""
     results = turn.prompt_results if direction == "prompt" else turn.completion_results
@@ -244,12 +269,12 @@ class GatewayClient:
         self._client.close()
 
     def models(self) -> list[str]:
-        """The models the gateway serves to this key (``GET /v1/models``), by name."""
+        """The models the gateway serves to this key (``GET /v1/models``), in its order."""
         response = self._send("GET", "/v1/models")
         data = _json(response).get("data")
         if not isinstance(data, list):
             raise PlaygroundError("the gateway's model list is not an OpenAI model list")
-        return sorted(str(model["id"]) for model in data if isinstance(model, Mapping))
+        return [str(model["id"]) for model in data if isinstance(model, Mapping)]
 
     def chat(self, model: str, messages: Sequence[Mapping[str, str]], *, key_id: str) -> Turn:
         """One unstreamed exchange; a blocked prompt is a ``Turn``, other failures raise."""

@@ -82,15 +82,12 @@ may_curate = playground.can_curate(who)
 
 def show_filters(turn: Turn) -> None:
     """The prompt's and the completion's annotations, and what blocked and why."""
-    for direction, results in (
-        ("prompt", turn.prompt_results),
-        ("completion", turn.completion_results),
-    ):
+    for direction in ("prompt", "completion"):
         line = playground.verdict_line(turn, direction)
         st.markdown(f"**{direction.capitalize()}**: {plain(line)}")
-        rows = playground.filter_rows(results)
-        if rows:
-            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    table = playground.filter_table(turn)
+    if table:
+        st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
     if turn.blocked is not None:
         st.error(plain("; ".join(turn.reasons) or f"the {turn.blocked} was blocked"))
     if turn.error is not None:

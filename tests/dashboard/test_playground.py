@@ -53,9 +53,10 @@ def send(app: AppTest, text: str, *, stream: bool = True, model: str = "support"
     return app
 
 
-def filter_table(app: AppTest, index: int) -> dict[str, tuple[str, str]]:
-    frame = app.dataframe[index].value
-    return {row["category"]: (row["filtered"], row["found"]) for row in frame.to_dict("records")}
+def filter_table(app: AppTest) -> dict[str, tuple[str, str]]:
+    """The last turn's annotations as shown: category -> (prompt, completion)."""
+    frame = app.dataframe[-1].value
+    return {row["category"]: (row["prompt"], row["completion"]) for row in frame.to_dict("records")}
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
@@ -64,16 +65,17 @@ def test_a_benign_message_gets_the_answer_and_safe_annotations(
 ) -> None:
     app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
     assert [t.value for t in app.title] == ["Playground"]
-    assert app.selectbox(key="pg_model").options == ["hateful", "support"]  # GET /v1/models
+    assert app.selectbox(key="pg_model").options == ["support", "hateful"]  # GET /v1/models
     send(app, QUESTION, stream=stream)
     shown = texts_on(app)
     assert ANSWER in shown
     assert "**Prompt**: safe" in shown
     assert "**Completion**: safe" in shown
-    prompt = filter_table(app, 0)
-    assert prompt["hate"] == ("no", "safe")
-    assert prompt["jailbreak"] == ("no", "not detected")
-    assert filter_table(app, 1)["violence"] == ("no", "safe")
+    table = filter_table(app)
+    assert table["hate"] == ("safe", "safe")
+    assert table["violence"] == ("safe", "safe")
+    assert table["jailbreak"] == ("not detected", "-")  # a prompt shield
+    assert table["custom_blocklists"] == ("no hit", "no hit")
     assert not app.error
     assert not [b for b in app.button if b.label == "Send to review"]  # nothing flagged
 
@@ -86,12 +88,11 @@ def test_a_harmful_prompt_shows_blocked_with_its_category_and_reason(
     shown = texts_on(app)
     assert "**Prompt**: blocked: hate (" in shown
     assert "not sent to the model: the prompt was blocked" in shown
-    reason = app.error[0].value
+    reason = app.error[0].value.replace("\\", "")  # as shown: Markdown escapes removed
     assert "content filter" in reason
     assert "hate" in reason
     assert "messages[0]" in reason
-    assert filter_table(app, 0)["hate"][0] == "yes"
-    assert filter_table(app, 0)["hate"][1] in {"medium", "high"}
+    assert filter_table(app)["hate"] in {("medium, filtered", "-"), ("high, filtered", "-")}
 
 
 def test_a_harmful_completion_is_cut_and_shown_blocked(
@@ -104,6 +105,8 @@ def test_a_harmful_completion_is_cut_and_shown_blocked(
     assert "**Completion**: blocked: hate (" in shown
     assert "withheld by the content filter" in shown
     assert HATE not in shown  # nothing of a blocked completion reaches the page
+    assert filter_table(app)["hate"][0] == "safe"
+    assert filter_table(app)["hate"][1] in {"medium, filtered", "high, filtered"}
     assert "hate" in app.error[0].value
 
 
