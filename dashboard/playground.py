@@ -374,7 +374,10 @@ class ChatStream:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            event = json.loads(line[len("data: ") :])
+            try:
+                event = json.loads(line[len("data: ") :])
+            except ValueError:
+                raise PlaygroundError("the gateway sent a stream event that is not JSON") from None
             if "error" in event:
                 error = str(event["error"].get("message", "the stream ended with an error"))
                 break
@@ -476,19 +479,9 @@ def send_to_review(audit: AuditStore, turn: Turn) -> list[FlaggedItem]:
     """
     if not turn.flagged:
         raise PlaygroundError("nothing in this exchange was flagged")
-    found: list[FlaggedItem] = []
-    cursor: str | None = None
-    scanned = 0
-    where = ItemFilter(
-        key_id=turn.key_id, origin=EVAL_ORIGIN, since=turn.started - REVIEW_SCAN_SLACK
-    )
-    while scanned < MAX_REVIEW_SCAN:
-        page = audit.list_items(where, limit=100, cursor=cursor)
-        scanned += len(page.items)
-        found += [s.item for s in page.items if s.item.request_id == turn.request_id]
-        if not page.has_more:
-            break
-        cursor = page.next_cursor
+    if _items_of(audit, turn, origin=PLAYGROUND_ORIGIN):
+        raise PlaygroundError("this exchange is already in the review queue")
+    found = _items_of(audit, turn, origin=EVAL_ORIGIN)
     if not found:
         raise PlaygroundError(
             "the gateway's record of this exchange is not in the database yet (it may wait "
@@ -500,6 +493,23 @@ def send_to_review(audit: AuditStore, turn: Turn) -> list[FlaggedItem]:
     ]
     asyncio.run(audit.record(copies))
     return copies
+
+
+def _items_of(audit: AuditStore, turn: Turn, *, origin: str) -> list[FlaggedItem]:
+    """The flagged items of ``turn``'s request stored under ``origin`` (its key's items
+    since the turn began, at most ``MAX_REVIEW_SCAN`` of them read)."""
+    where = ItemFilter(key_id=turn.key_id, origin=origin, since=turn.started - REVIEW_SCAN_SLACK)
+    found: list[FlaggedItem] = []
+    cursor: str | None = None
+    scanned = 0
+    while scanned < MAX_REVIEW_SCAN:
+        page = audit.list_items(where, limit=100, cursor=cursor)
+        scanned += len(page.items)
+        found += [s.item for s in page.items if s.item.request_id == turn.request_id]
+        if not page.has_more:
+            break
+        cursor = page.next_cursor
+    return found
 
 
 def dataset_path(home: Path, name: str) -> Path:

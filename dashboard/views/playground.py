@@ -141,13 +141,14 @@ def show_turn(turn: Turn) -> None:
 
 
 def history() -> list[dict[str, str]]:
-    """The conversation so far as the model saw it: blocked prompts left out."""
+    """The conversation so far as the model saw it: blocked prompts and the released part
+    of a cut completion left out."""
     messages: list[dict[str, str]] = []
     for turn in turns:
         if turn.blocked == "prompt":
             continue
         messages.append({"role": "user", "content": turn.prompt})
-        if turn.completion:
+        if turn.completion and turn.blocked is None:
             messages.append({"role": "assistant", "content": turn.completion})
     return messages
 

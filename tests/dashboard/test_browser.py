@@ -190,11 +190,11 @@ def _settled(driver: Any, title: str) -> None:
 
 
 def _screenshot(driver: Any, name: str) -> Path:
-    """The whole page: the window is made as tall as Streamlit's scrolling main area (a
-    page with a chat input scrolls an inner container instead)."""
+    """The whole page: the window is made as tall as Streamlit's scrolling main area (or
+    the tallest scrolled element: a page with a chat input scrolls its own container)."""
     height = driver.execute_script(
         "const main = document.querySelector('[data-testid=\"stMain\"]');"
-        "const inner = main ? Array.from(main.querySelectorAll('*')) : [];"
+        "const inner = Array.from(document.querySelectorAll('*'));"
         "return Math.max(main ? main.scrollHeight : 0, document.body.scrollHeight,"
         "  ...inner.filter(e => e.scrollHeight > e.clientHeight + 1).map(e => e.scrollHeight));"
     )

@@ -130,6 +130,8 @@ def test_a_flagged_exchange_sent_to_review_appears_in_the_review_queue(
         sent = [s.item for s in after if s.item.id not in before]
     finally:
         stores.close()
+    next(b for b in app.button if b.label == "Send to review").click().run()  # once is enough
+    assert "already in the review queue" in app.warning[0].value
     assert len(sent) == 1
     item = sent[0]
     assert item.text == HATE
