@@ -31,14 +31,12 @@ from dashboard.playground import GATEWAY_URL_VARIABLE
 from gateway.audit import ReviewState
 from tests.dashboard.conftest import open_stores
 from tests.dashboard.seed import Seeded
-from tests.dashboard.served_gateway import (  # noqa: F401 - fixtures
+from tests.dashboard.served_gateway import (
     ANSWER,
     HATE,
     QUESTION,
     ServedGateway,
-    served_gateway,
 )
-from tests.gateway.conftest import engine_factory, loaded_members, members_home  # noqa: F401
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +103,7 @@ def browser() -> Iterator[Any]:
 def served(
     fresh: Seeded,
     tmp_path: Path,
-    served_gateway: ServedGateway,  # noqa: F811
+    served_gateway: ServedGateway,
 ) -> Iterator[str]:
     """The dashboard, as ``safegate dashboard`` starts it, over the seeded home, with the
     gateway of that home for its playground."""

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -22,18 +24,17 @@ from gateway.config import Settings
 from gateway.origin import EVAL_ORIGIN
 from tests.dashboard.conftest import AppFactory, open_page, open_stores
 from tests.dashboard.seed import Seeded
-from tests.dashboard.served_gateway import (  # noqa: F401 - fixtures
+from tests.dashboard.served_gateway import (
     ANSWER,
     HATE,
     QUESTION,
     ServedGateway,
-    served_gateway,
 )
-from tests.gateway.conftest import engine_factory, loaded_members, members_home  # noqa: F401
+from tests.ports import free_port
 
 
 @pytest.fixture
-def gateway_env(served_gateway: ServedGateway, monkeypatch: pytest.MonkeyPatch) -> ServedGateway:  # noqa: F811
+def gateway_env(served_gateway: ServedGateway, monkeypatch: pytest.MonkeyPatch) -> ServedGateway:
     monkeypatch.setenv(playground.GATEWAY_URL_VARIABLE, served_gateway.url)
     return served_gateway
 
@@ -241,3 +242,104 @@ def test_the_gateway_url_follows_the_settings(
 def test_a_gateway_url_without_a_scheme_is_refused() -> None:
     with pytest.raises(PlaygroundError, match="must start with http"):
         playground.gateway_url(Settings(), {"SAFEGATE_GATEWAY_URL": "gw:8000"})
+
+
+# -- the client against a gateway replaced at its seam (httpx.MockTransport) -------------------
+
+
+def sse(*events: object) -> bytes:
+    return b"".join(
+        b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n"
+        for e in events
+    )
+
+
+SAFE = {"hate": {"filtered": False, "severity": "safe"}}
+HATE_HIGH = {"hate": {"filtered": True, "severity": "high"}}
+
+
+def client_of(handler: Callable[[httpx.Request], httpx.Response]) -> playground.GatewayClient:
+    transport = httpx.MockTransport(handler)
+    return playground.GatewayClient("http://gw", "sg-secret", transport=transport)
+
+
+def test_a_stream_yields_each_released_part_and_keeps_the_last_annotations() -> None:
+    seen: list[httpx.Request] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+
+        def part(text: str) -> dict[str, object]:
+            choice = {"index": 0, "delta": {"content": text}, "content_filter_results": SAFE}
+            return {"choices": [choice]}
+
+        cut = {
+            "index": 0,
+            "delta": {},
+            "finish_reason": "content_filter",
+            "content_filter_results": HATE_HIGH,
+            "content_filter_reasons": ["completion flagged for hate"],
+        }
+        body = sse(
+            {"choices": [], "prompt_filter_results": [{"content_filter_results": SAFE}]},
+            part("Hold the "),
+            part("button."),
+            {"choices": [cut]},
+        )
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    with client_of(gateway) as client:
+        stream = client.stream("m", [{"role": "user", "content": "hi"}], key_id="key_1")
+        assert list(stream) == ["Hold the ", "button."]
+    turn = stream.turn
+    assert turn is not None
+    assert turn.completion == "Hold the button."
+    assert turn.blocked == "completion"
+    assert turn.reasons == ("completion flagged for hate",)
+    assert turn.completion_results == HATE_HIGH
+    assert playground.verdict_line(turn, "completion") == "blocked: hate (high)"
+    assert playground.verdict_line(turn, "prompt") == "safe"
+    request = seen[0]
+    assert request.headers["authorization"] == "Bearer sg-secret"
+    assert request.headers["safegate-origin"] == EVAL_ORIGIN
+    assert request.headers["x-request-id"] == turn.request_id
+    assert json.loads(request.content)["stream"] is True
+
+
+def test_a_stream_the_gateway_ends_with_an_error_keeps_what_came_and_says_why() -> None:
+    def gateway(request: httpx.Request) -> httpx.Response:
+        body = sse(
+            {"choices": [{"index": 0, "delta": {"content": "Partial"}}]},
+            {"error": {"message": "upstream failed mid-stream", "code": "upstream_error"}},
+        )
+        return httpx.Response(200, content=body)
+
+    with client_of(gateway) as client:
+        stream = client.stream("m", [{"role": "user", "content": "hi"}], key_id="key_1")
+        assert list(stream) == ["Partial"]
+    assert stream.turn is not None
+    assert stream.turn.error == "upstream failed mid-stream"
+
+    def garbled(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=sse(b"<html>maintenance</html>"))
+
+    with client_of(garbled) as client, pytest.raises(PlaygroundError, match="not JSON"):
+        list(client.stream("m", [{"role": "user", "content": "hi"}], key_id="key_1"))
+
+
+def test_gateway_refusals_and_absence_are_errors_to_show() -> None:
+    def forbidden(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"message": "this route needs the developer role", "code": "forbidden"}}
+        return httpx.Response(403, json=body)
+
+    with client_of(forbidden) as client:
+        with pytest.raises(PlaygroundError, match="answered 403: this route needs the developer"):
+            client.models()
+        with pytest.raises(PlaygroundError, match="answered 403"):
+            list(client.stream("m", [{"role": "user", "content": "hi"}], key_id="key_1"))
+    with (
+        playground.GatewayClient(f"http://127.0.0.1:{free_port()}", "sg-secret") as absent,
+        pytest.raises(PlaygroundError, match="not be reached.*SAFEGATE_GATEWAY_URL") as raised,
+    ):
+        absent.models()
+    assert "sg-secret" not in str(raised.value)
