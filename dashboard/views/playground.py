@@ -51,7 +51,8 @@ top[0].caption(
 try:
     chatter = playground.chat_key(stores.keys, who, secret=secret, own_key_id=who.key_id)
 except PlaygroundError as error:
-    st.warning(plain(error) + ".")
+    only_own = "" if who.allows(Role.ADMIN) else " Only an admin may chat with another key here."
+    st.warning(plain(error) + "." + only_own)
     st.stop()
 
 try:

@@ -96,11 +96,12 @@ def test_a_harmful_prompt_shows_blocked_with_its_category_and_reason(
     assert filter_table(app)["hate"] in {("medium, filtered", "-"), ("high, filtered", "-")}
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "plain"])
 def test_a_harmful_completion_is_cut_and_shown_blocked(
-    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory
+    gateway_env: ServedGateway, fresh: Seeded, make_app: AppFactory, stream: bool
 ) -> None:
     app = open_page(make_app(fresh.home, fresh.admin_key), "playground")
-    send(app, QUESTION, model="hateful")
+    send(app, QUESTION, model="hateful", stream=stream)
     shown = texts_on(app)
     assert "**Prompt**: safe" in shown
     assert "**Completion**: blocked: hate (" in shown
@@ -205,6 +206,7 @@ def test_a_reviewer_may_chat_only_with_their_own_key_which_cannot_chat(
     assert "alice-reviewer is a reviewer key; chat needs a developer or admin key" in (
         app.warning[0].value
     )
+    assert "Only an admin may chat with another key here." in app.warning[0].value
     assert not app.chat_input
 
 
