@@ -16,6 +16,7 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import playground
 from dashboard.playground import PlaygroundError
+from dashboard.stores import Stores
 from evals.datasets import load_datasets
 from evals.suite import load_suite
 from gateway.audit import ItemFilter
@@ -345,3 +346,19 @@ def test_gateway_refusals_and_absence_are_errors_to_show() -> None:
     ):
         absent.models()
     assert "sg-secret" not in str(raised.value)
+
+
+def test_only_an_admin_may_chat_with_a_key_not_their_own(
+    fresh: Seeded, stores_of: Callable[[Path], Stores]
+) -> None:
+    keys = stores_of(fresh.home).keys
+    reviewer = keys.authenticate(fresh.reviewer_key)
+    admin = keys.authenticate(fresh.admin_key)
+    with pytest.raises(PlaygroundError, match="only an admin may chat with a key other than"):
+        playground.chat_key(keys, reviewer, secret=fresh.developer_key, own_key_id=reviewer.key_id)
+    developer = playground.chat_key(
+        keys, admin, secret=f" {fresh.developer_key}\n", own_key_id=admin.key_id
+    )
+    assert (developer.name, developer.role) == ("app-developer", Role.DEVELOPER)
+    with pytest.raises(PlaygroundError, match="a reviewer key; chat needs a developer or admin"):
+        playground.chat_key(keys, admin, secret=fresh.reviewer_key, own_key_id=admin.key_id)
