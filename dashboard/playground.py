@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import uuid
@@ -55,6 +56,8 @@ from gateway.auth import KeyStore, Principal, Role
 from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.origin import EVAL_ORIGIN, ORIGIN_HEADER
+
+log = logging.getLogger("safegate.dashboard")
 
 GATEWAY_URL_VARIABLE: Final = "SAFEGATE_GATEWAY_URL"
 DEFAULT_TIMEOUT: Final = httpx.Timeout(60.0, connect=5.0)  # a stream's gap between chunks
@@ -492,6 +495,10 @@ def send_to_review(audit: AuditStore, turn: Turn) -> list[FlaggedItem]:
         for item in sorted(found, key=lambda item: item.created_at)
     ]
     asyncio.run(audit.record(copies))
+    log.info(  # ids and counts only: never the text
+        "playground exchange sent to review",
+        extra={"request_id": turn.request_id, "key_id": turn.key_id, "items": len(copies)},
+    )
     return copies
 
 
@@ -552,4 +559,8 @@ def add_to_dataset(home: Path, name: str, turn: Turn, *, harmful: bool) -> Path:
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
+    log.info(
+        "playground exchange added to an eval dataset",
+        extra={"request_id": turn.request_id, "dataset": name},
+    )
     return path
