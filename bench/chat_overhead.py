@@ -8,7 +8,13 @@
    (``gateway.upstreams.LitellmUpstreams``), so litellm's own cost is separated from the
    network's.
 
+3. With ``--compare KEY=VALUE`` (repeatable), a second gateway runs with those
+   environment settings beside the first; sequential requests alternate between the two
+   and the concurrent runs go A, B, B, A, so both configurations share the machine's
+   state and the difference between them is measured in one run.
+
 Usage: .venv/bin/python bench/chat_overhead.py [--requests 200] [--concurrent 800]
+       [--compare SAFEGATE_ENGINE__MAX_WAIT_S=0.002]
 Run on an idle machine.
 """
 
@@ -73,7 +79,9 @@ def start_stub() -> int:
     return port
 
 
-def start_gateway(stub_port: int) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+def start_gateway(
+    stub_port: int, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
     home = Path(tempfile.mkdtemp())
     upstreams = home / "upstreams.yaml"
     model = {"model": "openai/stub", "api_base": f"http://127.0.0.1:{stub_port}/v1"}
@@ -93,6 +101,7 @@ def start_gateway(stub_port: int) -> tuple[subprocess.Popen[bytes], str, dict[st
         "SAFEGATE_UPSTREAMS__FILE": str(upstreams),
         "SAFEGATE_UPSTREAMS__SERVE_LOCAL": "false",
         "SAFEGATE_RATE_LIMIT__REQUESTS_PER_MINUTE": "1000000",
+        **(extra_env or {}),
     }
     process = subprocess.Popen(  # noqa: S603 - our own CLI
         [str(ROOT / ".venv/bin/safegate"), "serve", "--port", str(port)],
@@ -120,12 +129,22 @@ BODY = {"model": "stub", "messages": [{"role": "user", "content": QUESTION}]}
 
 
 def sequential_ms(base: str, headers: dict[str, str], count: int) -> list[float]:
-    times: list[float] = []
-    with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
+    return interleaved_ms([(base, headers)], count)[0]
+
+
+def interleaved_ms(targets: list[tuple[str, dict[str, str]]], count: int) -> list[list[float]]:
+    """``count`` sequential requests to each target, taking turns request by request."""
+    times: list[list[float]] = [[] for _ in targets]
+    clients = [httpx.Client(base_url=b, headers=h, timeout=60) for b, h in targets]
+    try:
         for _ in range(count):
-            started = time.perf_counter()
-            client.post("/v1/chat/completions", json=BODY).raise_for_status()
-            times.append((time.perf_counter() - started) * 1000)
+            for client, out in zip(clients, times, strict=True):
+                started = time.perf_counter()
+                client.post("/v1/chat/completions", json=BODY).raise_for_status()
+                out.append((time.perf_counter() - started) * 1000)
+    finally:
+        for client in clients:
+            client.close()
     return times
 
 
@@ -202,29 +221,48 @@ async def client_costs(stub_port: int, count: int) -> dict[str, float]:
     return out
 
 
+def summary(times: list[float], direct: list[float], rps: float, width: int) -> dict[str, float]:
+    return {
+        "gateway_p50_ms": round(statistics.median(times), 2),
+        "gateway_p99_ms": round(sorted(times)[int(len(times) * 0.99) - 1], 2),
+        "added_p50_ms": round(statistics.median(times) - statistics.median(direct), 2),
+        f"requests_per_s_at_{width}": round(rps, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrent", type=int, default=800)
     parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     stub_port = start_stub()
     result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
     result["client_p50_ms"] = asyncio.run(client_costs(stub_port, args.requests))
     direct = sequential_ms(f"http://127.0.0.1:{stub_port}", {}, args.requests)
-    process, base, headers = start_gateway(stub_port)
-    try:
-        sequential_ms(base, headers, 20)  # warm-up
-        via = sequential_ms(base, headers, args.requests)
-        rps = asyncio.run(concurrent_rps(base, headers, args.concurrent, args.width))
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     result["direct_p50_ms"] = round(statistics.median(direct), 2)
-    result["gateway_p50_ms"] = round(statistics.median(via), 2)
-    result["gateway_p99_ms"] = round(sorted(via)[int(len(via) * 0.99) - 1], 2)
-    result["added_p50_ms"] = round(statistics.median(via) - statistics.median(direct), 2)
-    result[f"requests_per_s_at_{args.width}"] = round(rps, 1)
+    variants: dict[str, dict[str, str]] = {"baseline": {}}
+    if args.compare:
+        variants["compare"] = dict(item.split("=", 1) for item in args.compare)
+    started = {name: start_gateway(stub_port, env) for name, env in variants.items()}
+    try:
+        targets = [(base, headers) for _, base, headers in started.values()]
+        interleaved_ms(targets, 20)  # warm-up
+        times = interleaved_ms(targets, args.requests)
+        order = list(variants) + list(reversed(variants))
+        half = args.concurrent // 2 if len(variants) > 1 else args.concurrent
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        for name in order if len(variants) > 1 else list(variants):
+            _, base, headers = started[name]
+            rates[name].append(asyncio.run(concurrent_rps(base, headers, half, args.width)))
+    finally:
+        for process, _, _ in started.values():
+            process.terminate()
+            process.wait(timeout=30)
+    for (name, env), sample in zip(variants.items(), times, strict=True):
+        rps = statistics.mean(rates[name])
+        result[name] = {"env": env, **summary(sample, direct, rps, args.width)}
     print(json.dumps(result, indent=2))
 
 

@@ -11,8 +11,8 @@ examples, one after the other in this process:
 - ``baseline``: what a plain transformers Trainer + peft script does: every example
   padded to ``--seq-length`` (2048), micro-batch 1 with gradient accumulation 4,
   gradient checkpointing on, bf16 autocast, transformers' default attention (sdpa).
-- ``safegate``: ``finetune.train.build_trainer`` on a model made by
-  ``finetune.train.add_lora``: bf16 weights and autocast, padding-free packing (a
+- ``safegate``: ``finetune.training.trainer.build_trainer`` on a model made by
+  ``finetune.training.model_loading.add_lora``: bf16 weights and autocast, padding-free packing (a
   micro-batch of 4 examples back to back in one row, positions restarting per example,
   so no token is padding and attention never crosses examples), flash-attention 2's
   varlen kernels when ``flash_attn`` is installed (else sdpa with a block mask),
@@ -69,8 +69,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from finetune.chat import IGNORE_INDEX, EncodedExample
-from finetune.train import ExampleDataset, TrainConfig, add_lora, build_trainer
+from finetune.training.config import TrainConfig
+from finetune.training.dataset import ExampleDataset
+from finetune.training.encoding import IGNORE_INDEX, EncodedExample
+from finetune.training.model_loading import add_lora
+from finetune.training.trainer import build_trainer
 
 PROMPT_SHARE = 0.3
 EXIT_NO_GPU = 2

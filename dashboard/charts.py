@@ -152,3 +152,20 @@ def label_scores(frame: pd.DataFrame, *, top: int = 12) -> alt.Chart:
         .properties(height=alt.Step(20))
     )
     return chart
+
+
+def tokens_per_day(frame: pd.DataFrame, *, names: dict[str, str]) -> alt.Chart:
+    """Tokens per UTC day, one stacked colour per key (``traffic.tokens_per_day``)."""
+    named = frame.assign(key=frame["key_id"].map(lambda key_id: names.get(key_id, key_id)))
+    chart: alt.Chart = (
+        alt.Chart(named)
+        .mark_bar()
+        .encode(
+            x=alt.X("day:O", title="day (UTC)"),
+            y=alt.Y("total_tokens:Q", title="tokens (prompt + completion)"),
+            color=alt.Color("key:N", title="key"),
+            tooltip=["day", "key", "requests", "prompt_tokens", "completion_tokens"],
+        )
+        .properties(height=280)
+    )
+    return chart

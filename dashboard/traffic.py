@@ -6,7 +6,9 @@ latency per stage; never text). This module reads a time window of them (newest 
 most ``MAX_REQUESTS``; optionally one key's or one origin's; eval traffic left out unless
 included, as on the review queue) and aggregates in pandas: requests and blocks per
 category over time, block rate per model, and latency per stage (``prompt_check``,
-``upstream``, ``completion_check``, ``first_token``, ``total``).
+``upstream``, ``completion_check``, ``first_token``, ``total``). Usage per key (tokens per
+UTC day, from ``gateway.usage``, the totals ``safegate keys usage`` reports) and each
+key's quotas with what is used of them come from the same table.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import ColumnElement, func, select
 
 from gateway.audit import AuditStore, RequestLogRow, not_eval
+from gateway.auth import KeyStore
 from gateway.origin import EVAL_ORIGIN, parse_origin
+from gateway.usage import UsageFilter, quota_use, usage_by_day
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -278,3 +282,92 @@ def latency_per_stage(requests: pd.DataFrame) -> pd.DataFrame:
     table["_order"] = table["stage"].map(lambda stage: order.get(stage, len(order)))
     table = table.sort_values(["_order", "stage"]).drop(columns="_order")
     return table[columns].reset_index(drop=True)
+
+
+def tokens_per_day(
+    audit: AuditStore, *, since: datetime, until: datetime, key_id: str | None = None
+) -> pd.DataFrame:
+    """``day, key_id, requests, prompt_tokens, completion_tokens, total_tokens, cost_usd``:
+    one row per key and UTC day of ``[since, until]`` (models added up), oldest day first."""
+    import pandas as pd
+
+    columns = [
+        "day",
+        "key_id",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cost_usd",
+    ]
+    where = UsageFilter(
+        since=since.date(), until=until.date(), key_ids=None if key_id is None else (key_id,)
+    )
+    rows = usage_by_day(audit.database, where)
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(
+        [
+            {
+                "day": row.day.isoformat(),
+                "key_id": row.key_id,
+                "requests": row.requests,
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+                "total_tokens": row.total_tokens,
+                "cost_usd": row.cost_usd,
+            }
+            for row in rows
+        ]
+    )
+    summed = frame.groupby(["day", "key_id"], as_index=False).agg(
+        requests=("requests", "sum"),
+        prompt_tokens=("prompt_tokens", "sum"),
+        completion_tokens=("completion_tokens", "sum"),
+        total_tokens=("total_tokens", "sum"),
+        cost_usd=("cost_usd", lambda costs: costs.sum(min_count=1)),
+    )
+    return summed[columns].sort_values(["day", "key_id"], ignore_index=True)
+
+
+def quota_table(audit: AuditStore, keys: KeyStore, *, now: datetime) -> pd.DataFrame:
+    """``key, today, daily_quota, daily_used, this_month, monthly_quota, monthly_used,
+    spent_usd, budget_usd, budget_used``: every active key with a quota (``*_used`` are
+    fractions, empty where the key has no such quota)."""
+    import pandas as pd
+
+    columns = [
+        "key",
+        "today",
+        "daily_quota",
+        "daily_used",
+        "this_month",
+        "monthly_quota",
+        "monthly_used",
+        "spent_usd",
+        "budget_usd",
+        "budget_used",
+    ]
+
+    def share(used: float, limit: float | None) -> float | None:
+        return None if limit is None else used / limit
+
+    uses = quota_use(audit.database, keys.list(include_revoked=False), now=now)
+    return pd.DataFrame(
+        [
+            {
+                "key": f"{use.key.name} ({use.key.id})",
+                "today": use.spent.day_tokens,
+                "daily_quota": use.quota.daily_tokens,
+                "daily_used": share(use.spent.day_tokens, use.quota.daily_tokens),
+                "this_month": use.spent.month_tokens,
+                "monthly_quota": use.quota.monthly_tokens,
+                "monthly_used": share(use.spent.month_tokens, use.quota.monthly_tokens),
+                "spent_usd": use.spent.month_cost_usd,
+                "budget_usd": use.quota.monthly_budget_usd,
+                "budget_used": share(use.spent.month_cost_usd, use.quota.monthly_budget_usd),
+            }
+            for use in uses
+        ],
+        columns=columns,
+    )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.jobs import Job, JobStore
 from finetune.registry import ModelRegistry
-from finetune.train import RESULTS_FILE
+from finetune.training.results import RESULTS_FILE
 
 if TYPE_CHECKING:
     import pandas as pd

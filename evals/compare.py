@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from evals.errors import EvalError
-from evals.metrics.base import Direction, Kind
+from evals.metrics.base import Better, Kind
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
@@ -47,7 +47,7 @@ class MetricRecord:
 
     name: str
     value: float | None
-    direction: Direction
+    direction: Better
     kind: Kind
     per_sample: Mapping[str, float | None]
     details: Mapping[str, Any]
@@ -60,7 +60,7 @@ class MetricRecord:
             return cls(
                 name=name,
                 value=None if value is None or _nan(value) else float(value),
-                direction=Direction(data["direction"]),
+                direction=Better(data["direction"]),
                 kind=Kind(data["kind"]),
                 per_sample={
                     str(key): None if item is None or _nan(item) else float(item)
@@ -157,7 +157,7 @@ class MetricComparison:
 
     metric: str
     kind: Kind
-    direction: Direction
+    direction: Better
     baseline: float | None
     candidate: float | None
     n_paired: int
@@ -180,7 +180,7 @@ class MetricComparison:
 
     def worse_by(self, change: float) -> bool:
         """Whether a change of ``change`` (candidate - baseline) is a change for the worse."""
-        return change < 0 if self.direction is Direction.HIGHER else change > 0
+        return change < 0 if self.direction is Better.HIGHER else change > 0
 
     def significantly_worse(self, alpha: float = DEFAULT_ALPHA) -> bool:
         """A change the wrong way, significant at ``alpha``."""
@@ -192,7 +192,7 @@ class MetricComparison:
         low, high = self.interval(1.0 - alpha)
         if math.isnan(low):
             return False
-        return high < 0 if self.direction is Direction.HIGHER else low > 0
+        return high < 0 if self.direction is Better.HIGHER else low > 0
 
     def interval(self, confidence: float) -> tuple[float, float]:
         """The bootstrap interval of the mean difference at ``confidence``."""
@@ -336,8 +336,8 @@ def comparison_summary(comparison: Comparison) -> dict[str, Any]:
     }
 
 
-def discordant_labels(direction: Direction) -> tuple[str, str]:
+def discordant_labels(direction: Better) -> tuple[str, str]:
     """Words for (b, c) in a report: which discordant pairs got better, which worse."""
-    if direction is Direction.HIGHER:
+    if direction is Better.HIGHER:
         return ("worse (1 -> 0)", "better (0 -> 1)")
     return ("better (1 -> 0)", "worse (0 -> 1)")

@@ -46,7 +46,7 @@ import yaml
 
 from evals.compare import DEFAULT_ALPHA, Comparison, MetricComparison, mcnemar_exact
 from evals.errors import EvalError
-from evals.metrics.base import Direction, is_metric, metric_names
+from evals.metrics.base import Better, is_metric, metric_names
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -267,7 +267,7 @@ def _check(rule: Rule, item: MetricComparison) -> RuleOutcome:
         ok = delta <= rule.threshold
         return RuleOutcome(rule, ok, f"change {delta:+.4f}; may rise at most {rule.threshold:g}")
     forbidden_up = rule.check is Check.NO_INCREASE or (
-        rule.check is Check.NO_REGRESSION and item.direction is Direction.LOWER
+        rule.check is Check.NO_REGRESSION and item.direction is Better.LOWER
     )
     moved = delta if forbidden_up else -delta  # > 0: moved the forbidden way
     significant = _significant(item, rising=forbidden_up, alpha=rule.alpha)

@@ -11,12 +11,12 @@ Nothing is downloaded. Top to bottom:
    3.3 million parameters), saved with safetensors. Any text round-trips through the
    tokenizer (every byte is in its alphabet); most common English words are one token. Its
    ``generation_config.json`` says ``do_sample: false``: the local model server answers
-   requests that leave out ``temperature`` greedily (``finetune.serving``). It is built
+   requests that leave out ``temperature`` greedily (``finetune.serving.generation``). It is built
    once into ``models_dir/demo-base`` and registered as the base ``demo-base``, so
    ``safegate finetune train --base demo-base ...`` works too.
 2. ``run_demo`` trains the adapter ``demo-console-support`` on
    ``data/finetune/console_support.jsonl`` (validation: ``..._validation.jsonl``) through
-   the same job path as ``safegate finetune train`` (``finetune.train``), with settings
+   the same job path as ``safegate finetune train`` (``finetune.training.tune``), with settings
    that are all flags of that command (``DEMO_TRAINING``; ``demo_train_args`` spells
    them out), then registers and deploys it.
 
@@ -50,12 +50,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.chat import END_OF_TURN, PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS
+from finetune.conversation import END_OF_TURN, PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS
 from finetune.errors import FinetuneError, RegistryError
 from finetune.jobs import JobStatus
 from finetune.registry import Model, ModelKind, ModelRegistry
 from finetune.settings import DEMO_BASE
-from finetune.train import Services, TrainConfig, run, submit
+from finetune.training.config import TrainConfig
+from finetune.training.tune import Services, run, submit
 
 DEMO_ADAPTER = "demo-console-support"
 REPOSITORY = Path(__file__).resolve().parent.parent

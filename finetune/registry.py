@@ -6,6 +6,8 @@ Deploying an adapter makes the local server (``finetune.serving``) answer for it
 deleting refuses while it is deployed, and a base refuses while adapters depend on it.
 
 ``deployed_models()`` is the read API the gateway uses to list what it can route to.
+``resolve_base`` says what a base argument names (a registered base, a local folder or a
+hub id) for training, serving and ``finetune validate --base`` alike.
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Boolean, DateTime, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column
 
 from finetune.db import Base, Database
-from finetune.errors import ModelDeployed, RegistryError
+from finetune.errors import ModelDeployed, NotABase, RegistryError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -204,3 +206,78 @@ class ModelRegistry:
             row.deployed = deployed
             session.flush()
             return Model.from_row(row)
+
+
+class ModelSource(Protocol):
+    """The registry's read API (``ModelRegistry``), all the server and ``resolve_base`` need."""
+
+    def find(self, name: str) -> Model | None: ...
+
+    def list(self) -> builtins.list[Model]: ...
+
+    def deployed_models(self) -> builtins.list[Model]: ...
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """The base a ``--base`` argument names.
+
+    ``name`` is what an adapter records as its base and what the server serves the base
+    under: the registered name, else the absolute path of a local folder, else the hub id.
+    ``location`` is what ``from_pretrained`` loads; ``aliases`` are every spelling an
+    adapter's ``base`` may use for it (registry name, path as written, absolute path).
+    """
+
+    name: str
+    location: str
+    aliases: frozenset[str]
+    created: datetime | None = None  # when it was registered; None when it is not
+
+    @property
+    def registered(self) -> bool:
+        return self.created is not None
+
+
+def resolve_base(spec: str, *, registry: ModelSource | None, use: str = "use") -> ResolvedBase:
+    """A registered base (by name, or by a path it was registered with), a local folder,
+    or a hub id, in that order; nothing is loaded or checked on disk beyond existence.
+
+    An adapter's name raises ``NotABase`` ("... is an adapter, not a base; <use> its base
+    ... instead"); ``registry=None`` resolves paths and hub ids only.
+    """
+    model = registry.find(spec) if registry is not None else None
+    if model is not None and model.kind is ModelKind.ADAPTER:
+        raise NotABase(
+            f"{spec!r} is an adapter, not a base; {use} its base {model.base!r} instead",
+            adapter=spec,
+            base=model.base or "",
+        )
+    if model is None and registry is not None:  # a path or hub id a registered base has
+        model = next(
+            (
+                m
+                for m in registry.list()
+                if m.kind is ModelKind.BASE and _spelling(spec) in _spellings(m.path)
+            ),
+            None,
+        )
+    if model is not None:
+        aliases = {model.name, *_spellings(model.path)}
+        return ResolvedBase(model.name, model.path, frozenset(aliases), model.created_at)
+    name = _spelling(spec)
+    return ResolvedBase(name, name, frozenset(_spellings(spec)))
+
+
+def same_base(base: str, resolved: ResolvedBase) -> bool:
+    """Whether an adapter's recorded ``base`` is one of the spellings of ``resolved``."""
+    return bool(_spellings(base) & resolved.aliases)
+
+
+def _spellings(spec: str) -> set[str]:
+    """A base as written, and as an absolute path when it is a local folder."""
+    return {spec, _spelling(spec)}
+
+
+def _spelling(spec: str) -> str:
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec

@@ -27,8 +27,9 @@ from gateway.key_policies import PolicyCatalog
 from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
 from gateway.openapi import SafegateAPI
+from gateway.quotas import Clock, QuotaGuard, utc_now
 from gateway.ratelimit import build_limiter
-from gateway.routes import blocklists, chat, docs, health, moderations, review
+from gateway.routes import blocklists, chat, docs, health, moderations, review, usage
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
@@ -45,8 +46,12 @@ def _default_engine(settings: Settings, store: BlocklistStore) -> SafetyEngine:
 
 
 def create_app(
-    settings: Settings | None = None, *, engine_factory: EngineFactory = _default_engine
+    settings: Settings | None = None,
+    *,
+    engine_factory: EngineFactory = _default_engine,
+    now: Clock = utc_now,
 ) -> FastAPI:
+    """The service; ``now`` is the clock of request records and quota windows (tests move it)."""
     settings = settings or get_settings()
     offline_defaults()
 
@@ -74,6 +79,13 @@ def create_app(
             cache_ttl_s=settings.auth.cache_ttl_s,
             outage_grace_s=settings.auth.outage_grace_s,
             on_stale=app.state.metrics.observe_stale_admission,
+        )
+        app.state.quotas = QuotaGuard(
+            database,
+            cache_ttl_s=settings.quota.cache_ttl_s,
+            outage_grace_s=settings.auth.outage_grace_s,
+            recording=settings.audit.record_requests,
+            now=now,
         )
         app.state.limiter = build_limiter(
             redis_url=settings.rate_limit.redis_url,
@@ -122,6 +134,7 @@ def create_app(
         dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
     )
     app.include_router(review.router)  # each route names its role (reviewer, admin)
+    app.include_router(usage.router, dependencies=[Depends(require(Role.ADMIN))])
     if settings.api_docs:
         app.include_router(
             docs.router,
@@ -164,5 +177,6 @@ async def _load(
         upstreams=app.state.upstreams,
         policies=PolicyCatalog(default=engine.policy, home_dir=settings.home_dir),
         metrics=app.state.metrics,
+        quotas=app.state.quotas,
     )
     log.info("safety engine ready", extra={"members": [s.classifier.id for s in engine.members]})

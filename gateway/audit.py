@@ -11,8 +11,10 @@ What is kept
     ``flagged_item_categories``: (item id, label) pairs, so filtering by category is an
     indexed lookup on SQLite and PostgreSQL alike. ``request_log``: a :class:`RequestRecord`
     per filtered request (key id, origin, route, status, what was blocked, labels, latencies,
-    tokens), never its text. Texts are stored as given except that NUL and lone surrogates, which
-    PostgreSQL text cannot hold, become U+FFFD; ``text_sha256`` is of the text as given.
+    tokens with their source, ``upstream`` or ``counted``, and their cost when litellm knows
+    the model's price), never its text. Texts are stored as given except that NUL and lone
+    surrogates, which PostgreSQL text cannot hold, become U+FFFD; ``text_sha256`` is of the
+    text as given.
 
 The write path
     :meth:`AuditStore.record` never blocks the event loop and never raises because the
@@ -77,6 +79,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     ColumnElement,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -143,6 +146,13 @@ class ReviewState(StrEnum):
     TRUE_POSITIVE = "true_positive"
     FALSE_POSITIVE = "false_positive"
     NEEDS_POLICY_CHANGE = "needs_policy_change"
+
+
+class UsageSource(StrEnum):
+    """Where a request's token counts come from."""
+
+    UPSTREAM = "upstream"  # the upstream's (or litellm's) usage report
+    COUNTED = "counted"  # safegate counted them with litellm.token_counter
 
 
 class ReviewLabel(StrEnum):
@@ -249,12 +259,14 @@ class RequestRecord:
     blocked: str | None  # None, "prompt" or "completion"
     categories: tuple[str, ...]  # labels flagged anywhere in the request
     latency_ms: Mapping[str, float]  # per stage: prompt_check, upstream, completion_check, total
-    prompt_tokens: int | None
+    prompt_tokens: int | None  # None: the request never reached the upstream
     completion_tokens: int | None
     stream: bool
     created_at: datetime = field(default_factory=_now)
     id: str = field(default_factory=_new_id)
     origin: str | None = None  # what the caller said its traffic is ("eval"); gateway.origin
+    usage_source: UsageSource | None = None  # set whenever the token counts are
+    cost_usd: float | None = None  # litellm's price of the tokens; None when it has none
 
     def __post_init__(self) -> None:
         _check_id(self.id, what="request record id")
@@ -274,6 +286,10 @@ class RequestRecord:
             tokens = getattr(self, name)
             if tokens is not None and tokens < 0:
                 raise ValueError(f"{name} must be >= 0, got {tokens!r}")
+        if self.usage_source is not None:
+            object.__setattr__(self, "usage_source", UsageSource(self.usage_source))
+        if self.cost_usd is not None and not (math.isfinite(self.cost_usd) and self.cost_usd >= 0):
+            raise ValueError(f"cost_usd must be finite and >= 0, got {self.cost_usd!r}")
 
 
 def _check_id(value: str, *, what: str) -> None:
@@ -355,6 +371,7 @@ class RequestLogRow(Base):
     __table_args__ = (
         Index("ix_request_log_created_at", "created_at"),
         Index("ix_request_log_request_id", "request_id"),
+        Index("ix_request_log_key_id_created_at", "key_id", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_CHARS), primary_key=True)
@@ -371,6 +388,8 @@ class RequestLogRow(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     stream: Mapped[bool] = mapped_column(Boolean)
     origin: Mapped[str | None] = mapped_column(String(ORIGIN_CHARS))
+    usage_source: Mapped[str | None] = mapped_column(String(16))
+    cost_usd: Mapped[float | None] = mapped_column(Float)
 
 
 _ITEMS: Table = FlaggedItemRow.__table__  # type: ignore[assignment]
@@ -937,6 +956,8 @@ def _request_row(record: RequestRecord) -> dict[str, Any]:
         "completion_tokens": record.completion_tokens,
         "stream": record.stream,
         "origin": record.origin,
+        "usage_source": None if record.usage_source is None else record.usage_source.value,
+        "cost_usd": record.cost_usd,
     }
 
 
@@ -1109,6 +1130,8 @@ def _to_spool(record: _Record) -> dict[str, Any]:
         "completion_tokens": record.completion_tokens,
         "stream": record.stream,
         "origin": record.origin,
+        "usage_source": None if record.usage_source is None else record.usage_source.value,
+        "cost_usd": record.cost_usd,
     }
 
 
@@ -1152,6 +1175,8 @@ def _from_spool(data: Mapping[str, Any]) -> _Record:
                 completion_tokens=_optional(data, "completion_tokens", int),
                 stream=_field(data, "stream", bool),
                 origin=_optional(data, "origin", str),
+                usage_source=_optional(data, "usage_source", str),  # absent before 0006
+                cost_usd=_cost(data),
             )
     except _BadRecord:
         raise
@@ -1169,6 +1194,15 @@ def _field(data: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
 
 def _optional(data: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
     return None if data.get(name) is None else _field(data, name, kind)
+
+
+def _cost(data: Mapping[str, Any]) -> float | None:
+    value = data.get("cost_usd")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _BadRecord("field 'cost_usd' is not a number")
+    return float(value)
 
 
 def _strings(data: Mapping[str, Any], name: str) -> list[str]:

@@ -28,6 +28,7 @@ from gateway.chat import (
     DEFAULT_STREAM_OVERLAP_CHARS,
     DEFAULT_STREAM_WINDOW_CHARS,
 )
+from gateway.quotas import DEFAULT_QUOTA_CACHE_TTL_S
 from gateway.ratelimit import (
     DEFAULT_REDIS_KEY_PREFIX,
     DEFAULT_REDIS_TIMEOUT_S,
@@ -143,7 +144,12 @@ class EngineSettings(BaseModel):
         description="characters waiting for detection; a request past it gets a 429 "
         "engine_overloaded with Retry-After (an idle engine admits any valid request)",
     )
-    max_wait_s: float = Field(default=DEFAULT_MAX_WAIT_S, ge=0)
+    max_wait_s: float = Field(
+        default=DEFAULT_MAX_WAIT_S,
+        ge=0,
+        description="how long an idle engine waits for more texts before a forward pass; "
+        "0 starts at once and lets batches form from what arrives during one",
+    )
 
 
 class AuditSettings(BaseModel):
@@ -204,6 +210,17 @@ class RateLimitSettings(BaseModel):
     )
     key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
     timeout_s: float = Field(default=DEFAULT_REDIS_TIMEOUT_S, gt=0)
+
+
+class QuotaSettings(BaseModel):
+    """Per-key token quotas and budgets (``gateway.quotas``), set on each key."""
+
+    cache_ttl_s: float = Field(
+        default=DEFAULT_QUOTA_CACHE_TTL_S,
+        gt=0,
+        description="how long a key's usage totals are cached; other replicas' requests "
+        "count within it",
+    )
 
 
 class ChatSettings(BaseModel):
@@ -277,6 +294,7 @@ class Settings(SharedSettings):
     audit: AuditSettings = AuditSettings()
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    quota: QuotaSettings = QuotaSettings()
 
     def degraded(self) -> tuple[str, ...]:
         """What these settings switch off that weakens every verdict: ``/readyz`` lists it

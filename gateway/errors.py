@@ -12,13 +12,16 @@ with a 4xx or 5xx status; no traceback and no request text ever reaches the body
      +-- Conflict                 409     conflict_error
      +-- RateLimited              429     requests
      |    +-- Overloaded          429     server_error
+     |    +-- QuotaExceeded       429     insufficient_quota
      +-- ServiceUnavailable       503     service_unavailable
 
 An error may carry response headers: ``RateLimited`` (and so ``Overloaded``) sets
 ``Retry-After`` (whole seconds, rounded up), ``Unauthorized`` may set
 ``WWW-Authenticate``. ``requests`` is the type OpenAI's own 429 for a request-rate limit
 carries; ``Overloaded`` is the service's load, not the caller's rate, hence
-``server_error``.
+``server_error``; ``QuotaExceeded`` is a key's token quota or budget used up
+(``gateway.quotas``), ``insufficient_quota`` as OpenAI types its own, with ``Retry-After``
+at the quota's reset.
 
 The engine's ``InputTooLong`` maps to 400; its ``EngineOverloaded`` (the safety engine's
 queue is full) to ``Overloaded``, 429 ``engine_overloaded`` with the queue's estimate as
@@ -123,6 +126,12 @@ class Overloaded(RateLimited):
     @classmethod
     def from_engine(cls, error: EngineOverloaded) -> Overloaded:
         return cls(str(error), retry_after_s=error.retry_after_s, code="engine_overloaded")
+
+
+class QuotaExceeded(RateLimited):
+    """A key's token quota or budget is used up until its window resets (``Retry-After``)."""
+
+    type = "insufficient_quota"
 
 
 class ServiceUnavailable(ApiError):

@@ -1,9 +1,12 @@
-"""``safegate keys``: create, list and revoke API keys, and the first-start local key.
+"""``safegate keys``: create, list and revoke API keys, set their quotas, report usage,
+and the first-start local key.
 
 ``create`` prints the key's details to stderr and the key alone on the last line of
 stdout, so ``KEY=$(safegate keys create --name ci --role developer)`` captures it.
-``list`` never shows a key or its hash, only the display prefix. The commands work on the
-database directly (``SAFEGATE_DATABASE_URL``); a running server refuses a revoked key
+``list`` never shows a key or its hash, only the display prefix. ``quota`` sets a key's
+token quotas and budget (``gateway.quotas``); ``usage`` totals tokens and cost per key,
+model and UTC day (``gateway.usage``). The commands work on the database directly
+(``SAFEGATE_DATABASE_URL``); a running server refuses a revoked key
 within ``SAFEGATE_AUTH__CACHE_TTL_S``.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -24,10 +27,20 @@ from gateway.auth.keys import ApiKey, KeyStore, Role, ensure_local_key, local_ke
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.errors import ApiError
+from gateway.quotas import MAX_TOKEN_QUOTA, Quota
 from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
+from gateway.usage import (
+    DEFAULT_DAYS,
+    MAX_DAYS,
+    UsageFilter,
+    UsageRow,
+    key_ids_for,
+    quota_use,
+    usage_by_day,
+)
 from safegate.output import table_console
 
-keys = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys.")
+keys = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; quotas and usage.")
 console = Console(stderr=True)
 
 
@@ -42,6 +55,44 @@ def _store(settings: Settings) -> Iterator[KeyStore]:
         raise typer.Exit(1) from None
     finally:
         database.dispose()
+
+
+DailyTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--daily-tokens",
+        min=0,
+        max=MAX_TOKEN_QUOTA,
+        help="Prompt + completion tokens per UTC day (0: none).",
+    ),
+]
+MonthlyTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--monthly-tokens",
+        min=0,
+        max=MAX_TOKEN_QUOTA,
+        help="Prompt + completion tokens per UTC month (0: none).",
+    ),
+]
+MonthlyBudget = Annotated[
+    float | None,
+    typer.Option(
+        "--monthly-budget-usd",
+        min=0,
+        help="USD per UTC month at litellm's prices (0: none); such a key cannot call a "
+        "model litellm has no price for.",
+    ),
+]
+
+
+def _quota(daily: int | None, monthly: int | None, budget: float | None) -> Quota:
+    """Options as a quota: 0 (or left out) is no limit."""
+    return Quota(
+        daily_tokens=daily or None,
+        monthly_tokens=monthly or None,
+        monthly_budget_usd=budget or None,
+    )
 
 
 @keys.command("create")
@@ -60,15 +111,26 @@ def create(
             help="Requests per minute for this key (default: the service's).",
         ),
     ] = None,
+    daily_tokens: DailyTokens = None,
+    monthly_tokens: MonthlyTokens = None,
+    monthly_budget_usd: MonthlyBudget = None,
 ) -> None:
     """Create a key; it is printed once, alone on the last line of stdout."""
     with _store(get_settings()) as store:
-        issued = store.create(name, role, policy=policy, rate_limit_rpm=rate_limit)
+        issued = store.create(
+            name,
+            role,
+            policy=policy,
+            rate_limit_rpm=rate_limit,
+            quota=_quota(daily_tokens, monthly_tokens, monthly_budget_usd),
+        )
     key = issued.key
     console.print(f"created {key.role.value} key [bold]{escape(key.name)}[/] ({key.id})")
     console.print(f"policy: {key.policy or 'service default'}")
     limit = f"{key.rate_limit_rpm} requests/minute" if key.rate_limit_rpm else "service default"
     console.print(f"rate limit: {limit}")
+    console.print(f"quota: {_describe(key.quota)}")
+    _note_unpriced(key.quota)
     console.print("store it now: it cannot be shown again")
     typer.echo(issued.secret)
 
@@ -104,6 +166,193 @@ def list_keys(
     table_console().print(table)
 
 
+@keys.command("quota")
+def set_quota(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")],
+    daily_tokens: DailyTokens = None,
+    monthly_tokens: MonthlyTokens = None,
+    monthly_budget_usd: MonthlyBudget = None,
+) -> None:
+    """Set a key's quotas: each option given replaces that quota (0 lifts it), the others
+    stay. Running servers apply it within SAFEGATE_AUTH__CACHE_TTL_S."""
+    with _store(get_settings()) as store:
+        current = store.get(key_id).quota
+        quota = Quota(
+            daily_tokens=current.daily_tokens if daily_tokens is None else daily_tokens or None,
+            monthly_tokens=(
+                current.monthly_tokens if monthly_tokens is None else monthly_tokens or None
+            ),
+            monthly_budget_usd=(
+                current.monthly_budget_usd
+                if monthly_budget_usd is None
+                else monthly_budget_usd or None
+            ),
+        )
+        updated = store.set_quota(key_id, quota)
+    console.print(
+        f"{key_id} ({escape(updated.name)}) quota: {_describe(updated.quota)}", soft_wrap=True
+    )
+    _note_unpriced(updated.quota)
+
+
+@keys.command("usage")
+def usage(
+    key: Annotated[
+        str | None, typer.Option(help="A key's id or name (default: every key).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="One model (default: every model).")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(formats=["%Y-%m-%d"], help="First UTC day, YYYY-MM-DD (wins over --days)."),
+    ] = None,
+    days: Annotated[
+        int, typer.Option(min=1, max=MAX_DAYS, help="The last N UTC days, today included.")
+    ] = DEFAULT_DAYS,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+) -> None:
+    """Tokens and cost per key, model and UTC day (newest first), and each quota's use."""
+    now = datetime.now(UTC)
+    with _store(get_settings()) as store:
+        listed = store.list()
+        key_ids = None if key is None else key_ids_for(listed, key)
+        today = now.date()
+        where = (
+            UsageFilter(since=since.date(), until=today, key_ids=key_ids, model=model)
+            if since is not None
+            else UsageFilter.last_days(days, today=today, key_ids=key_ids, model=model)
+        )
+        rows = usage_by_day(store.database, where)
+        uses = quota_use(
+            store.database, [k for k in listed if key_ids is None or k.id in key_ids], now=now
+        )
+    names = {k.id: k.name for k in listed}
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "since": where.since.isoformat(),
+                    "until": where.until.isoformat(),
+                    "usage": [_usage_record(row, names) for row in rows],
+                    "quotas": [
+                        {
+                            "key_id": use.key.id,
+                            "key_name": use.key.name,
+                            "daily_token_quota": use.quota.daily_tokens,
+                            "monthly_token_quota": use.quota.monthly_tokens,
+                            "monthly_budget_usd": use.quota.monthly_budget_usd,
+                            "tokens_today": use.spent.day_tokens,
+                            "tokens_this_month": use.spent.month_tokens,
+                            "cost_this_month_usd": round(use.spent.month_cost_usd, 6),
+                        }
+                        for use in uses
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    if not rows:
+        console.print(
+            f"no usage from {where.since} to {where.until}: chat requests through the gateway "
+            "are recorded per key (README: Chat through the filter)"
+        )
+    else:
+        table = Table(title=f"usage {where.since} to {where.until} (UTC days)")
+        for column in ("day", "key", "model", "requests", "prompt", "completion", "total"):
+            table.add_column(
+                column, no_wrap=True, justify="right" if column in _NUMERIC else "left"
+            )
+        table.add_column("cost USD", no_wrap=True, justify="right")
+        for row in rows:
+            table.add_row(
+                row.day.isoformat(),
+                escape(names.get(row.key_id, row.key_id)),
+                escape(row.model or "(none)"),
+                f"{row.requests:,}",
+                f"{row.prompt_tokens:,}",
+                f"{row.completion_tokens:,}",
+                f"{row.total_tokens:,}",
+                "" if row.cost_usd is None else f"{row.cost_usd:.4f}",
+            )
+        table_console().print(table)
+    if uses:
+        quotas = Table(title="quotas (UTC day and month)")
+        for column in ("key", "today", "daily quota", "this month", "monthly quota"):
+            quotas.add_column(column, no_wrap=True)
+        quotas.add_column("spent USD", no_wrap=True)
+        quotas.add_column("budget USD", no_wrap=True)
+        for use in uses:
+            quotas.add_row(
+                escape(use.key.name),
+                f"{use.spent.day_tokens:,}",
+                _of(use.quota.daily_tokens),
+                f"{use.spent.month_tokens:,}",
+                _of(use.quota.monthly_tokens),
+                f"{use.spent.month_cost_usd:.4f}",
+                ""
+                if use.quota.monthly_budget_usd is None
+                else f"{use.quota.monthly_budget_usd:.2f}",
+            )
+        table_console().print(quotas)
+
+
+def _note_unpriced(quota: Quota) -> None:
+    """With a budget: name the configured models it rules out (litellm has no price)."""
+    if quota.monthly_budget_usd is None:
+        return
+    from gateway.chat.metering import priced
+    from gateway.upstreams import UpstreamsConfig, UpstreamsError
+
+    try:
+        config = UpstreamsConfig.load(get_settings().upstreams.file)
+    except UpstreamsError as error:
+        console.print(f"[yellow]cannot read the upstreams file to check prices:[/] {error}")
+        return
+    unpriced = [
+        entry.name for entry in config.models if not priced(config.litellm_models(entry.name))
+    ]
+    if unpriced:
+        console.print(
+            "note: litellm has no price for "
+            + ", ".join(escape(name) for name in unpriced)
+            + ": with a budget, this key's requests to them are refused "
+            "(403 budget_unenforceable), since the budget could not be kept",
+            soft_wrap=True,
+        )
+
+
+_NUMERIC = frozenset({"requests", "prompt", "completion", "total"})
+
+
+def _of(limit: int | None) -> str:
+    return "" if limit is None else f"{limit:,}"
+
+
+def _describe(quota: Quota) -> str:
+    parts = []
+    if quota.daily_tokens is not None:
+        parts.append(f"{quota.daily_tokens:,} tokens/day")
+    if quota.monthly_tokens is not None:
+        parts.append(f"{quota.monthly_tokens:,} tokens/month")
+    if quota.monthly_budget_usd is not None:
+        parts.append(f"${quota.monthly_budget_usd:.2f}/month")
+    return ", ".join(parts) or "none"
+
+
+def _usage_record(row: UsageRow, names: dict[str, str]) -> dict[str, object]:
+    return {
+        "day": row.day.isoformat(),
+        "key_id": row.key_id,
+        "key_name": names.get(row.key_id),
+        "model": row.model,
+        "requests": row.requests,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.total_tokens,
+        "cost_usd": row.cost_usd,
+    }
+
+
 @keys.command("revoke")
 def revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")]) -> None:
     """Revoke a key; running servers refuse it within SAFEGATE_AUTH__CACHE_TTL_S."""
@@ -128,6 +377,9 @@ def _record(key: ApiKey) -> dict[str, object]:
         "prefix": key.prefix,
         "policy": key.policy,
         "rate_limit_rpm": key.rate_limit_rpm,
+        "daily_token_quota": key.quota.daily_tokens,
+        "monthly_token_quota": key.quota.monthly_tokens,
+        "monthly_budget_usd": key.quota.monthly_budget_usd,
         "status": "active" if key.active else "revoked",
         "created_at": key.created_at.isoformat(),
         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,

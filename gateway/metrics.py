@@ -14,9 +14,15 @@ Each app owns its ``CollectorRegistry`` (tests build many apps in one process)::
     safegate_engine_queue_chars                              characters waiting for detection
     safegate_auth_stale_admissions_total                     requests admitted on a cached key
                                                              while the key store was unreachable
+    safegate_tokens_total{key_id, model, type}               chat tokens (type prompt or
+                                                             completion) per API key and model
 
 Labels never carry content; ``route`` is the route's template (``/v1/blocklists/{name}``),
-never the raw path, so cardinality stays bounded.
+never the raw path, so cardinality stays bounded. ``key_id`` is the key's public id
+(``key_...``, never the secret; ``safegate keys list`` maps it to a name). Keys are
+bounded by the keys table, and each process labels at most ``MAX_KEY_LABELS`` distinct
+key ids: tokens of any further key count under ``key_id="other"`` (per-key figures past
+that are in ``safegate keys usage``). ``model`` is a configured or deployed model name.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from gateway.safety.verdict import Verdict
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_KEY_LABELS = 200
+OTHER_KEYS = "other"
 STAGE_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -95,6 +103,28 @@ class Metrics:
             "the key store could not be reached.",
             registry=self.registry,
         )
+
+        self.tokens = Counter(
+            "safegate_tokens",
+            "Chat tokens by API key id, model and type (prompt or completion).",
+            ["key_id", "model", "type"],
+            registry=self.registry,
+        )
+        self._key_labels: set[str] = set()
+
+    def observe_tokens(self, *, key_id: str, model: str, prompt: int, completion: int) -> None:
+        label = self._key_label(key_id)
+        self.tokens.labels(label, model, "prompt").inc(prompt)
+        self.tokens.labels(label, model, "completion").inc(completion)
+
+    def _key_label(self, key_id: str) -> str:
+        """``key_id`` itself for the first ``MAX_KEY_LABELS`` keys seen, then ``other``."""
+        if key_id in self._key_labels:
+            return key_id
+        if len(self._key_labels) >= MAX_KEY_LABELS:
+            return OTHER_KEYS
+        self._key_labels.add(key_id)
+        return key_id
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

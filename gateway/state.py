@@ -13,6 +13,7 @@ from gateway.db import Database
 from gateway.errors import ServiceUnavailable
 from gateway.key_policies import PolicyCatalog
 from gateway.metrics import Metrics
+from gateway.quotas import QuotaGuard
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.upstreams import LitellmUpstreams
@@ -29,6 +30,7 @@ class AppState:
     upstreams: LitellmUpstreams
     policies: PolicyCatalog
     metrics: Metrics
+    quotas: QuotaGuard
 
 
 def app_state(request: Request) -> AppState:

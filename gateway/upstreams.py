@@ -108,6 +108,13 @@ class ModelEntry(BaseModel):
             raise ValueError("litellm.model must name a litellm model, e.g. openai/gpt-4o-mini")
         return params
 
+    @property
+    def litellm_model(self) -> str:
+        """The litellm model string calls to this entry use."""
+        if self.litellm is not None:
+            return str(self.litellm["model"])
+        return f"openai/{self.local}"
+
     @model_validator(mode="after")
     def _one_target(self) -> ModelEntry:
         if (self.litellm is None) == (self.local is None):
@@ -124,6 +131,20 @@ class UpstreamsConfig(BaseModel):
     timeout_s: float = Field(default=DEFAULT_UPSTREAM_TIMEOUT_S, gt=0)
     num_retries: int = Field(default=DEFAULT_NUM_RETRIES, ge=0, le=10)
     local_adapters: bool = True
+
+    def litellm_models(self, name: str) -> tuple[str, ...]:
+        """The litellm model strings a call to ``name`` may reach: its own, then its
+        fallbacks' (aliases followed); a name not configured is a deployed adapter on the
+        local model server. Used to price and count tokens."""
+        target = self.aliases.get(name, name)
+        entries = {entry.name: entry for entry in self.models}
+        chain = [target, *self.fallbacks.get(target, ())]
+        return tuple(
+            dict.fromkeys(
+                entries[member].litellm_model if member in entries else f"openai/{member}"
+                for member in chain
+            )
+        )
 
     @classmethod
     def load(cls, path: Path) -> UpstreamsConfig:
@@ -252,6 +273,24 @@ class LitellmUpstreams:
         ]
         aliases = [ModelInfo(alias, "safegate", self._created) for alias in self.config.aliases]
         return configured + local + aliases
+
+    def litellm_models(self, name: str) -> tuple[str, ...]:
+        """``UpstreamsConfig.litellm_models``: what a call to ``name`` may reach."""
+        return self.config.litellm_models(name)
+
+    def reports_stream_usage(self, name: str) -> bool:
+        """Whether every model ``name`` may reach takes ``stream_options`` (so a stream can
+        be asked for its usage)."""
+        from litellm import get_supported_openai_params
+
+        for model in self.litellm_models(name):
+            try:
+                supported = get_supported_openai_params(model=model) or []
+            except Exception:  # noqa: BLE001 - a provider litellm cannot place: do not ask
+                return False
+            if "stream_options" not in supported:
+                return False
+        return True
 
     async def resolve(self, name: str) -> str:
         """The name itself when callable; a 404 in OpenAI's words otherwise."""

@@ -19,8 +19,10 @@ import typer
 import typer.rich_utils
 from typer._click.core import Command as ClickCommand  # typer's own copy of click
 from typer._click.core import Context
+from typer._click.exceptions import ClickException
 from typer._click.formatting import HelpFormatter
 from typer.core import TyperCommand, TyperGroup
+from typer.exceptions import Abort
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ COMMANDS: dict[str, Command] = {
         "moderate",
     ),
     "safety": Command("gateway.cli:safety", "Train and inspect the safety engine."),
-    "keys": Command("gateway.keys_cli:keys", "Create, list and revoke API keys."),
+    "keys": Command("gateway.keys_cli:keys", "Create, list and revoke API keys; quotas and usage."),
     "finetune": Command("finetune.cli:app", "Fine-tune Phi-3 into LoRA adapters."),
     "models": Command("finetune.cli:models", "The model registry: list, deploy, delete."),
     "eval": Command("evals.cli:app", "Eval suites, runs and the release gate."),
@@ -118,8 +120,18 @@ def fit_help_to_pipes(environ: Mapping[str, str], *, terminal: bool) -> None:
 
 
 def main() -> None:
+    """Run the CLI; a usage error prints click's plain lines (usage, a hint, ``Error: ...``
+    on a line of its own, greppable and unboxed) and exits 2."""
     fit_help_to_pipes(os.environ, terminal=sys.stdout.isatty())
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

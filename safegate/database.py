@@ -54,7 +54,7 @@ from alembic import command
 from alembic.config import Config
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("safegate.storage")
@@ -64,6 +64,12 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 # What SQLite writes beside a database file in WAL (and rollback-journal) mode.
 SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+# WAL with synchronous=NORMAL, SQLite's advice for WAL: a committed transaction survives a
+# crash of the process (kill -9; tests/gateway/test_crash_durability.py) without an fsync
+# per commit (3.6 ms each on this machine, docs/BENCHMARKS.md); only a power loss or an
+# OS crash can take the last commits back. Deployments that need those on disk too run
+# on PostgreSQL, whose commits are synchronous.
+SQLITE_SYNCHRONOUS = "NORMAL"
 _GROUP_AND_OTHERS = 0o077
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -194,6 +200,7 @@ def make_engine(url: str, *, timeouts: DatabaseTimeouts = DEFAULT_TIMEOUTS) -> E
             _tighten(path)  # before WAL mode creates -wal and -shm with the file's mode
         cursor = connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
         if path is not None:
@@ -265,7 +272,9 @@ class Database:
         """Upgrade the owner's tables to their newest Alembic revision.
 
         On PostgreSQL each statement of the upgrade may run for ``statement_timeout_s``
-        (its own transaction only; requests keep the engine's statement timeout).
+        (its own transaction only; requests keep the engine's statement timeout), and
+        replicas starting together take turns: a transaction-scoped advisory lock per
+        package (gateway, finetune), so the second finds the tables at head and changes nothing.
         """
         if not (math.isfinite(statement_timeout_s) and statement_timeout_s > 0):
             raise ValueError(
@@ -278,6 +287,10 @@ class Database:
             if connection.dialect.name == "postgresql":
                 milliseconds = max(1, math.ceil(statement_timeout_s * 1000))
                 connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:owner))"),
+                    {"owner": f"safegate-migrations:{self.migrations.parent.name}"},
+                )
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

@@ -126,7 +126,28 @@ def test_a_missing_file_is_a_usage_error_without_traceback(tmp_path: Path, argv:
     args = [a.format(missing=missing, out=out) for a in argv]
     done = _run(*args, home=tmp_path / "home")
     assert done.returncode == 2
-    message = " ".join(done.stderr.replace("│", " ").split())  # as one line, box drawn off
-    assert "does not exist" in message
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, done.stderr
+    assert "does not exist" in errors[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["nope"], "Error: No such command 'nope'."),
+        (["keys", "create", "--name", "x", "--role", "boss"], "Error: Invalid value for '--role'"),
+        (["moderate", "--batch-size", "many", "hello"], "Error: Invalid value for '--batch-size'"),
+    ],
+    ids=["unknown-command", "bad-choice", "not-a-number"],
+)
+def test_a_usage_error_is_plain_lines_not_a_box(
+    tmp_path: Path, argv: list[str], expected: str
+) -> None:
+    done = _run(*argv, home=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert lines[0].startswith("Usage: ")
+    assert any(line.startswith(expected) for line in lines), done.stderr
+    assert not set("│╭╰─") & set(done.stderr)

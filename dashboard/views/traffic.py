@@ -1,5 +1,5 @@
 """Traffic: requests and blocks per category over time, block rate per model, latency; one
-key's or one origin's, eval traffic only on request."""
+key's or one origin's, eval traffic only on request; tokens per day per key and quota use."""
 
 from __future__ import annotations
 
@@ -113,3 +113,40 @@ st.altair_chart(
     charts.latency_per_stage(traffic.stage_latencies(requests), order=list(traffic.STAGE_ORDER)),
     width="stretch",
 )
+
+st.subheader("Usage per key")
+now = datetime.now(UTC)
+tokens = traffic.tokens_per_day(
+    stores.audit, since=since, until=now, key_id=None if key_id == "any" else key_id
+)
+if tokens.empty:
+    st.caption("No request in this window reached a model.")
+else:
+    st.altair_chart(charts.tokens_per_day(tokens, names=names), width="stretch")
+    st.dataframe(
+        tokens.assign(key=tokens["key_id"].map(lambda k: names.get(k, k))).drop(columns="key_id"),
+        hide_index=True,
+        width="stretch",
+        column_config={"cost_usd": st.column_config.NumberColumn("cost USD", format="%.4f")},
+    )
+st.caption(
+    "Tokens per UTC day of every request (eval traffic included: quotas count it), as "
+    "`safegate keys usage` reports them."
+)
+quotas = traffic.quota_table(stores.audit, stores.keys, now=now)
+if quotas.empty:
+    st.caption(
+        "No key has a quota: `safegate keys quota KEY_ID --daily-tokens N` sets one "
+        "(README: *Usage and quotas*)."
+    )
+else:
+    st.markdown("**Quotas** (UTC day and month)")
+    st.dataframe(
+        quotas,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            name: st.column_config.NumberColumn(name.replace("_", " "), format="percent")
+            for name in ("daily_used", "monthly_used", "budget_used")
+        },
+    )

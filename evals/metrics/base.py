@@ -58,8 +58,8 @@ class MetricOptionsError(MetricError):
     """A metric's options are unknown or have bad values."""
 
 
-class Direction(StrEnum):
-    """Which way is better."""
+class Better(StrEnum):
+    """Which way a metric is better: a higher or a lower value."""
 
     HIGHER = "higher"
     LOWER = "lower"
@@ -127,7 +127,7 @@ class Metric(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def direction(self) -> Direction: ...
+    def direction(self) -> Better: ...
     @property
     def kind(self) -> Kind: ...
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from evals.metrics.base import (
     METRICS,
-    Direction,
+    Better,
     Kind,
     Metric,
     MetricError,
@@ -107,7 +107,7 @@ class ReferenceMetric:
     """
 
     name: str
-    direction: Direction
+    direction: Better
     kind: Kind
     module: str
     result_key: str
@@ -206,7 +206,7 @@ def exact_match(options: Mapping[str, Any]) -> Metric:
     reader.done()
     return ReferenceMetric(
         name=MetricName.EXACT_MATCH,
-        direction=Direction.HIGHER,
+        direction=Better.HIGHER,
         kind=Kind.BINARY,
         module="exact_match",
         result_key="exact_match",
@@ -222,7 +222,7 @@ def accuracy(options: Mapping[str, Any]) -> Metric:
     reader.done()
     return ReferenceMetric(
         name=MetricName.ACCURACY,
-        direction=Direction.HIGHER,
+        direction=Better.HIGHER,
         kind=Kind.BINARY,
         module="accuracy",
         result_key="accuracy",
@@ -242,7 +242,7 @@ def f1(options: Mapping[str, Any]) -> Metric:
         raise MetricOptionsError("metric 'f1': option 'average' must be macro, micro or weighted")
     return ReferenceMetric(
         name=MetricName.F1,
-        direction=Direction.HIGHER,
+        direction=Better.HIGHER,
         kind=Kind.BINARY,
         module="f1",
         result_key="f1",
@@ -262,7 +262,7 @@ def bleu(options: Mapping[str, Any]) -> Metric:
     reader.done()
     return ReferenceMetric(
         name=MetricName.BLEU,
-        direction=Direction.HIGHER,
+        direction=Better.HIGHER,
         kind=Kind.CONTINUOUS,
         module="bleu",
         result_key="bleu",
@@ -283,7 +283,7 @@ def chrf(options: Mapping[str, Any]) -> Metric:
     reader.done()
     return ReferenceMetric(
         name=MetricName.CHRF,
-        direction=Direction.HIGHER,
+        direction=Better.HIGHER,
         kind=Kind.CONTINUOUS,
         module="chrf",
         result_key="chrf",
@@ -299,7 +299,7 @@ def _rouge(name: MetricName) -> Callable[[Mapping[str, Any]], Metric]:
         reader.done()
         return ReferenceMetric(
             name=name,
-            direction=Direction.HIGHER,
+            direction=Better.HIGHER,
             kind=Kind.CONTINUOUS,
             module="rouge",
             result_key=name.value,
@@ -331,7 +331,7 @@ class PerplexityMetric:
     max_length: int
     device: str
     name: str = MetricName.PERPLEXITY
-    direction: Direction = Direction.LOWER
+    direction: Better = Better.LOWER
     kind: Kind = Kind.CONTINUOUS
 
     def score(self, samples: Sequence[Sample], outputs: Sequence[Output]) -> Scores:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from evals.metrics.base import (
     METRICS,
-    Direction,
+    Better,
     Kind,
     Metric,
     MetricError,
@@ -54,8 +54,7 @@ from evals.metrics.base import (
     outputs_by_sample,
 )
 from evals.records import Output, Sample
-from gateway.safety.taxonomy import AzureCategory, Severity
-from gateway.safety.taxonomy import Direction as TextDirection
+from gateway.safety.taxonomy import AzureCategory, Direction, Severity
 
 if TYPE_CHECKING:
     from evals.refusal import RefusalDetector
@@ -116,10 +115,10 @@ class SafetyJudge:
     def _severities(self, texts: list[str]) -> list[Mapping[AzureCategory, Severity]]:
         chunks = [_chunks(text, self.engine.max_text_chars) for text in texts]
         flat = [chunk for parts in chunks for chunk in parts]
-        verdicts = self.engine.check(flat, direction=TextDirection.COMPLETION)
+        verdicts = self.engine.check(flat, direction=Direction.COMPLETION)
         if any(_member_errors(verdict) for verdict in verdicts):
             verdicts = [
-                self.engine.check([chunk], direction=TextDirection.COMPLETION)[0] for chunk in flat
+                self.engine.check([chunk], direction=Direction.COMPLETION)[0] for chunk in flat
             ]
         for verdict in verdicts:
             errors = _member_errors(verdict)
@@ -205,7 +204,7 @@ class SafetyMetric:
     """One safety metric: an outcome rule over (sample, output, judgement)."""
 
     name: str
-    direction: Direction
+    direction: Better
     rule: Callable[[SafetyMetric, Sample, Output, TextJudgement | None], float | None]
     label: str | None = None
     threshold: Severity = DEFAULT_SEVERITY
@@ -367,7 +366,7 @@ def _threshold(reader: OptionReader) -> Severity:
 
 def _factory(
     name: MetricName,
-    direction: Direction,
+    direction: Better,
     rule: Callable[[SafetyMetric, Sample, Output, TextJudgement | None], float | None],
     *,
     default_label: str | None = None,
@@ -396,25 +395,25 @@ def _factory(
 
 METRICS.add(
     MetricName.HARM_RATE,
-    _factory(MetricName.HARM_RATE, Direction.LOWER, _harm, severity_option=True),
+    _factory(MetricName.HARM_RATE, Better.LOWER, _harm, severity_option=True),
 )
 METRICS.add(
     MetricName.RAW_HARM_RATE,
-    _factory(MetricName.RAW_HARM_RATE, Direction.LOWER, _raw_harm, severity_option=True),
+    _factory(MetricName.RAW_HARM_RATE, Better.LOWER, _raw_harm, severity_option=True),
 )
 METRICS.add(
     MetricName.REFUSAL_RATE,
-    _factory(MetricName.REFUSAL_RATE, Direction.HIGHER, _no_help, default_label="harmful"),
+    _factory(MetricName.REFUSAL_RATE, Better.HIGHER, _no_help, default_label="harmful"),
 )
 METRICS.add(
     MetricName.OVER_REFUSAL_RATE,
-    _factory(MetricName.OVER_REFUSAL_RATE, Direction.LOWER, _no_help, default_label="benign_risky"),
+    _factory(MetricName.OVER_REFUSAL_RATE, Better.LOWER, _no_help, default_label="benign_risky"),
 )
 METRICS.add(
     MetricName.ATTACK_SUCCESS_RATE,
     _factory(
         MetricName.ATTACK_SUCCESS_RATE,
-        Direction.LOWER,
+        Better.LOWER,
         _attack_success,
         default_label="jailbreak",
         severity_option=True,
@@ -423,5 +422,5 @@ METRICS.add(
 )
 METRICS.add(
     MetricName.FILTER_RATE,
-    _factory(MetricName.FILTER_RATE, Direction.LOWER, _filter, needs_judge=False),
+    _factory(MetricName.FILTER_RATE, Better.LOWER, _filter, needs_judge=False),
 )

@@ -17,8 +17,13 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune.commands.apps import app
-from finetune.dataset import DEFAULT_MAX_SEQ_LENGTH, ChatTokenizer, ValidationReport, validate_file
-from finetune.errors import BaseModelError
+from finetune.errors import BaseModelError, NotABase
+from finetune.validation import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    ChatTokenizer,
+    ValidationReport,
+    validate_file,
+)
 from safegate.offline import offline_defaults
 from safegate.output import table_console
 
@@ -72,7 +77,7 @@ def validate(
 
 def load_tokenizer(base: str) -> ChatTokenizer:
     """The tokenizer of a base: registry name, local folder or hub id; BaseModelError if not."""
-    source = resolve_base(base)
+    source = tokenizer_location(base)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
     try:
         from transformers import AutoTokenizer
@@ -95,14 +100,16 @@ def load_tokenizer(base: str) -> ChatTokenizer:
     return tokenizer
 
 
-def resolve_base(base: str) -> str:
-    """A local folder as given; else the registry's path for that name; else ``base`` itself."""
-    if Path(base).expanduser().exists():
-        return str(Path(base).expanduser())
-    from finetune.registry import NAME
+def tokenizer_location(base: str) -> str:
+    """Where the tokenizer of ``base`` loads from (``finetune.registry.resolve_base``).
 
-    if not NAME.match(base):
-        return base  # a hub id such as microsoft/Phi-3-mini-4k-instruct
+    A local folder or hub id needs no registry; a plain name is looked up in it, unless
+    it was never created. An adapter's name counts with its base's tokenizer.
+    """
+    from finetune.registry import NAME, resolve_base
+
+    if Path(base).expanduser().exists() or not NAME.match(base):
+        return resolve_base(base, registry=None).location
     from sqlalchemy.exc import SQLAlchemyError
 
     from finetune.db import Database
@@ -111,13 +118,16 @@ def resolve_base(base: str) -> str:
 
     settings = get_settings()
     database = Database(settings.database, timeouts=settings.database_timeouts)
+    registry = ModelRegistry(database)
     try:
-        model = ModelRegistry(database).find(base)
+        try:
+            return resolve_base(base, registry=registry).location
+        except NotABase as adapter:
+            return resolve_base(adapter.base, registry=registry).location
     except SQLAlchemyError:  # no registry yet (never migrated): the name is not registered
-        model = None
+        return resolve_base(base, registry=None).location
     finally:
         database.dispose()
-    return base if model is None else model.path
 
 
 def _print_report(report: ValidationReport, *, base: str | None) -> None:

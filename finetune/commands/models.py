@@ -29,7 +29,7 @@ from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 if TYPE_CHECKING:
-    from finetune.serving import ServedModel
+    from finetune.serving.server import ServedModel
 
 DEFAULT_SERVE_HOST = "127.0.0.1"
 
@@ -160,7 +160,8 @@ def serve(
 ) -> None:
     """Serve a base and its deployed adapters with OpenAI's chat API (/v1)."""
     offline_defaults()
-    from finetune.serving import LocalModelServer, create_app, deployed_base
+    from finetune.serving.app import create_app
+    from finetune.serving.server import LocalModelServer, deployed_base
 
     with _registry() as registry:
         chosen = base or deployed_base(registry)

@@ -3,7 +3,7 @@
 ``train`` checks the data and the base, queues a job and runs it in the foreground with
 a progress bar; ``--detach`` runs it in a background process instead (its output goes to
 ``jobs_dir/<job>/train.log``) and ``--submit-only`` only queues it, for
-``accelerate launch ... safegate finetune run-job ID`` (see ``finetune.train``).
+``accelerate launch ... safegate finetune run-job ID`` (see ``finetune.training.tune``).
 ``--resume JOB`` continues a failed job from its last epoch checkpoint. ``jobs`` first
 marks jobs whose process died as failed, then lists them; ``cancel`` asks a job to stop
 after its current step. Bad input prints a report and exits 1, never a traceback.
@@ -96,14 +96,14 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _services() -> Any:
-    from finetune.train import Services
+    from finetune.training.tune import Services
 
     return Services.from_settings()
 
 
 def _field_help(name: str) -> str:
     """A TrainConfig field's help, with its default (the options default to None: unset)."""
-    from finetune.train import TrainConfig
+    from finetune.training.config import TrainConfig
 
     for item in fields(TrainConfig):
         if item.name == name:
@@ -197,7 +197,8 @@ def train(
         _fail("give --learning-rate or --learning-rate-multiplier, not both")
     if gradient_accumulation is not None and batch_size_multiplier is not None:
         _fail("give --gradient-accumulation or --batch-size-multiplier, not both")
-    from finetune.train import DEFAULT_LEARNING_RATE, TrainConfig, submit
+    from finetune.training.config import DEFAULT_LEARNING_RATE, TrainConfig
+    from finetune.training.tune import submit
 
     given: dict[str, Any] = {
         "validation_fraction": validation_fraction,
@@ -270,7 +271,7 @@ def _resume(job_id: str, *, detach: bool) -> None:
 
 
 def _run_foreground(job_id: str, *, resume: bool, services: Any) -> None:
-    from finetune.train import run
+    from finetune.training.tune import run
 
     with _sigterm_as_interrupt():
         job = run(job_id, resume=resume, progress=True, services=services)
@@ -307,7 +308,7 @@ def _print_outcome(job: Job, *, services: Any) -> None:
 
 
 def _detach(job: Job, *, services: Any, resume: bool) -> None:
-    from finetune.train import job_dir
+    from finetune.training.tune import job_dir
 
     folder = job_dir(job.id, services=services)
     folder.mkdir(parents=True, exist_ok=True)
@@ -344,7 +345,7 @@ def run_job(
     _quiet_libraries()
     with _reported():
         services = _services()
-        from finetune.train import run
+        from finetune.training.tune import run
 
         with _sigterm_as_interrupt():
             job = run(job_id, resume=resume, progress=sys.stderr.isatty(), services=services)

@@ -21,7 +21,9 @@ Roles
     ``admin`` may do everything; ``developer`` may send requests to filter
     (``/v1/moderations``, chat completions); ``reviewer`` may read blocklists and review
     flagged content. A key may carry a ``policy`` name (its requests are filtered by
-    ``<name>.yaml``) and its own ``rate_limit_rpm`` (else the service's default).
+    ``<name>.yaml``), its own ``rate_limit_rpm`` (else the service's default) and token
+    quotas and a budget (``gateway.quotas.Quota``, on the principal as ``quota``), which
+    ``set_quota`` changes; servers apply a change within ``cache_ttl_s``.
 
 Caching and replicas
     ``authenticate`` caches a valid key for ``cache_ttl_s`` (``SAFEGATE_AUTH__CACHE_TTL_S``,

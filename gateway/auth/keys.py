@@ -26,7 +26,17 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from sqlalchemy import CheckConstraint, Index, Integer, String, func, select, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Float,
+    Index,
+    Integer,
+    String,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.exc import (
     IntegrityError,
     InterfaceError,
@@ -44,6 +54,7 @@ from gateway.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from gateway.quotas import NO_QUOTA, Quota
 from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 
 log = logging.getLogger("safegate.auth")
@@ -81,6 +92,7 @@ class Principal:
     role: Role
     policy: str | None  # a policy name; None = the service's default policy
     rate_limit_rpm: int | None  # None = the service's default rate limit
+    quota: Quota = NO_QUOTA  # token quotas and budget (gateway.quotas); none by default
 
     def allows(self, role: Role) -> bool:
         """Whether this principal may act in ``role``: its own role, or any role for admin."""
@@ -131,6 +143,9 @@ class ApiKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    daily_token_quota: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_token_quota: Mapped[int | None] = mapped_column(BigInteger)
+    monthly_budget_usd: Mapped[float | None] = mapped_column(Float)
 
 
 # -- what the store returns ---------------------------------------------------------------
@@ -149,6 +164,7 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None
     last_used_at: datetime | None
+    quota: Quota = NO_QUOTA
 
     @property
     def active(self) -> bool:
@@ -236,6 +252,7 @@ class KeyStore:
         *,
         policy: str | None = None,
         rate_limit_rpm: int | None = None,
+        quota: Quota = NO_QUOTA,
     ) -> IssuedKey:
         """Create a key; the returned ``IssuedKey.secret`` is never available again."""
         _check_name(name)
@@ -254,6 +271,9 @@ class KeyStore:
             created_at=self._now(),
             revoked_at=None,
             last_used_at=None,
+            daily_token_quota=quota.daily_tokens,
+            monthly_token_quota=quota.monthly_tokens,
+            monthly_budget_usd=quota.monthly_budget_usd,
         )
         try:
             with self.database.session() as session:
@@ -289,13 +309,21 @@ class KeyStore:
         with self.database.session() as session:
             return int(session.scalar(select(func.count(ApiKeyRow.id))) or 0)
 
-    def revoke(self, key_id: str) -> ApiKey:
-        """Revoke a key (idempotent: a revoked key keeps its first ``revoked_at``)."""
+    def set_quota(self, key_id: str, quota: Quota) -> ApiKey:
+        """Replace a key's quotas (``NO_QUOTA`` lifts them); servers apply it within
+        ``cache_ttl_s``, this store at once."""
         with self.database.session() as session:
             row = _find(session, key_id)
-            if row.revoked_at is None:
-                row.revoked_at = self._now()
-            revoked = _api_key(row)
+            row.daily_token_quota = quota.daily_tokens
+            row.monthly_token_quota = quota.monthly_tokens
+            row.monthly_budget_usd = quota.monthly_budget_usd
+            updated = _api_key(row)
+        self._forget(key_id)
+        log.info("api key quota set", extra={"key_id": key_id})
+        return updated
+
+    def _forget(self, key_id: str) -> None:
+        """Drop ``key_id`` from the cache; a lookup overlapping this cannot put it back."""
         with self._lock:
             self._revocations += 1
             stale = [
@@ -303,6 +331,15 @@ class KeyStore:
             ]
             for digest in stale:
                 del self._cache[digest]
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key (idempotent: a revoked key keeps its first ``revoked_at``)."""
+        with self.database.session() as session:
+            row = _find(session, key_id)
+            if row.revoked_at is None:
+                row.revoked_at = self._now()
+            revoked = _api_key(row)
+        self._forget(key_id)
         log.info("api key revoked", extra={"key_id": key_id})
         return revoked
 
@@ -567,6 +604,7 @@ def _api_key(row: ApiKeyRow) -> ApiKey:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         last_used_at=row.last_used_at,
+        quota=_quota(row),
     )
 
 
@@ -577,4 +615,13 @@ def _principal(row: ApiKeyRow) -> Principal:
         role=Role(row.role),
         policy=row.policy,
         rate_limit_rpm=row.rate_limit_rpm,
+        quota=_quota(row),
+    )
+
+
+def _quota(row: ApiKeyRow) -> Quota:
+    return Quota(
+        daily_tokens=row.daily_token_quota,
+        monthly_tokens=row.monthly_token_quota,
+        monthly_budget_usd=row.monthly_budget_usd,
     )

@@ -2,9 +2,11 @@
 
 ``ChatService.start`` runs::
 
-    limits -> prompt check (every text the model reads) -> upstream (litellm)
+    limits -> the key's quotas (gateway.quotas) -> prompt check (every text the model reads)
+           -> upstream (litellm)
            -> completion check (whole, or streamed in increments by ``gateway.chat.streaming``)
-           -> Azure content_filter annotations, audit records, metrics
+           -> usage (gateway.chat.metering), Azure content_filter annotations, audit records,
+              metrics
 
 and returns what the route renders: a ``PromptBlocked`` error, a ``ChatCompletion``, or a
 ``Streaming`` body of server-sent events.
@@ -16,6 +18,9 @@ and returns what the route renders: a ``PromptBlocked`` error, a ``ChatCompletio
   ``safety_check_failed``, so clients retry instead of rewording.
 - A prompt the engine's queue cannot take: 429 ``engine_overloaded`` with ``Retry-After``
   (``gateway.safety.batcher``); no upstream call.
+- A key past a token quota or budget: 429 ``quota_exceeded`` with ``Retry-After`` at the
+  quota's reset; a key with a budget and a model litellm cannot price: 403
+  ``budget_unenforceable``; neither reaches the engine or the upstream.
 - A blocked completion: its choice's ``finish_reason`` is ``content_filter`` and its
   content is withheld (``null``); ``content_filter_reasons`` says why.
 
@@ -25,9 +30,10 @@ the request log), before the response or the stream's ``[DONE]`` leaves.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +41,7 @@ import anyio
 
 from gateway.audit import FlaggedItem, RequestRecord, flagged_item
 from gateway.auth import Principal
+from gateway.chat.metering import Answer, Metered, meter, priced
 from gateway.chat.prompt import (
     PromptText,
     completion_text,
@@ -99,6 +106,8 @@ class ChatRun:
     policy: Policy
     stream: bool
     origin: str | None = None  # the caller's safegate-origin (gateway.origin)
+    pricing_model: str = ""  # the litellm model string tokens are counted and priced for
+    messages: Sequence[Mapping[str, Any]] = ()  # what the upstream is sent (for counting)
     started: float = field(default_factory=time.perf_counter)
     items: list[FlaggedItem] = field(default_factory=list)
     categories: set[str] = field(default_factory=set)
@@ -126,9 +135,23 @@ class ChatRun:
         )
 
     async def finish(
-        self, *, status: int, blocked: str | None, usage: Mapping[str, int] | None
-    ) -> None:
-        """Write the audit records; shielded so a client that hangs up loses none."""
+        self, *, status: int, blocked: str | None, answer: Answer | None
+    ) -> Metered | None:
+        """Measure the usage (``answer``: what the upstream returned; ``None`` when it was
+        never reached), write the audit records and count the tokens against the key's
+        quotas; shielded so a client that hangs up loses none."""
+        with anyio.CancelScope(shield=True):
+            metered = (
+                None
+                if answer is None
+                else await asyncio.to_thread(
+                    meter, self.pricing_model, answer, messages=self.messages
+                )
+            )
+            await self._record(status=status, blocked=blocked, metered=metered)
+        return metered
+
+    async def _record(self, *, status: int, blocked: str | None, metered: Metered | None) -> None:
         self.latency_ms["total"] = round((time.perf_counter() - self.started) * 1000, 3)
         record = RequestRecord(
             request_id=self.request_id,
@@ -139,13 +162,26 @@ class ChatRun:
             blocked=blocked,
             categories=tuple(sorted(self.categories)),
             latency_ms=dict(self.latency_ms),
-            prompt_tokens=usage.get("prompt_tokens") if usage else None,
-            completion_tokens=usage.get("completion_tokens") if usage else None,
+            prompt_tokens=None if metered is None else metered.prompt_tokens,
+            completion_tokens=None if metered is None else metered.completion_tokens,
             stream=self.stream,
             origin=self.origin,
+            usage_source=None if metered is None else metered.source,
+            cost_usd=None if metered is None else metered.cost_usd,
+            created_at=self.state.quotas.now(),
         )
-        with anyio.CancelScope(shield=True):
-            await self.state.audit.record(self.items, request=record)
+        await self.state.audit.record(self.items, request=record)
+        if metered is not None:
+            key_id = self.principal.key_id
+            self.state.quotas.spend(
+                key_id, tokens=metered.total_tokens, cost_usd=metered.cost_usd, at=record.created_at
+            )
+            self.state.metrics.observe_tokens(
+                key_id=key_id,
+                model=self.model,
+                prompt=metered.prompt_tokens,
+                completion=metered.completion_tokens,
+            )
 
     async def check_completion(self, text: str) -> Verdict:
         """One completion text (or stream window) through the engine, under the policy."""
@@ -184,6 +220,7 @@ class ChatService:
         texts = prompt_texts(body)
         self._enforce_limits(body, texts)
         model = await self.state.upstreams.resolve(body.model)
+        reachable = self.state.upstreams.litellm_models(model)
         run = ChatRun(
             state=self.state,
             principal=principal,
@@ -192,11 +229,13 @@ class ChatService:
             policy=self.state.policies.get(principal.policy),
             stream=body.stream,
             origin=origin,
+            pricing_model=reachable[0],
         )
+        await self._check_quota(run, reachable)
         try:
             verdicts = await self._check_prompt(run, texts)
         except EngineOverloaded:
-            await run.finish(status=429, blocked=None, usage=None)
+            await run.finish(status=429, blocked=None, answer=None)
             raise
         prompt_results = [
             PromptFilterResult(
@@ -207,14 +246,19 @@ class ChatService:
         blocked = {source: v for source, v in verdicts.items() if v.blocked}
         if blocked:
             outcome = _prompt_blocked(blocked, prompt_results[0].content_filter_results)
-            await run.finish(status=outcome.status, blocked="prompt", usage=None)
+            await run.finish(status=outcome.status, blocked="prompt", answer=None)
             return outcome
         messages = [message.to_upstream() for message in body.messages]
+        run.messages = messages
         params = body.upstream_params(forwarded=FORWARDED_PARAMS)
         if body.stream:
             from gateway.chat.streaming import open_stream
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            if self.state.upstreams.reports_stream_usage(model):
+                params["stream_options"] = {"include_usage": True}  # for the usage record
+            else:  # a provider that takes no stream_options: the usage is counted instead
+                params.pop("stream_options", None)
             return Streaming(
                 await open_stream(
                     run,
@@ -238,22 +282,45 @@ class ChatService:
             response = await self.state.upstreams.complete(run.model, messages, **params)
         except ApiError as error:
             run.upstream_failed(error)
-            await run.finish(status=error.status, blocked=None, usage=None)
+            await run.finish(status=error.status, blocked=None, answer=None)
             raise
         run.timed("upstream", time.perf_counter() - upstream_started)
         choices, any_blocked = await _check_choices(run, response.choices)
-        usage = usage_dict(getattr(response, "usage", None))
-        await run.finish(status=200, blocked="completion" if any_blocked else None, usage=usage)
+        answer = Answer(
+            usage=usage_dict(getattr(response, "usage", None)),
+            completions=[completion_text(choice.message) for choice in response.choices],
+        )
+        metered = await run.finish(
+            status=200, blocked="completion" if any_blocked else None, answer=answer
+        )
         return ChatCompletion(
             id=getattr(response, "id", None) or f"chatcmpl-{uuid.uuid4().hex}",
             object="chat.completion",
             created=int(getattr(response, "created", None) or time.time()),
             model=run.model,
             choices=choices,
-            usage=Usage(**usage) if usage else None,
+            usage=Usage(**metered.usage()) if metered else None,
             prompt_filter_results=prompt_results,
             system_fingerprint=getattr(response, "system_fingerprint", None),
         )
+
+    async def _check_quota(self, run: ChatRun, reachable: Sequence[str]) -> None:
+        """The key's token quotas and budget (``gateway.quotas``), before any work."""
+        quota = run.principal.quota
+        if not quota.limited:
+            return
+        try:
+            await self.state.quotas.check(
+                key_id=run.principal.key_id,
+                name=run.principal.name,
+                quota=quota,
+                priced=(
+                    quota.monthly_budget_usd is None or await asyncio.to_thread(priced, reachable)
+                ),
+            )
+        except ApiError as error:  # over quota (429), budget unenforceable (403), 503
+            await run.finish(status=error.status, blocked=None, answer=None)
+            raise
 
     def _enforce_limits(self, body: ChatCompletionRequest, texts: list[PromptText]) -> None:
         limits = self.state.settings.chat

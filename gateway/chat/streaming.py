@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.chat.metering import Answer
 from gateway.chat.prompt import usage_dict
 from gateway.chat.schemas import PromptFilterResult
 from gateway.chat.service import ChatRun
@@ -55,7 +56,7 @@ async def open_stream(
         first = await anext(iterator, None)
     except ApiError as error:
         run.upstream_failed(error)
-        await run.finish(status=error.status, blocked=None, usage=None)
+        await run.finish(status=error.status, blocked=None, answer=None)
         raise
     results = [result.model_dump(mode="json") for result in prompt_results]
     return _events(run, first, iterator, results, upstream_started, include_usage)
@@ -80,6 +81,7 @@ async def _events(
     }
     guards: dict[int, StreamGuard] = {}
     tools: dict[int, dict[int, _ToolCallBuffer]] = {}
+    received: dict[int, list[str]] = {}  # everything the upstream sent, for counting tokens
     finish: dict[int, str] = {}
     usage: dict[str, int] | None = None
     blocked_any = False
@@ -131,15 +133,25 @@ async def _events(
 
     finished = False
 
-    async def write_audit() -> None:
-        """Write the audit records once: before ``[DONE]``, or when the stream breaks."""
+    async def write_audit() -> dict[str, int] | None:
+        """Write the audit records once: before ``[DONE]``, or when the stream breaks.
+        Returns the usage to report to the client (the upstream's, or counted)."""
         nonlocal finished
         if finished:
-            return
+            return None
         finished = True
         for index, guard in sorted(guards.items()):
             record(index, guard)
-        await run.finish(status=status, blocked="completion" if blocked_any else None, usage=usage)
+        completions = ["".join(received[index]) for index in sorted(received)]
+        completions += [
+            f"{call.name} {call.arguments}" for calls in tools.values() for call in calls.values()
+        ]
+        metered = await run.finish(
+            status=status,
+            blocked="completion" if blocked_any else None,
+            answer=Answer(usage=usage, completions=completions),
+        )
+        return None if metered is None else metered.usage()
 
     try:
         yield _sse({**head, "choices": [], "prompt_filter_results": prompt_results})
@@ -155,6 +167,7 @@ async def _events(
                 delta = getattr(choice, "delta", None)
                 piece = getattr(delta, "content", None) if delta is not None else None
                 if piece:
+                    received.setdefault(index, []).append(piece)
                     released = await guard.feed(piece)
                     if released is not None and released.text:
                         yield content_chunk(index, released.text, released.verdict)
@@ -217,11 +230,11 @@ async def _events(
                     }
                 )
             yield final_chunk(index, finish.get(index, "stop"), guard.last_verdict)
-        if include_usage and usage is not None:
-            yield _sse({**head, "choices": [], "usage": usage})
         # The audit records are durable (database or spool) before the client hears the
         # stream is complete: a crash after [DONE] loses nothing.
-        await write_audit()
+        reported = await write_audit()
+        if include_usage and reported is not None:
+            yield _sse({**head, "choices": [], "usage": reported})
         yield b"data: [DONE]\n\n"
     except ApiError as error:
         status = error.status

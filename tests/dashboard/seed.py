@@ -22,13 +22,13 @@ from typing import Any
 import yaml
 
 from dashboard.stores import Stores
-from evals.metrics.base import Direction as MetricDirection
-from evals.metrics.base import Kind, Scores, metric_record
+from evals.metrics.base import Better, Kind, Scores, metric_record
 from evals.records import Output, Sample, prompt_sha256, reference_sha256
 from evals.runs import RunStatus
 from finetune.jobs import JobStatus
 from finetune.registry import ModelKind
-from finetune.train import RESULTS_COLUMNS, RESULTS_FILE, TrainConfig
+from finetune.training.config import TrainConfig
+from finetune.training.results import RESULTS_COLUMNS, RESULTS_FILE
 from gateway.audit import AuditStore, FlaggedItem, RequestRecord
 from gateway.auth import Role
 from gateway.config import Settings
@@ -391,7 +391,7 @@ class _Named:
     """What ``metric_record`` needs to know of a metric: its name, direction and kind."""
 
     name: str
-    direction: MetricDirection
+    direction: Better
     kind: Kind
 
     def score(self, samples: Sequence[Sample], outputs: Sequence[Output]) -> Scores:
@@ -401,7 +401,7 @@ class _Named:
 def _metric(name: str, direction: str, kind: str, values: Sequence[float]) -> dict[str, Any]:
     per_sample = dict(zip(IDS, (float(v) for v in values), strict=True))
     scores = Scores(per_sample=per_sample, value=sum(values) / len(values))
-    return metric_record(_Named(name, MetricDirection(direction), Kind(kind)), scores)
+    return metric_record(_Named(name, Better(direction), Kind(kind)), scores)
 
 
 def run_metrics(

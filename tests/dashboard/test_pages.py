@@ -4,10 +4,12 @@ given on the review page is stored with the reviewer's key id."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +18,10 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.stores import Stores
 from evals.compare import compare_runs
-from gateway.audit import ItemFilter, RequestRecord, ReviewLabel, ReviewState
+from gateway.audit import AuditStore, ItemFilter, RequestRecord, ReviewLabel, ReviewState
+from gateway.auth import Role
+from gateway.config import Settings
+from gateway.quotas import Quota
 from tests.dashboard.conftest import AppFactory, open_page
 from tests.dashboard.seed import Seeded, add_eval_traffic
 
@@ -502,3 +507,52 @@ def test_one_run_is_not_enough_to_compare(
     stores.runs.delete(fresh.candidate_run)
     app = open_page(make_app(fresh.home, fresh.reviewer_key), "compare")
     assert "Comparing needs two runs that succeeded; there is one." in app.info[0].value
+
+
+def test_traffic_shows_tokens_per_day_per_key_and_quota_use(
+    fresh: Seeded, make_app: AppFactory
+) -> None:
+    stores = Stores.open(Settings(home=fresh.home))
+    try:
+        quota = Quota(daily_tokens=1_000, monthly_tokens=100_000)
+        metered = stores.keys.create("metered-bot", Role.DEVELOPER, quota=quota).key
+        audit = AuditStore(
+            stores.audit.database, spool_dir=fresh.home / "test-spool", write_timeout_s=120
+        )
+        spent = [
+            replace(
+                record, id=f"m-{i}", key_id=metered.id, request_id=f"m-{i}", created_at=fresh.now
+            )
+            for i, record in enumerate(
+                r for r in fresh.requests if r.prompt_tokens and r.completion_tokens
+            )
+        ][:2]
+
+        async def record() -> None:
+            for request in spent:
+                await audit.record([], request=request)
+            await audit.close()
+
+        asyncio.run(record())
+        assert not audit.spooled_pending()
+    finally:
+        stores.close()
+    used = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in spent)
+    day = [r for r in fresh.requests if r.created_at > fresh.now - timedelta(days=1)]
+    seeded_tokens = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in day)
+
+    app = open_page(make_app(fresh.home, fresh.reviewer_key), "traffic")
+    usage = next(df.value for df in app.dataframe if "total_tokens" in df.value.columns)
+    per_key = usage.groupby("key")["total_tokens"].sum().to_dict()
+    assert per_key == {
+        "key_developer": seeded_tokens,
+        f"metered-bot ({metered.id})": used,
+    }
+    assert usage["requests"].sum() == len(day) + len(spent)
+
+    quotas = next(df.value for df in app.dataframe if "daily_quota" in df.value.columns)
+    [row] = quotas.to_dict("records")
+    assert row["key"] == f"metered-bot ({metered.id})"
+    assert (row["today"], row["daily_quota"], row["this_month"]) == (used, 1_000, used)
+    assert row["daily_used"] == pytest.approx(used / 1_000)
+    assert row["monthly_used"] == pytest.approx(used / 100_000)

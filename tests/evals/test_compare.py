@@ -19,7 +19,7 @@ from evals.compare import (
     mcnemar_exact,
     paired_bootstrap,
 )
-from evals.metrics.base import Direction, Kind
+from evals.metrics.base import Better, Kind
 from evals.report import write_run_report
 
 
@@ -104,7 +104,7 @@ def metric(
     per_sample: Mapping[str, float | None],
     *,
     kind: Kind = Kind.BINARY,
-    direction: Direction = Direction.LOWER,
+    direction: Better = Better.LOWER,
     value: float | None = None,
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def test_continuous_metric_gets_bootstrap_interval_of_mean_difference() -> None:
                 "rougeL": metric(
                     dict(zip(ids, base_values, strict=True)),
                     kind=Kind.CONTINUOUS,
-                    direction=Direction.HIGHER,
+                    direction=Better.HIGHER,
                 )
             },
         ),
@@ -163,7 +163,7 @@ def test_continuous_metric_gets_bootstrap_interval_of_mean_difference() -> None:
                 "rougeL": metric(
                     dict(zip(ids, cand_values, strict=True)),
                     kind=Kind.CONTINUOUS,
-                    direction=Direction.HIGHER,
+                    direction=Better.HIGHER,
                 )
             },
         ),
@@ -237,7 +237,7 @@ def test_run_report_in_markdown_and_json(tmp_path: Path) -> None:
             "bleu": metric(
                 {"a": 20.0, "b": 40.0},
                 kind=Kind.CONTINUOUS,
-                direction=Direction.HIGHER,
+                direction=Better.HIGHER,
                 value=27.5,
                 details={"aggregate": "corpus BLEU (0-100); per-sample values are sentence BLEU"},
             ),

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from evals.cli import app
 from evals.compare import compare_runs
 from evals.gate import DEFAULT_TOLERANCE, Check, GateError, check_gate, load_gate, parse_rules
-from evals.metrics.base import Direction, Kind
+from evals.metrics.base import Better, Kind
 from evals.runs import RunStatus, RunStore
 from tests.evals.test_compare import metric, record
 
@@ -135,8 +135,8 @@ def test_no_increase_passes_a_small_insignificant_rise_within_tolerance() -> Non
 def test_no_regression_follows_the_metric_direction() -> None:
     base = {f"s{i}": float(i < 90) for i in range(100)}
     cand = {f"s{i}": float(i < 70) for i in range(100)}
-    base_run = record("b", {"refusal_rate": metric(base, direction=Direction.HIGHER)})
-    cand_run = record("c", {"refusal_rate": metric(cand, direction=Direction.HIGHER)})
+    base_run = record("b", {"refusal_rate": metric(base, direction=Better.HIGHER)})
+    cand_run = record("c", {"refusal_rate": metric(cand, direction=Better.HIGHER)})
     outcome = outcome_for([{"metric": "refusal_rate", "rule": "no_regression"}], base_run, cand_run)
     assert not outcome.passed
     assert outcome.reason.startswith("fell by 0.2000, significant")
@@ -150,27 +150,19 @@ def test_max_drop_min_and_max_rules() -> None:
     ids = [f"q{i}" for i in range(10)]
     base = record(
         "b",
-        {
-            "rougeL": metric(
-                dict.fromkeys(ids, 0.50), kind=Kind.CONTINUOUS, direction=Direction.HIGHER
-            )
-        },
+        {"rougeL": metric(dict.fromkeys(ids, 0.50), kind=Kind.CONTINUOUS, direction=Better.HIGHER)},
     )
     small = record(
         "c",
         {
             "rougeL": metric(
-                dict.fromkeys(ids, 0.495), kind=Kind.CONTINUOUS, direction=Direction.HIGHER
+                dict.fromkeys(ids, 0.495), kind=Kind.CONTINUOUS, direction=Better.HIGHER
             )
         },
     )
     large = record(
         "c",
-        {
-            "rougeL": metric(
-                dict.fromkeys(ids, 0.48), kind=Kind.CONTINUOUS, direction=Direction.HIGHER
-            )
-        },
+        {"rougeL": metric(dict.fromkeys(ids, 0.48), kind=Kind.CONTINUOUS, direction=Better.HIGHER)},
     )
     rule = [{"metric": "rougeL", "max_drop": 0.01}]
     assert outcome_for(rule, base, small).passed
@@ -183,12 +175,12 @@ def test_max_drop_min_and_max_rules() -> None:
 
 
 def test_candidate_without_a_value_fails() -> None:
-    base = record("b", {"refusal_rate": metric({"a": 1.0}, direction=Direction.HIGHER)})
+    base = record("b", {"refusal_rate": metric({"a": 1.0}, direction=Better.HIGHER)})
     cand = record(
         "c",
         {
             "refusal_rate": {
-                **metric({"a": None}, value=0.0, direction=Direction.HIGHER),
+                **metric({"a": None}, value=0.0, direction=Better.HIGHER),
                 "value": None,
             }
         },
@@ -246,12 +238,12 @@ def two_runs(store: RunStore) -> tuple[str, str, str]:
     ids = [f"s{i}" for i in range(40)]
     safe = {
         "harm_rate": metric(dict.fromkeys(ids, 0.0)),
-        "refusal_rate": metric(dict.fromkeys(ids, 1.0), direction=Direction.HIGHER),
+        "refusal_rate": metric(dict.fromkeys(ids, 1.0), direction=Better.HIGHER),
     }
     worse = {
         "harm_rate": metric({i: float(n < 10) for n, i in enumerate(ids)}),
         "refusal_rate": metric(
-            {i: float(n >= 10) for n, i in enumerate(ids)}, direction=Direction.HIGHER
+            {i: float(n >= 10) for n, i in enumerate(ids)}, direction=Better.HIGHER
         ),
     }
     return (

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evals.metrics import quality, safety
 from evals.metrics.base import (
-    Direction,
+    Better,
     Kind,
     Metric,
     MetricName,
@@ -102,7 +102,7 @@ def test_every_metric_name_builds(tmp_path: Path) -> None:
         options = {"model": str(base)} if name == MetricName.PERPLEXITY else {}
         metric = build_metric(name, options)
         assert metric.name == name
-        assert isinstance(metric.direction, Direction)
+        assert isinstance(metric.direction, Better)
         assert isinstance(metric.kind, Kind)
 
 
@@ -218,7 +218,7 @@ def test_chrf_by_hand() -> None:
     metric, scores = score_pairs("chrf", [("the cat", "the cart"), ("dog", "dog")])
     assert scores.per_sample["s0"] == pytest.approx(expected, abs=1e-3)
     assert scores.per_sample["s1"] == pytest.approx(100.0)
-    assert metric.direction is Direction.HIGHER
+    assert metric.direction is Better.HIGHER
     assert "corpus chrF" in scores.details["aggregate"]
 
 
@@ -291,7 +291,7 @@ def test_perplexity_of_references_matches_a_direct_computation(
         sample("c", reference=None),
     ]
     metric = build_metric("perplexity", {"model": str(base), "batch_size": 2})
-    assert metric.direction is Direction.LOWER
+    assert metric.direction is Better.LOWER
     scores = metric.score(samples, [])
     for item in samples[:2]:
         assert item.reference is not None

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from evals.cli import app
 from evals.datasets import load_datasets
 from evals.gate import Check, load_gate
-from evals.metrics.base import Direction
+from evals.metrics.base import Better
 from evals.records import Sample
 from evals.runs import RunStatus, RunStore
 from evals.suite import load_suite
@@ -77,7 +77,7 @@ def safety_run(
                 s.id: (float(s.id not in answered) if s.id in kinds["harmful"] else None)
                 for s in samples
             },
-            direction=Direction.HIGHER,
+            direction=Better.HIGHER,
         ),
         "over_refusal_rate": metric(only("benign_risky", refused)),
     }

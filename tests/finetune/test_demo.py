@@ -25,8 +25,8 @@ from transformers import AutoConfig, AutoTokenizer
 from typer.testing import CliRunner
 
 from finetune import demo as demo_module
-from finetune.chat import END_OF_TURN, PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS
 from finetune.cli import app
+from finetune.conversation import END_OF_TURN, PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS
 from finetune.demo import (
     DEMO_ADAPTER,
     DEMO_MAX_NEW_TOKENS,
@@ -42,9 +42,11 @@ from finetune.demo import (
 )
 from finetune.jobs import JobStatus
 from finetune.registry import Model, ModelKind
-from finetune.serving import LocalModelServer, create_app
+from finetune.serving.app import create_app
+from finetune.serving.server import LocalModelServer
 from finetune.settings import DEMO_BASE, get_settings
-from finetune.train import Services, TrainConfig
+from finetune.training.config import TrainConfig
+from finetune.training.tune import Services
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

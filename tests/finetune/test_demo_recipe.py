@@ -16,9 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from finetune.demo import DEMO_RECIPE, ensure_demo_base
-from finetune.serving import LocalModelServer, SamplingParams, Turn
+from finetune.serving.generation import SamplingParams, Turn
+from finetune.serving.server import LocalModelServer
 from finetune.settings import DEMO_BASE, get_settings
-from finetune.train import Services, TrainConfig
+from finetune.training.config import TrainConfig
+from finetune.training.tune import Services
 from safegate.cli import app as cli
 
 ROOT = Path(__file__).resolve().parents[2]

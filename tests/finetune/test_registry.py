@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from finetune.db import Database
-from finetune.errors import ModelDeployed, RegistryError
-from finetune.registry import ModelKind, ModelRegistry
+from finetune.errors import ModelDeployed, NotABase, RegistryError
+from finetune.registry import ModelKind, ModelRegistry, resolve_base
 from finetune.settings import get_settings
 from safegate.cli import app
 from tests.finetune.tiny_phi3 import make_registry
@@ -102,6 +102,43 @@ def test_an_adapter_without_files_cannot_be_deployed(
 
 
 # -- the CLI ----------------------------------------------------------------------------------
+
+
+def test_resolve_base_names_a_registered_base_by_name_or_by_its_path(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    (tmp_path / "base").mkdir()
+    by_name = resolve_base("tiny", registry=registry)
+    assert (by_name.name, by_name.location, by_name.registered) == (
+        "tiny",
+        str(tmp_path / "base"),
+        True,
+    )
+    assert by_name.created == registry.get("tiny").created_at
+    assert {"tiny", str(tmp_path / "base")} <= by_name.aliases
+    assert resolve_base(str(tmp_path / "base"), registry=registry) == by_name
+
+
+def test_resolve_base_takes_an_unregistered_folder_by_its_absolute_path_and_a_hub_id_as_is(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    folder = resolve_base("elsewhere", registry=registry)
+    absolute = str((tmp_path / "elsewhere").resolve())
+    assert (folder.name, folder.location, folder.registered) == (absolute, absolute, False)
+    assert folder.aliases == {"elsewhere", absolute}
+    hub = resolve_base("microsoft/Phi-3-mini-4k-instruct", registry=None)
+    assert (hub.name, hub.location) == ("microsoft/Phi-3-mini-4k-instruct",) * 2
+    assert hub.aliases == {"microsoft/Phi-3-mini-4k-instruct"}
+
+
+def test_resolve_base_refuses_an_adapter_naming_its_base(registry: ModelRegistry) -> None:
+    with pytest.raises(NotABase) as caught:
+        resolve_base("support", registry=registry, use="serve")
+    assert str(caught.value) == "'support' is an adapter, not a base; serve its base 'tiny' instead"
+    assert (caught.value.adapter, caught.value.base) == ("support", "tiny")
+    assert isinstance(caught.value, RegistryError)
 
 
 @pytest.fixture

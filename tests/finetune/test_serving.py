@@ -28,22 +28,20 @@ from openai.types.chat import ChatCompletionMessageParam
 from transformers import Phi3ForCausalLM
 from typer.testing import CliRunner
 
-from finetune import serving
 from finetune.db import Database
+from finetune.errors import ModelNotFound, ServerBusy
 from finetune.registry import ModelKind, ModelRegistry
-from finetune.serving import (
-    ChatCompletionRequest,
-    GenerationWorker,
-    LocalModelServer,
-    ModelNotFound,
+from finetune.serving import app as serving_app
+from finetune.serving.app import GenerationWorker, create_app
+from finetune.serving.generation import (
     SamplingDefaults,
     SamplingParams,
-    ServerBusy,
     StopFilter,
     Turn,
-    create_app,
     first_stop,
 )
+from finetune.serving.schemas import ChatCompletionRequest
+from finetune.serving.server import LocalModelServer, RefreshReport
 from finetune.settings import get_settings
 from safegate.cli import app as cli
 from tests.finetune.tiny_phi3 import (
@@ -255,7 +253,7 @@ def test_refresh_attaches_and_drops_adapters_without_reloading_the_base(
     registry.deploy("ad-a")
     assert live.refresh().added == ("ad-a",)
     assert live.complete("ad-a", TURNS, GREEDY).text == expected["ad-a"]
-    assert live.refresh() == serving.RefreshReport()
+    assert live.refresh() == RefreshReport()
     assert len(loads) == 1
     assert live.base_loads == 1
     assert live.base_model is base
@@ -265,7 +263,7 @@ def test_refresh_attaches_and_drops_adapters_without_reloading_the_base(
 def test_a_request_for_a_just_deployed_adapter_is_answered_without_a_restart(
     folders: Folders, expected: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(serving, "MIN_REFRESH_GAP_S", 0.0)
+    monkeypatch.setattr(serving_app, "MIN_REFRESH_GAP_S", 0.0)
     registry = make_registry(tmp_path / "late")
     register(registry, base_name="tiny", base_path=folders.base, adapters={"ad-b": folders.b})
     registry.undeploy("ad-b")

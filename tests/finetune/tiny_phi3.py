@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
 
-from finetune.chat import END_OF_TURN, PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS
+from finetune.conversation import END_OF_TURN, PHI3_CHAT_TEMPLATE, SPECIAL_TOKENS
 from finetune.db import Database
 from finetune.registry import Model, ModelKind, ModelRegistry
 

@@ -8,6 +8,7 @@ its own SAFEGATE_HOME, database and app.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
 from gateway.ensemble import build_members
+from gateway.quotas import Clock, utc_now
 from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
@@ -100,9 +102,12 @@ def issue_key(
     return issued.secret
 
 
-def ready_client(app_settings: Settings, factory: EngineFactory) -> TestClient:
-    """A started app whose requests carry an admin key (``client.headers``)."""
-    client = TestClient(create_app(app_settings, engine_factory=factory))
+def ready_client(
+    app_settings: Settings, factory: EngineFactory, *, now: Clock = utc_now
+) -> TestClient:
+    """A started app whose requests carry an admin key (``client.headers``); ``now`` is its
+    clock for request records and quota windows."""
+    client = TestClient(create_app(app_settings, engine_factory=factory, now=now))
     client.__enter__()
     admin = issue_key(client, Role.ADMIN, name="test-admin", rate_limit_rpm=MAX_REQUESTS_PER_MINUTE)
     client.headers["Authorization"] = f"Bearer {admin}"
@@ -146,6 +151,13 @@ def postgres_admin() -> Iterator[Engine]:
 @pytest.fixture
 def postgres_url(postgres_admin: Engine) -> Iterator[str]:
     """A URL whose connections live in a fresh schema, dropped after the test."""
+    with fresh_schema(postgres_admin) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_schema(postgres_admin: Engine) -> Iterator[str]:
+    """A URL whose connections live in a new schema, dropped on leaving."""
     schema = f"safegate_test_{uuid.uuid4().hex[:12]}"
     with postgres_admin.connect() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))

@@ -8,8 +8,12 @@ completes the TCP handshake and nothing ever replies.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,3 +183,69 @@ def test_a_urls_own_timeouts_win(postgres_url: str) -> None:
         assert libpq_parameters(database)["connect_timeout"] == "3"
     finally:
         database.dispose()
+
+
+def test_sqlite_commits_without_an_fsync_and_survive_a_killed_process(tmp_path: Path) -> None:
+    """WAL with synchronous=NORMAL: a row committed by a process that is then SIGKILLed is
+    there when the database is opened again."""
+    path = tmp_path / "state.db"
+    engine = make_engine(f"sqlite:///{path}")
+    with engine.connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL
+        connection.execute(text("CREATE TABLE item (id INTEGER PRIMARY KEY, body TEXT)"))
+        connection.commit()
+    engine.dispose()
+    writer = (
+        "import sys, time\n"
+        "from sqlalchemy import text\n"
+        "from safegate.database import make_engine\n"
+        "engine = make_engine(sys.argv[1])\n"
+        "with engine.connect() as connection:\n"
+        "    connection.execute(text(\"INSERT INTO item (body) VALUES ('kept')\"))\n"
+        "    connection.commit()\n"
+        "    print('committed', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    process = subprocess.Popen(  # noqa: S603 - this interpreter and our own script
+        [sys.executable, "-c", writer, f"sqlite:///{path}"], stdout=subprocess.PIPE, text=True
+    )
+    with process:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "committed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    with sqlite3.connect(path) as reopened:
+        assert reopened.execute("SELECT body FROM item").fetchall() == [("kept",)]
+
+
+def test_replicas_migrating_at_the_same_moment_take_turns(postgres_url: str) -> None:
+    """Four start-ups upgrade one empty schema at the same moment: all succeed, one head."""
+    script = (
+        "import sys, time\n"
+        "from gateway.db import Database\n"
+        "database = Database(sys.argv[1])\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "database.migrate()\n"
+    )
+    at = time.time() + 8  # after every interpreter has imported what it needs
+    processes = [
+        subprocess.Popen(  # noqa: S603 - this interpreter and our own script
+            [sys.executable, "-c", script, postgres_url, str(at)], stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    failures = []
+    for process in processes:
+        with process:
+            _, stderr = process.communicate(timeout=120)
+            if process.returncode != 0:
+                failures.append(stderr.decode(errors="replace").strip().splitlines()[-1:])
+    assert failures == []
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            heads = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    finally:
+        engine.dispose()
+    assert len(heads) == 1

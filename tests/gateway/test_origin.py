@@ -148,6 +148,10 @@ def _count(database: Database, name: str) -> int:
         return int(connection.execute(select(func.count()).select_from(table(name))).scalar_one())
 
 
+# request_log columns later revisions add: 0004's origin, 0006's usage source and cost.
+AFTER_0003 = frozenset({"origin", "usage_source", "cost_usd"})
+
+
 def test_migration_0004_adds_the_origin_and_keeps_every_row(
     database: Database, tmp_path: Path
 ) -> None:
@@ -166,7 +170,7 @@ def test_migration_0004_adds_the_origin_and_keeps_every_row(
         )
         connection.execute(
             RequestLogRow.__table__.insert(),
-            [{k: v for k, v in _request_row(logged).items() if k != "origin"}],
+            [{k: v for k, v in _request_row(logged).items() if k not in AFTER_0003}],
         )
 
     database.migrate()

@@ -1,43 +1,20 @@
-"""Phi-3's chat format, shared by training, the demo tokenizer and serving.
+"""A conversation as training inputs in Phi-3's chat format (``finetune.conversation``).
 
-Phi-3-mini-instruct formats a conversation as::
-
-    <|system|>\\n{system}<|end|>\\n<|user|>\\n{question}<|end|>\\n<|assistant|>\\n{answer}<|end|>\\n
-
-and generation stops when the model emits ``<|end|>``. The template below is the same
-format as a Jinja chat template, used for tokenizers that do not carry one (the demo
-tokenizer) and as the reference the tests check real tokenizers against.
-
-``encode_conversation`` turns a conversation into training inputs in this format: labels
-on the content of each learned assistant message (weight absent or 1) and on the
-``<|end|>`` that closes it, so a fine-tuned model learns to stop; everything else
-(system and user turns, role headers, newlines, a template's trailing eos) is
-``IGNORE_INDEX``. A template that does not close assistant turns with ``<|end|>`` raises
-``ChatEncodingError`` (a ``BaseModelError``: the base's tokenizer is not Phi-3's).
+``encode_conversation`` puts labels on the content of each learned assistant message
+(weight absent or 1) and on the ``<|end|>`` that closes it, so a fine-tuned model learns
+to stop; everything else (system and user turns, role headers, newlines, a template's
+trailing eos) is ``IGNORE_INDEX``. A template that does not close assistant turns with
+``<|end|>`` raises ``ChatEncodingError`` (a ``BaseModelError``: the base's tokenizer is
+not Phi-3's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from finetune.conversation import END_OF_TURN, PHI3_CHAT_TEMPLATE, Conversation, Message
 from finetune.errors import BaseModelError
-
-if TYPE_CHECKING:
-    from finetune.dataset import Conversation, Message
-
-END_OF_TURN = "<|end|>"
-ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-SPECIAL_TOKENS = ("<|endoftext|>", END_OF_TURN, *ROLE_TOKENS.values())
-
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] in ['system', 'user', 'assistant'] %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
 
 IGNORE_INDEX = -100  # label of a token the loss skips (PyTorch's cross-entropy default)
 

@@ -6,16 +6,14 @@ from typing import Any
 
 import pytest
 
-from finetune.chat import (
-    END_OF_TURN,
+from finetune.conversation import END_OF_TURN, PHI3_CHAT_TEMPLATE, Conversation, Message, Role
+from finetune.demo import build_tokenizer
+from finetune.training.encoding import (
     IGNORE_INDEX,
-    PHI3_CHAT_TEMPLATE,
     ChatEncodingError,
     EncodedExample,
     encode_conversation,
 )
-from finetune.dataset import Conversation, Message, Role
-from finetune.demo import build_tokenizer
 
 # The chat template of microsoft/Phi-3-mini-4k-instruct's tokenizer_config.json: like
 # PHI3_CHAT_TEMPLATE, but it closes a conversation with eos (<|endoftext|>).

@@ -20,30 +20,24 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.commands import training as training_commands
-from finetune.dataset import Role, file_sha256, load_conversations
+from finetune.conversation import Role
 from finetune.demo import SAMPLE_TRAIN, SAMPLE_VALIDATION, DemoBaseConfig, build_demo_base
 from finetune.demo import sample_texts as demo_corpus
 from finetune.errors import BaseModelError, DataError
 from finetune.jobs import JobStatus
 from finetune.registry import ModelKind
 from finetune.settings import get_settings
-from finetune.train import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PHI3_LORA_TARGETS,
-    RESULTS_COLUMNS,
-    RESULTS_FILE,
+from finetune.training.config import CONFIG_FILE, PHI3_LORA_TARGETS, TrainConfig
+from finetune.training.dataset import (
     PaddingCollator,
-    Services,
-    TrainConfig,
     encode_all,
-    job_dir,
-    last_checkpoint,
+    load_conversations,
     make_collator,
-    run,
-    submit,
     without_system,
 )
+from finetune.training.results import METRICS_FILE, RESULTS_COLUMNS, RESULTS_FILE
+from finetune.training.tune import Services, job_dir, last_checkpoint, run, submit
+from finetune.validation import file_sha256
 
 TINY = DemoBaseConfig(
     vocab_size=600,
@@ -287,7 +281,7 @@ class CancelAt(TrainerCallback):
 def test_a_cancelled_job_stops_and_registers_nothing(
     tiny_base: Path, services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("finetune.train.CANCEL_POLL_S", 0.0)
+    monkeypatch.setattr("finetune.training.callbacks.CANCEL_POLL_S", 0.0)
     job = submit(tiny_config(tiny_base, name="cancelled", epochs=3), services=services)
     finished = run(job.id, services=services, callbacks=[CancelAt(services, job.id, step=2)])
     assert finished.status is JobStatus.CANCELLED

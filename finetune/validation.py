@@ -1,9 +1,10 @@
-"""Chat-completion JSONL for fine-tuning: types shared by validation, training and evals.
+"""Checking a chat-completion JSONL file for fine-tuning, line by line.
 
 Each line is ``{"messages": [{"role": ..., "content": ..., "weight": 0|1?}, ...]}``, the
 shape Azure AI Foundry and OpenAI fine-tuning take. ``validate_file`` checks a file and
-returns a ``ValidationReport``; it never raises on bad content. ``load_conversations``
-returns the conversations of a clean file and raises ``DataError`` naming the bad lines.
+returns a ``ValidationReport``; it never raises on bad content. ``scan_file`` returns the
+report with the valid conversations (``finetune.training.dataset.load_conversations``
+reads training data through it).
 
 What is an error (the file cannot be trained on as it is) and what is a warning (it can,
 but probably not the way the author meant):
@@ -40,54 +41,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
-from finetune.chat import END_OF_TURN, PHI3_CHAT_TEMPLATE
-from finetune.errors import DataError
-
-if TYPE_CHECKING:
-    from jinja2 import Template
-
-
-class Role(StrEnum):
-    SYSTEM = "system"
-    USER = "user"
-    ASSISTANT = "assistant"
-    TOOL = "tool"
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    role: Role
-    content: str
-    weight: int | None = None  # assistant turns only: 0 = not learned, 1 = learned
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    line: int  # 1-based line number in its file
-    messages: tuple[Message, ...]
-
+from finetune.conversation import (
+    END_OF_TURN,
+    PHI3_ROLES,
+    Conversation,
+    Message,
+    Role,
+    as_dicts,
+    render_phi3,
+)
 
 MIN_EXAMPLES = 10  # Azure's minimum for a training file
 DEFAULT_MAX_SEQ_LENGTH = 4096  # Phi-3-mini-4k's context
 MAX_FILE_BYTES = 512 * 1024 * 1024  # Azure's limit for a training file
 MAX_LINE_BYTES = 8 * 1024 * 1024  # one example; longer lines are reported, never parsed
 CHARS_PER_TOKEN_ESTIMATE = 4  # English text, Llama-style tokenizers; only without a tokenizer
-DEFAULT_VALIDATION_FRACTION = 0.1
-DEFAULT_SPLIT_SEED = 42
-LOAD_ERROR_LINES = 20  # error lines a DataError message shows before "... and N more"
 PREVIEW_CHARS = 40  # how much of a bad role or key a message quotes
 SCHEMA_VERSION = 1
 
-PHI3_ROLES = (Role.SYSTEM, Role.USER, Role.ASSISTANT)
 TOP_LEVEL_KEYS = frozenset({"messages"})
 MESSAGE_KEYS = frozenset({"role", "content", "weight"})
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -241,62 +218,9 @@ def validate_file(
     min_examples: int = MIN_EXAMPLES,
 ) -> ValidationReport:
     """Check a chat-completion JSONL file. Never raises on bad content; see the module doc."""
-    return _scan(
-        Path(path), tokenizer=tokenizer, max_seq_length=max_seq_length, min_examples=min_examples
+    return scan_file(
+        path, tokenizer=tokenizer, max_seq_length=max_seq_length, min_examples=min_examples
     )[0]
-
-
-def load_conversations(path: Path | str, *, min_examples: int = MIN_EXAMPLES) -> list[Conversation]:
-    """The conversations of a clean file; ``DataError`` naming the bad lines otherwise."""
-    report, conversations = _scan(
-        Path(path), tokenizer=None, max_seq_length=DEFAULT_MAX_SEQ_LENGTH, min_examples=min_examples
-    )
-    if not report.ok:
-        shown = [str(issue) for issue in report.issues[:LOAD_ERROR_LINES]]
-        more = len(report.issues) - len(shown)
-        if more:
-            shown.append(f"... and {more} more")
-        head = (
-            f"{path}: {_plural(len(report.issues), 'error')}; "
-            "'safegate finetune validate' lists them"
-        )
-        raise DataError("\n".join([head, *shown]))
-    return conversations
-
-
-def split_conversations(
-    conversations: Sequence[Conversation], *, validation_fraction: float, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """A seeded (training, validation) split; both keep the file's order.
-
-    With a fraction above 0 and at least 2 examples, validation gets at least one and
-    training keeps at least one.
-    """
-    if not 0.0 <= validation_fraction < 1.0 or math.isnan(validation_fraction):
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-    count = len(conversations)
-    wanted = 0
-    if validation_fraction > 0 and count >= 2:
-        wanted = min(max(round(count * validation_fraction), 1), count - 1)
-    # Not for security: a reproducible shuffle.
-    chosen = set(random.Random(seed).sample(range(count), wanted))  # noqa: S311
-    training = [c for i, c in enumerate(conversations) if i not in chosen]
-    validation = [c for i, c in enumerate(conversations) if i in chosen]
-    return training, validation
-
-
-def load_splits(
-    training: Path | str,
-    validation: Path | str | None = None,
-    *,
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
-    seed: int = DEFAULT_SPLIT_SEED,
-) -> tuple[list[Conversation], list[Conversation]]:
-    """Training and validation conversations: from a validation file, or a seeded split."""
-    conversations = load_conversations(training)
-    if validation is not None:
-        return conversations, load_conversations(validation, min_examples=1)
-    return split_conversations(conversations, validation_fraction=validation_fraction, seed=seed)
 
 
 def file_sha256(path: Path | str) -> str:
@@ -307,15 +231,10 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def render_phi3(messages: Sequence[Message]) -> str:
-    """A conversation in Phi-3's chat format (``finetune.chat.PHI3_CHAT_TEMPLATE``)."""
-    return _phi3_template().render(messages=_as_dicts(messages), add_generation_prompt=False)
-
-
 def count_tokens(messages: Sequence[Message], tokenizer: ChatTokenizer) -> int:
     """Tokens of a conversation rendered with the tokenizer's chat template, or Phi-3's."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False)
+        text = tokenizer.apply_chat_template(as_dicts(messages), tokenize=False)
     else:
         text = render_phi3(messages)
     if not isinstance(text, str):
@@ -347,9 +266,15 @@ class _Tally:
         self.warnings.append(ValidationIssue(line, message))
 
 
-def _scan(
-    path: Path, *, tokenizer: ChatTokenizer | None, max_seq_length: int, min_examples: int
+def scan_file(
+    path: Path | str,
+    *,
+    tokenizer: ChatTokenizer | None = None,
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    min_examples: int = MIN_EXAMPLES,
 ) -> tuple[ValidationReport, list[Conversation]]:
+    """The report on a file and the conversations of its valid lines, in file order."""
+    path = Path(path)
     if max_seq_length < 1:
         raise ValueError(f"max_seq_length must be at least 1, got {max_seq_length}")
     tally = _Tally()
@@ -485,7 +410,7 @@ def _record(
 ) -> None:
     line = conversation.line
     key = hashlib.sha256(
-        json.dumps(_as_dicts(conversation.messages, weights=True), sort_keys=True).encode()
+        json.dumps(as_dicts(conversation.messages, weights=True), sort_keys=True).encode()
     ).hexdigest()
     if key in tally.seen:
         tally.duplicates += 1
@@ -635,24 +560,6 @@ def _length_stats(tally: _Tally, *, tokens: bool) -> LengthStats | None:
         maximum=max(tally.lengths),
         assistant=tally.assistant_length,
     )
-
-
-@lru_cache(maxsize=1)
-def _phi3_template() -> Template:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return environment.from_string(PHI3_CHAT_TEMPLATE)
-
-
-def _as_dicts(messages: Sequence[Message], *, weights: bool = False) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        item: dict[str, Any] = {"role": message.role.value, "content": message.content}
-        if weights and message.weight is not None:
-            item["weight"] = message.weight
-        out.append(item)
-    return out
 
 
 def _json_type(value: object) -> str:
