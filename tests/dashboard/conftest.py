@@ -1,5 +1,7 @@
 """Dashboard fixtures: a seeded safegate home (``tests.dashboard.seed``), the stores over it,
-and ``AppTest`` apps of ``dashboard/app.py`` signed in as one of its keys."""
+``AppTest`` apps of ``dashboard/app.py`` signed in as one of its keys, and a real gateway
+over HTTP for the playground (``tests.dashboard.served_gateway``, on the gateway tests'
+engine members, loaded once per session)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,12 @@ from dashboard.session import KEY_STATE
 from dashboard.stores import Stores
 from gateway.config import Settings
 from tests.dashboard.seed import Seeded, seed
+from tests.dashboard.served_gateway import served_gateway  # noqa: F401 - a fixture
+from tests.gateway.conftest import (  # noqa: F401 - fixtures served_gateway needs
+    engine_factory,
+    loaded_members,
+    members_home,
+)
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 APP_TIMEOUT_S = 60.0

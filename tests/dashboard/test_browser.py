@@ -1,8 +1,11 @@
 """A real browser: Debian's chromium, headless, driven by selenium through chromedriver, on
 the dashboard served by ``streamlit run`` (the command ``safegate dashboard`` runs) over a
 seeded home. It signs in with a reviewer key, opens every page, labels a flagged item and
-checks the label landed in the audit store with the reviewer's key id, and saves a
-screenshot of each page to ``docs/screenshots/`` (refreshed on every run).
+checks the label landed in the audit store with the reviewer's key id; then signs in again
+as an admin and chats in the playground through a real gateway (``served_gateway``: the
+real engine, upstreams answered by litellm's ``mock_response``), seeing the streamed answer
+and the filter's annotations. It saves a screenshot of each page to ``docs/screenshots/``
+(refreshed on every run).
 
 It needs ``/usr/bin/chromium`` and ``chromedriver`` (Debian packages ``chromium`` and
 ``chromium-driver``; ``make browser``, part of ``make test``, installs them as root) and
@@ -24,9 +27,16 @@ import httpx
 import pytest
 
 from dashboard.cli import streamlit_command
+from dashboard.playground import GATEWAY_URL_VARIABLE
 from gateway.audit import ReviewState
 from tests.dashboard.conftest import open_stores
 from tests.dashboard.seed import Seeded
+from tests.dashboard.served_gateway import (
+    ANSWER,
+    HATE,
+    QUESTION,
+    ServedGateway,
+)
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,10 +100,19 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def served(fresh: Seeded, tmp_path: Path) -> Iterator[str]:
-    """The dashboard, as ``safegate dashboard`` starts it, over the seeded home."""
+def served(
+    fresh: Seeded,
+    tmp_path: Path,
+    served_gateway: ServedGateway,
+) -> Iterator[str]:
+    """The dashboard, as ``safegate dashboard`` starts it, over the seeded home, with the
+    gateway of that home for its playground."""
     port = free_port()
-    env = {**os.environ, "SAFEGATE_HOME": str(fresh.home)}
+    env = {
+        **os.environ,
+        "SAFEGATE_HOME": str(fresh.home),
+        GATEWAY_URL_VARIABLE: served_gateway.url,
+    }
     env.pop("SAFEGATE_DATABASE_URL", None)
     log = (tmp_path / "streamlit.log").open("w")
     process = subprocess.Popen(  # noqa: S603 - our own command line
@@ -169,10 +188,13 @@ def _settled(driver: Any, title: str) -> None:
 
 
 def _screenshot(driver: Any, name: str) -> Path:
-    """The whole page: the window is made as tall as Streamlit's scrolling main area."""
+    """The whole page: the window is made as tall as Streamlit's scrolling main area (or
+    the tallest scrolled element: a page with a chat input scrolls its own container)."""
     height = driver.execute_script(
         "const main = document.querySelector('[data-testid=\"stMain\"]');"
-        "return Math.max(main ? main.scrollHeight : 0, document.body.scrollHeight);"
+        "const inner = Array.from(document.querySelectorAll('*'));"
+        "return Math.max(main ? main.scrollHeight : 0, document.body.scrollHeight,"
+        "  ...inner.filter(e => e.scrollHeight > e.clientHeight + 1).map(e => e.scrollHeight));"
     )
     driver.set_window_size(WIDTH, min(int(height) + 120, 6000))
     time.sleep(1.0)
@@ -271,3 +293,34 @@ def test_a_reviewer_signs_in_labels_an_item_and_every_page_renders(
     body = driver.find_element(By.TAG_NAME, "body").text
     assert "32.6%" in body  # the seeded day's block rate
     _screenshot(driver, "traffic")
+
+    # The playground, as an admin (a reviewer key may not chat): a safe turn, streamed, and
+    # a blocked one, each with the filter's annotations beside it.
+    _click_button(driver, "Sign out")
+    key_input = _wait(
+        driver,
+        lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "input[type='password']")), False),
+        "the API key field again",
+    )
+    key_input.send_keys(fresh.admin_key, Keys.ENTER)
+    _settled(driver, "Model comparison")
+    _open(driver, "Playground")
+    for message, expected in ((QUESTION, ANSWER), (HATE, "Prompt: blocked: hate")):
+        box = _wait(
+            driver,
+            lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "textarea")), False),
+            "the chat input",
+        )
+        box.send_keys(message, Keys.ENTER)
+        _wait(
+            driver,
+            lambda d, expected=expected: expected in d.find_element(By.TAG_NAME, "body").text,
+            repr(expected),
+        )
+        _settled(driver, "Playground")
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "Prompt: safe" in body
+    assert "Completion: safe" in body
+    assert "not sent to the model: the prompt was blocked" in body
+    assert "Send to review" in body
+    _screenshot(driver, "playground")
