@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+from opentelemetry.trace import Tracer
 
 from gateway.audit import AuditStore
 from gateway.blocklists import BlocklistStore
@@ -29,6 +30,7 @@ class AppState:
     upstreams: LitellmUpstreams
     policies: PolicyCatalog
     metrics: Metrics
+    tracer: Tracer  # the API's no-op tracer unless tracing is on (gateway.tracing)
 
 
 def app_state(request: Request) -> AppState:

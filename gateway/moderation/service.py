@@ -18,6 +18,7 @@ from gateway.errors import InvalidRequest
 from gateway.moderation.schemas import ModerationRequest, ModerationResponse, to_response
 from gateway.safety.taxonomy import Direction
 from gateway.state import AppState
+from gateway.tracing import audit_attributes, describe, stage
 
 ROUTE = "moderations"
 
@@ -45,7 +46,10 @@ class ModerationService:
                 param="input",
                 code="too_many_inputs",
             )
-        verdicts = await self.state.batcher.check(texts, direction=Direction.PROMPT)
+        sizes = {"safegate.texts": len(texts), "safegate.chars": sum(len(t) for t in texts)}
+        with stage(self.state.tracer, "moderation_check", sizes) as span:
+            verdicts = await self.state.batcher.check(texts, direction=Direction.PROMPT)
+            describe(span, verdicts)
         checked = time.perf_counter()
         for verdict in verdicts:
             self.state.metrics.observe_verdict(verdict)
@@ -80,6 +84,7 @@ class ModerationService:
             stream=False,
             origin=origin,
         )
-        with anyio.CancelScope(shield=True):
+        audit = audit_attributes(items, record)
+        with stage(self.state.tracer, "audit", audit), anyio.CancelScope(shield=True):
             await self.state.audit.record(items, request=record)
         return response

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from alembic.config import Config
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -100,9 +101,14 @@ def issue_key(
     return issued.secret
 
 
-def ready_client(app_settings: Settings, factory: EngineFactory) -> TestClient:
-    """A started app whose requests carry an admin key (``client.headers``)."""
-    client = TestClient(create_app(app_settings, engine_factory=factory))
+def ready_client(
+    app_settings: Settings, factory: EngineFactory, *, span_exporter: SpanExporter | None = None
+) -> TestClient:
+    """A started app whose requests carry an admin key (``client.headers``); its spans go to
+    ``span_exporter`` when ``app_settings`` turn tracing on."""
+    client = TestClient(
+        create_app(app_settings, engine_factory=factory, span_exporter=span_exporter)
+    )
     client.__enter__()
     admin = issue_key(client, Role.ADMIN, name="test-admin", rate_limit_rpm=MAX_REQUESTS_PER_MINUTE)
     client.headers["Authorization"] = f"Bearer {admin}"
