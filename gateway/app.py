@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI
 
@@ -44,8 +45,12 @@ from gateway.routes import (
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
+from gateway.tracing import RequestSpans, build_tracing
 from gateway.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
 from safegate.offline import offline_defaults
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger("safegate.app")
 
@@ -63,10 +68,14 @@ def create_app(
     *,
     engine_factory: EngineFactory = _default_engine,
     now: Clock = utc_now,
+    span_exporter: SpanExporter | None = None,
 ) -> FastAPI:
-    """The service; ``now`` is the clock of request records and quota windows (tests move it)."""
+    """The service over ``settings``; ``now`` is the clock of request records and quota
+    windows (tests move it); ``span_exporter`` replaces the OTLP exporter when tracing is on
+    (tests pass an in-memory one)."""
     settings = settings or get_settings()
     offline_defaults()
+    tracing = build_tracing(settings.tracing, exporter=span_exporter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +137,7 @@ def create_app(
             await app.state.limiter.close()
             await audit.close()
             database.dispose()
+            await asyncio.to_thread(tracing.shutdown)  # the last spans, flushed
 
     app = SafegateAPI(
         title="safegate",
@@ -141,6 +151,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.tracing = tracing
     errors.install(app)
     app.include_router(health.router)
     app.include_router(chat.router)
@@ -158,6 +169,8 @@ def create_app(
             dependencies=[Depends(require(Role.ADMIN, Role.DEVELOPER, Role.REVIEWER))],
         )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if tracing.enabled:  # off, requests pass no tracing middleware at all
+        app.add_middleware(RequestSpans, tracer=tracing.tracer)
     app.add_middleware(RequestContext, metrics=app.state.metrics, degraded=settings.degraded())
     return app
 
@@ -198,5 +211,6 @@ async def _load(
         policies=PolicyCatalog(default=engine.policy, home_dir=settings.home_dir),
         metrics=app.state.metrics,
         quotas=app.state.quotas,
+        tracer=app.state.tracing.tracer,
     )
     log.info("safety engine ready", extra={"members": [s.classifier.id for s in engine.members]})

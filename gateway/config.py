@@ -56,6 +56,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 2_000_000
 DEFAULT_MAX_MODERATION_INPUTS = 64
+# OpenTelemetry's own default: an export of spans (retries included) gives up after this.
+DEFAULT_TRACE_EXPORT_TIMEOUT_S = 10.0
 
 
 class EncoderSettings(BaseModel):
@@ -265,6 +267,33 @@ class UpstreamSettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces of each request and its stages (``gateway.tracing``): sizes,
+    scores and actions, never content. Off by default; on, spans go out by OTLP/HTTP."""
+
+    enabled: bool = False
+    service_name: str | None = Field(
+        default=None, description="the spans' service.name; unset: OTEL_SERVICE_NAME, else safegate"
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces URL (http://collector:4318/v1/traces); unset: "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318",
+    )
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="share of new traces recorded; a caller's traceparent decides for its own",
+    )
+    export_timeout_s: float = Field(
+        default=DEFAULT_TRACE_EXPORT_TIMEOUT_S,
+        gt=0,
+        description="an export to the collector, retries included, gives up after this (and "
+        "so does the last flush when the gateway stops)",
+    )
+
+
 class Settings(SharedSettings):
     model_config = SettingsConfigDict(
         env_prefix="SAFEGATE_", env_nested_delimiter="__", extra="ignore"
@@ -295,6 +324,7 @@ class Settings(SharedSettings):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     quota: QuotaSettings = QuotaSettings()
+    tracing: TracingSettings = TracingSettings()
 
     def degraded(self) -> tuple[str, ...]:
         """What these settings switch off that weakens every verdict: ``/readyz`` lists it

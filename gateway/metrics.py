@@ -135,8 +135,7 @@ class Metrics:
 
     def observe_verdict(self, verdict: Verdict) -> None:
         direction = verdict.direction.value
-        action = "block" if verdict.blocked else "annotate" if verdict.flagged else "allow"
-        self.verdicts.labels(direction, action).inc()
+        self.verdicts.labels(direction, verdict.action).inc()
         for label in verdict.flagged_labels:
             self.flags.labels(direction, label.value).inc()
             if verdict.labels[label].action.value == "block":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+from opentelemetry.trace import Tracer
 
 from gateway.allowlists import AllowlistStore
 from gateway.audit import AuditStore
@@ -33,6 +34,7 @@ class AppState:
     policies: PolicyCatalog
     metrics: Metrics
     quotas: QuotaGuard
+    tracer: Tracer  # the API's no-op tracer unless tracing is on (gateway.tracing)
 
 
 def app_state(request: Request) -> AppState:

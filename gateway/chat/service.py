@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from gateway.audit import FlaggedItem, RequestRecord, flagged_item
 from gateway.auth import Principal
@@ -67,6 +69,7 @@ from gateway.safety.policy import Policy
 from gateway.safety.taxonomy import Direction
 from gateway.safety.verdict import Verdict
 from gateway.state import AppState
+from gateway.tracing import audit_attributes, describe, end_stage, stage, start_stage
 from gateway.upstreams import FORWARDED_PARAMS
 
 # litellm maps a 400 to ContentPolicyViolationError by its wording: "request was rejected as
@@ -78,6 +81,11 @@ CONTENT_FILTER_MESSAGE = (
     "safegate's content filter blocked the prompt ({reasons}). Rephrase the request; see "
     "content_filter_result for each category."
 )
+# An upstream's token counts, as OpenTelemetry's GenAI conventions name them on its span.
+_USAGE_ATTRIBUTES = {
+    "prompt_tokens": "gen_ai.usage.input_tokens",
+    "completion_tokens": "gen_ai.usage.output_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,7 @@ class Streaming:
 
 @dataclass
 class ChatRun:
-    """One request's bookkeeping: what to audit, what to time."""
+    """One request's bookkeeping: what to audit, what to time, what to trace."""
 
     state: AppState
     principal: Principal
@@ -112,6 +120,11 @@ class ChatRun:
     items: list[FlaggedItem] = field(default_factory=list)
     categories: set[str] = field(default_factory=set)
     latency_ms: dict[str, float] = field(default_factory=dict)
+    completion_verdicts: list[Verdict] = field(default_factory=list)
+    completion_chars: int = 0  # read by the completion checks (a stream's overlaps included)
+    # The request's span (``gateway.tracing.RequestSpans``), current when the run is made.
+    request_span: Span = field(default_factory=trace.get_current_span)
+    upstream_span: Span = INVALID_SPAN
 
     def timed(self, stage: str, seconds: float) -> None:
         self.latency_ms[stage] = round(self.latency_ms.get(stage, 0.0) + seconds * 1000, 3)
@@ -170,7 +183,18 @@ class ChatRun:
             cost_usd=None if metered is None else metered.cost_usd,
             created_at=self.state.quotas.now(),
         )
-        await self.state.audit.record(self.items, request=record)
+        end_stage(self.upstream_span)  # a stream cut short: its upstream ends with it
+        outcome = f"{blocked}_blocked" if blocked else "completed" if status == 200 else "failed"
+        self.request_span.set_attributes(
+            {
+                "gen_ai.request.model": self.model,
+                "safegate.stream": self.stream,
+                "safegate.outcome": outcome,
+            }
+        )
+        audit = audit_attributes(self.items, record)
+        with stage(self.state.tracer, "audit", audit), anyio.CancelScope(shield=True):
+            await self.state.audit.record(self.items, request=record)
         if metered is not None:
             key_id = self.principal.key_id
             self.state.quotas.spend(
@@ -186,6 +210,7 @@ class ChatRun:
     async def check_completion(self, text: str) -> Verdict:
         """One completion text (or stream window) through the engine, under the policy."""
         started = time.perf_counter()
+        self.completion_chars += len(text)
         limit = self.state.engine.max_text_chars
         pieces = [text[i : i + limit] for i in range(0, len(text), limit)] or [text]
         # Never shed: the prompt was admitted and the upstream has answered; refusing now
@@ -197,10 +222,43 @@ class ChatRun:
         ]
         self.timed("completion_check", time.perf_counter() - started)
         blocked = [v for v in verdicts if v.blocked]
-        return blocked[0] if blocked else max(verdicts, key=lambda v: len(v.flagged_labels))
+        verdict = blocked[0] if blocked else max(verdicts, key=lambda v: len(v.flagged_labels))
+        self.completion_verdicts.append(verdict)
+        return verdict
+
+    def describe_completion_checks(self, span: Span, *, choices: int) -> None:
+        describe(
+            span,
+            self.completion_verdicts,
+            choices=choices,
+            checks=len(self.completion_verdicts),
+            chars=self.completion_chars,
+        )
+
+    def upstream_started(self) -> float:
+        """The upstream call begins: its span opens (a stream's ends after its last chunk)."""
+        self.upstream_span = start_stage(
+            self.state.tracer,
+            "upstream",
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": self.model,
+                "safegate.stream": self.stream,
+            },
+            kind=SpanKind.CLIENT,
+        )
+        return time.perf_counter()
+
+    def upstream_answered(self, started: float, *, usage: Mapping[str, int] | None) -> None:
+        self.timed("upstream", time.perf_counter() - started)
+        tokens = {
+            _USAGE_ATTRIBUTES[k]: n for k, n in (usage or {}).items() if k in _USAGE_ATTRIBUTES
+        }
+        end_stage(self.upstream_span, {"safegate.upstream.status": 200, **tokens})
 
     def upstream_failed(self, error: ApiError) -> None:
         self.state.metrics.upstream_errors.labels(self.model, error.code or "upstream_error").inc()
+        end_stage(self.upstream_span, {"safegate.upstream.status": error.status}, error=error)
 
 
 class ChatService:
@@ -233,7 +291,7 @@ class ChatService:
         )
         await self._check_quota(run, reachable)
         try:
-            verdicts = await self._check_prompt(run, texts)
+            verdicts = await self._check_prompt(run, texts, messages=len(body.messages))
         except EngineOverloaded:
             await run.finish(status=429, blocked=None, answer=None)
             raise
@@ -277,17 +335,20 @@ class ChatService:
         params: dict[str, Any],
         prompt_results: list[PromptFilterResult],
     ) -> ChatCompletion:
-        upstream_started = time.perf_counter()
+        upstream_started = run.upstream_started()
         try:
             response = await self.state.upstreams.complete(run.model, messages, **params)
         except ApiError as error:
             run.upstream_failed(error)
             await run.finish(status=error.status, blocked=None, answer=None)
             raise
-        run.timed("upstream", time.perf_counter() - upstream_started)
-        choices, any_blocked = await _check_choices(run, response.choices)
+        usage = usage_dict(getattr(response, "usage", None))
+        run.upstream_answered(upstream_started, usage=usage)
+        with stage(self.state.tracer, "completion_check") as span:
+            choices, any_blocked = await _check_choices(run, response.choices)
+            run.describe_completion_checks(span, choices=len(choices))
         answer = Answer(
-            usage=usage_dict(getattr(response, "usage", None)),
+            usage=usage,
             completions=[completion_text(choice.message) for choice in response.choices],
         )
         metered = await run.finish(
@@ -373,19 +434,28 @@ class ChatService:
                 code="too_many_choices",
             )
 
-    async def _check_prompt(self, run: ChatRun, texts: list[PromptText]) -> dict[str, Verdict]:
+    async def _check_prompt(
+        self, run: ChatRun, texts: list[PromptText], *, messages: int
+    ) -> dict[str, Verdict]:
         started = time.perf_counter()
-        reports = await self.state.batcher.detect([t.text for t in texts]) if texts else []
-        verdicts: dict[str, Verdict] = {}
-        for text, report in zip(texts, reports, strict=True):
-            verdict = self.state.engine.decide(
-                report,
-                direction=Direction.PROMPT,
-                policy=run.policy,
-                ignore=() if text.document else NOT_IN_TURNS,
-            )
-            verdicts[text.source] = verdict
-            run.saw(verdict, text=text.text, source=text.source)
+        sizes = {
+            "safegate.messages": messages,
+            "safegate.texts": len(texts),
+            "safegate.chars": sum(len(t.text) for t in texts),
+        }
+        with stage(self.state.tracer, "prompt_check", sizes) as span:
+            reports = await self.state.batcher.detect([t.text for t in texts]) if texts else []
+            verdicts: dict[str, Verdict] = {}
+            for text, report in zip(texts, reports, strict=True):
+                verdict = self.state.engine.decide(
+                    report,
+                    direction=Direction.PROMPT,
+                    policy=run.policy,
+                    ignore=() if text.document else NOT_IN_TURNS,
+                )
+                verdicts[text.source] = verdict
+                run.saw(verdict, text=text.text, source=text.source)
+            describe(span, verdicts.values())
         run.timed("prompt_check", time.perf_counter() - started)
         return verdicts
 

@@ -26,6 +26,7 @@ from gateway.chat.stream_guard import StreamGuard
 from gateway.content_filter import filter_results
 from gateway.errors import ApiError, error_body
 from gateway.safety.verdict import Verdict
+from gateway.tracing import end_stage, start_stage
 
 
 def _sse(data: Mapping[str, Any]) -> bytes:
@@ -49,7 +50,7 @@ async def open_stream(
 ) -> AsyncIterator[bytes]:
     """Call the upstream and wait for its first chunk (so a failing upstream is an error
     status, not a broken 200), then return the events to send."""
-    upstream_started = time.perf_counter()
+    upstream_started = run.upstream_started()
     try:
         chunks = await run.state.upstreams.stream(run.model, messages, **params)
         iterator = aiter(chunks)
@@ -80,6 +81,10 @@ async def _events(
         "model": run.model,
     }
     guards: dict[int, StreamGuard] = {}
+    # One span for the stream's checking, from its first chunk to its audit records.
+    checking = start_stage(
+        run.state.tracer, "completion_check", {"safegate.stream_mode": run.policy.stream_mode}
+    )
     tools: dict[int, dict[int, _ToolCallBuffer]] = {}
     received: dict[int, list[str]] = {}  # everything the upstream sent, for counting tokens
     finish: dict[int, str] = {}
@@ -140,6 +145,8 @@ async def _events(
         if finished:
             return None
         finished = True
+        run.describe_completion_checks(checking, choices=len(guards))
+        end_stage(checking)
         for index, guard in sorted(guards.items()):
             record(index, guard)
         completions = ["".join(received[index]) for index in sorted(received)]
@@ -188,7 +195,7 @@ async def _events(
             if guards and all(g.blocked is not None for g in guards.values()):
                 break  # every choice was cut off: stop reading the upstream
             chunk = await anext(iterator, None)
-        run.timed("upstream", time.perf_counter() - upstream_started)
+        run.upstream_answered(upstream_started, usage=usage)
         for index, guard in sorted(guards.items()):
             if guard.blocked is not None:
                 continue

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import Literal
 
 from gateway.safety.taxonomy import AzureCategory, Category, Direction, Label, Severity, Shield
 
@@ -67,6 +68,10 @@ class Action(StrEnum):
 
     BLOCK = "block"
     ANNOTATE = "annotate"
+
+
+# What happens to a whole text (``Verdict.action``): blocked, annotated, or let through.
+VerdictAction = Literal["block", "annotate", "allow"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,3 +163,8 @@ class Verdict:
     @property
     def flagged_labels(self) -> tuple[Label, ...]:
         return tuple(label for label, result in self.labels.items() if result.flagged)
+
+    @property
+    def action(self) -> VerdictAction:
+        """What happens to the text: ``block``, ``annotate`` (flagged, let through), ``allow``."""
+        return "block" if self.blocked else "annotate" if self.flagged else "allow"

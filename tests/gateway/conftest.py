@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from alembic.config import Config
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
@@ -103,11 +104,18 @@ def issue_key(
 
 
 def ready_client(
-    app_settings: Settings, factory: EngineFactory, *, now: Clock = utc_now
+    app_settings: Settings,
+    factory: EngineFactory,
+    *,
+    now: Clock = utc_now,
+    span_exporter: SpanExporter | None = None,
 ) -> TestClient:
     """A started app whose requests carry an admin key (``client.headers``); ``now`` is its
-    clock for request records and quota windows."""
-    client = TestClient(create_app(app_settings, engine_factory=factory, now=now))
+    clock for request records and quota windows; its spans go to ``span_exporter`` when
+    ``app_settings`` turn tracing on."""
+    client = TestClient(
+        create_app(app_settings, engine_factory=factory, now=now, span_exporter=span_exporter)
+    )
     client.__enter__()
     admin = issue_key(client, Role.ADMIN, name="test-admin", rate_limit_rpm=MAX_REQUESTS_PER_MINUTE)
     client.headers["Authorization"] = f"Bearer {admin}"

@@ -39,7 +39,9 @@ ANSWER = (
 QUESTION = "How do I reset my console?"
 
 
-def _upstreams(tmp_path: Path, **extra: Any) -> Path:
+def stub_upstreams(tmp_path: Path, **extra: Any) -> Path:
+    """The upstreams file of the chat tests: models answered by litellm's ``mock_response``
+    (``support``, ``rogue``, ``hateful``) and one nothing listens behind (``down``)."""
     config = {
         "models": [
             {
@@ -79,7 +81,7 @@ def _upstreams(tmp_path: Path, **extra: Any) -> Path:
 
 @pytest.fixture
 def chat_settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", upstreams={"file": _upstreams(tmp_path)})
+    return Settings(home=tmp_path / "home", upstreams={"file": stub_upstreams(tmp_path)})
 
 
 @pytest.fixture
@@ -428,7 +430,7 @@ def test_bad_requests_are_4xx_with_openai_bodies(
 def test_message_limits_have_named_defaults(tmp_path: Path, engine_factory: EngineFactory) -> None:
     settings = Settings(
         home=tmp_path / "home",
-        upstreams={"file": _upstreams(tmp_path)},
+        upstreams={"file": stub_upstreams(tmp_path)},
         chat={"max_messages": 2, "max_message_chars": 50},
     )
     client = ready_client(settings, engine_factory)
@@ -516,7 +518,7 @@ def test_a_failing_classifier_fails_closed_with_503(
         )
 
     client = ready_client(
-        Settings(home=tmp_path / "home", upstreams={"file": _upstreams(tmp_path)}), factory
+        Settings(home=tmp_path / "home", upstreams={"file": stub_upstreams(tmp_path)}), factory
     )
     try:
         response = client.post("/v1/chat/completions", json=_ask())
@@ -586,7 +588,7 @@ def test_a_prompt_the_engine_cannot_queue_gets_429_before_the_upstream(tmp_path:
 
     settings = Settings(
         home=tmp_path / "home",
-        upstreams={"file": _upstreams(tmp_path)},
+        upstreams={"file": stub_upstreams(tmp_path)},
         engine={"queue_capacity_chars": 1_000},
     )
     client = ready_client(settings, gated)

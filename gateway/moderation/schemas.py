@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.safety.taxonomy import Category, Shield
-from gateway.safety.verdict import Action, Verdict
+from gateway.safety.verdict import Action, Verdict, VerdictAction
 
 DEFAULT_MODEL_NAME = "safegate-moderation-1"
 
@@ -98,7 +98,7 @@ class ModerationResult(BaseModel):
     category_applied_input_types: dict[str, list[str]]
     severities: dict[str, Severity]
     shields: dict[str, ShieldResult]
-    action: Literal["block", "annotate", "allow"]
+    action: VerdictAction
     reasons: list[str]
     members: list[MemberResult]
     language: str | None
@@ -145,12 +145,6 @@ def to_result(verdict: Verdict) -> ModerationResult:
         )
         for report in verdict.members
     ]
-    if verdict.blocked:
-        action: Literal["block", "annotate", "allow"] = "block"
-    elif verdict.flagged:
-        action = "annotate"
-    else:
-        action = "allow"
     return ModerationResult(
         flagged=verdict.blocked or any(categories.values()),
         categories=categories,
@@ -158,7 +152,7 @@ def to_result(verdict: Verdict) -> ModerationResult:
         category_applied_input_types={c.value: ["text"] for c in Category},
         severities=severities,
         shields=shields,
-        action=action,
+        action=verdict.action,
         reasons=list(verdict.reasons),
         members=members,
         language=verdict.language,
