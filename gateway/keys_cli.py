@@ -23,7 +23,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.auth.keys import ApiKey, KeyStore, Role, ensure_local_key, local_key_path
+from gateway.auth.keys import (
+    KEY_ID_PREFIX,
+    ApiKey,
+    KeyStore,
+    Role,
+    ensure_local_key,
+    local_key_path,
+)
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.errors import ApiError
@@ -168,7 +175,7 @@ def list_keys(
 
 @keys.command("quota")
 def set_quota(
-    key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")],
+    key: Annotated[str, typer.Argument(help="The key's id (key_...) or its name.")],
     daily_tokens: DailyTokens = None,
     monthly_tokens: MonthlyTokens = None,
     monthly_budget_usd: MonthlyBudget = None,
@@ -176,6 +183,7 @@ def set_quota(
     """Set a key's quotas: each option given replaces that quota (0 lifts it), the others
     stay. Running servers apply it within SAFEGATE_AUTH__CACHE_TTL_S."""
     with _store(get_settings()) as store:
+        key_id = _active_key_id(store, key)
         current = store.get(key_id).quota
         quota = Quota(
             daily_tokens=current.daily_tokens if daily_tokens is None else daily_tokens or None,
@@ -193,6 +201,17 @@ def set_quota(
         f"{key_id} ({escape(updated.name)}) quota: {_describe(updated.quota)}", soft_wrap=True
     )
     _note_unpriced(updated.quota)
+
+
+def _active_key_id(store: KeyStore, key: str) -> str:
+    """``key`` as given when it is an id; otherwise the id of the active key of that name
+    (names are unique among active keys)."""
+    if key.startswith(KEY_ID_PREFIX):
+        return key
+    named = [found.id for found in store.list(include_revoked=False) if found.name == key]
+    if not named:
+        raise typer.BadParameter(f"no active key named {key!r}; 'safegate keys list' lists them")
+    return named[0]
 
 
 @keys.command("usage")

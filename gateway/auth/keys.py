@@ -72,6 +72,7 @@ DEFAULT_TOUCH_INTERVAL_S = 60.0
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
 LOCAL_KEY_NAME = "local-developer"
 LOCAL_KEY_FILE = "local-developer.key"
+KEY_ID_PREFIX = "key_"  # a key's public id: this and 24 hex digits
 ANONYMOUS_KEY_ID = "anonymous"
 # Every 401 carries it: the scheme a client should authenticate with (RFC 6750).
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="safegate"'}
@@ -261,7 +262,7 @@ class KeyStore:
         _check_rate_limit(rate_limit_rpm)
         secret = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
         row = ApiKeyRow(
-            id="key_" + secrets.token_hex(12),
+            id=KEY_ID_PREFIX + secrets.token_hex(12),
             name=name,
             role=checked_role.value,
             policy=policy,

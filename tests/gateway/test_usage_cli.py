@@ -113,6 +113,13 @@ def test_create_and_quota_set_and_lift_a_keys_quotas(home: Path, database: Datab
     assert code == 1
     assert "no API key with id 'key_nope'" in err
 
+    code, _, err = keys("quota", "ci-bot", "--daily-tokens", "20000")  # by its name
+    assert code == 0, err
+    assert store.get(key.id).quota.daily_tokens == 20_000
+    code, _, err = keys("quota", "no-such-name", "--daily-tokens", "5")
+    assert code == 2
+    assert "no active key named 'no-such-name'" in err
+
 
 def test_usage_reports_per_key_model_and_day_at_natural_width_when_piped(
     home: Path, database: Database, tmp_path: Path
