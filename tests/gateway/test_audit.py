@@ -801,7 +801,7 @@ def test_labels_persist_with_the_reviewer(store: AuditStore) -> None:
 def test_export_walks_labelled_items_oldest_first(
     store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gateway.audit.EXPORT_PAGE_SIZE", 2)  # several pages
+    monkeypatch.setattr("gateway.audit.store.EXPORT_PAGE_SIZE", 2)  # several pages
     items = seed(store)
     for name, label in [
         ("threat", ReviewLabel.TRUE_POSITIVE),

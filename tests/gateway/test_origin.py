@@ -23,9 +23,8 @@ from gateway.audit import (
     FlaggedItemRow,
     ItemFilter,
     RequestLogRow,
-    _item_row,
-    _request_row,
 )
+from gateway.audit.tables import item_row, request_row
 from gateway.auth import Role
 from gateway.db import Database
 from gateway.errors import InvalidRequest
@@ -161,7 +160,7 @@ def test_migration_0004_adds_the_origin_and_keeps_every_row(
     assert "origin" not in _columns(database, "request_log")
     # Rows written at 0003, with that revision's columns only.
     before, logged = item(1, created_at=T0), request_record(1, created_at=T0)
-    row = {k: v for k, v in _item_row(before).items() if k != "origin"}
+    row = {k: v for k, v in item_row(before).items() if k != "origin"}
     with database.engine.begin() as connection:
         connection.execute(FlaggedItemRow.__table__.insert(), [row])
         connection.execute(
@@ -170,7 +169,7 @@ def test_migration_0004_adds_the_origin_and_keeps_every_row(
         )
         connection.execute(
             RequestLogRow.__table__.insert(),
-            [{k: v for k, v in _request_row(logged).items() if k not in AFTER_0003}],
+            [{k: v for k, v in request_row(logged).items() if k not in AFTER_0003}],
         )
 
     database.migrate()

@@ -584,12 +584,14 @@ def test_two_replicas_share_the_totals_through_the_database(
 
 
 def test_spooled_request_records_keep_their_usage(tmp_path: Path) -> None:
-    from gateway.audit import _from_spool, _to_spool
+    from gateway.audit.spooled import from_spool_line, to_spool_line
 
     record = _record("key_a", EVENING, cost_usd=0.00125)
-    assert _from_spool(json.loads(json.dumps(_to_spool(record)))) == record
-    older = {k: v for k, v in _to_spool(record).items() if k not in {"usage_source", "cost_usd"}}
-    restored = _from_spool(older)  # a line spooled before revision 0006
+    assert from_spool_line(json.loads(json.dumps(to_spool_line(record)))) == record
+    older = {
+        k: v for k, v in to_spool_line(record).items() if k not in {"usage_source", "cost_usd"}
+    }
+    restored = from_spool_line(older)  # a line spooled before revision 0006
     assert isinstance(restored, RequestRecord)
     assert (restored.usage_source, restored.cost_usd) == (None, None)
 
