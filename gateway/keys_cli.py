@@ -28,9 +28,8 @@ from gateway.auth.keys import (
     ApiKey,
     KeyStore,
     Role,
-    ensure_local_key,
-    local_key_path,
 )
+from gateway.auth.local_key import ensure_local_key, local_key_path
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.errors import ApiError

@@ -69,9 +69,10 @@ Errors are the API's (``gateway.errors``)::
     InvalidRequest      400  a bad name, role, policy or rate limit on create
     NotFound            404  key_not_found;  Conflict 409  key_name_exists
 
-The package: ``keys`` (roles, principals, the table, ``KeyStore`` and the first start's
-local key; no FastAPI, so ``safegate keys`` imports it without the web stack) and
-``dependencies`` (``require``, ``require_by_method``, ``checks_key``, ``presented_key``).
+The package: ``keys`` (roles, principals, the table and ``KeyStore``; no FastAPI, so
+``safegate keys`` imports it without the web stack), ``local_key`` (the first start's
+developer key in a private file) and ``dependencies`` (``require``, ``require_by_method``,
+``checks_key``, ``presented_key``).
 Every public name is importable from ``gateway.auth``.
 """
 
@@ -91,8 +92,6 @@ from gateway.auth.keys import (
     KEY_PREFIX,
     KEY_RANDOM_BYTES,
     KEY_STORE_RETRY_AFTER_S,
-    LOCAL_KEY_FILE,
-    LOCAL_KEY_NAME,
     NAME_PATTERN,
     POLICY_PATTERN,
     ApiKey,
@@ -101,6 +100,10 @@ from gateway.auth.keys import (
     KeyStore,
     Principal,
     Role,
+)
+from gateway.auth.local_key import (
+    LOCAL_KEY_FILE,
+    LOCAL_KEY_NAME,
     ensure_local_key,
     local_key_path,
     write_private,

@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import re
 import secrets
 import sqlite3
@@ -24,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 
 from sqlalchemy import (
     BigInteger,
@@ -70,8 +68,6 @@ DEFAULT_OUTAGE_GRACE_S = 300.0
 KEY_STORE_RETRY_AFTER_S = 5
 DEFAULT_TOUCH_INTERVAL_S = 60.0
 DEFAULT_CACHE_MAX_ENTRIES = 10_000
-LOCAL_KEY_NAME = "local-developer"
-LOCAL_KEY_FILE = "local-developer.key"
 KEY_ID_PREFIX = "key_"  # a key's public id: this and 24 hex digits
 ANONYMOUS_KEY_ID = "anonymous"
 # Every 401 carries it: the scheme a client should authenticate with (RFC 6750).
@@ -457,52 +453,6 @@ class KeyStore:
             if row.last_used_at is None or now - row.last_used_at >= self.touch_interval:
                 row.last_used_at = now
             return _principal(row)
-
-
-# -- first start --------------------------------------------------------------------------
-
-
-def local_key_path(home: Path) -> Path:
-    return home / LOCAL_KEY_FILE
-
-
-def ensure_local_key(store: KeyStore, home: Path) -> str | None:
-    """On a first start (no keys at all), create a developer key and keep it in a file.
-
-    Returns the new key, written to ``<home>/local-developer.key`` (mode 0600), or
-    ``None`` when the table already holds a key (revoked ones count: an admin who revoked
-    every key gets no new one behind their back) or another process created one first.
-    """
-    if store.count():
-        return None
-    try:
-        issued = store.create(LOCAL_KEY_NAME, Role.DEVELOPER)
-    except Conflict:  # another replica starting at the same moment
-        return None
-    try:
-        write_private(local_key_path(home), issued.secret + "\n")
-    except OSError:
-        store.revoke(issued.key.id)  # nobody could ever read it: do not leave it live
-        raise
-    log.info("local developer key created", extra={"key_id": issued.key.id})
-    return issued.secret
-
-
-def write_private(path: Path, content: str) -> None:
-    """Write ``content`` readable by the owner only, replacing ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 # -- helpers -----------------------------------------------------------------------------
