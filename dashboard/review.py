@@ -28,7 +28,7 @@ from gateway.auth import KeyStore, Principal, Role
 from gateway.blocklists import BlocklistItem, BlocklistStore, ItemKind, NewItem
 from gateway.errors import Forbidden
 from gateway.origin import EVAL_ORIGIN
-from gateway.review_actions import check_term_occurs, ensure_blocklist, eval_example
+from gateway.review.actions import check_term_occurs, ensure_blocklist, eval_example
 from gateway.safety.taxonomy import Direction, Severity
 
 if TYPE_CHECKING:

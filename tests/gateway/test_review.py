@@ -28,6 +28,7 @@ from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE, InProcessRateLimiter
+from gateway.review.schemas import PREVIEW_CHARS
 from gateway.routes import review
 from gateway.safety.taxonomy import Direction
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
@@ -215,7 +216,7 @@ def test_list_filters_and_objects(api: Api) -> None:
         "reasons": ["prompt flagged for hate"],
         "text_sha256": entry["text_sha256"],
         "text_chars": len(old_pii.text),
-        "text_preview": old_pii.text[: review.PREVIEW_CHARS],
+        "text_preview": old_pii.text[:PREVIEW_CHARS],
         "review_state": "unreviewed",
         "review_note": None,
         "reviewer_key_id": None,
