@@ -372,10 +372,11 @@ def _usage_record(row: UsageRow, names: dict[str, str]) -> dict[str, object]:
 
 
 @keys.command("revoke")
-def revoke(key_id: Annotated[str, typer.Argument(help="The key's id (key_...).")]) -> None:
+def revoke(key: Annotated[str, typer.Argument(help="The key's id (key_...) or its name.")]) -> None:
     """Revoke a key; running servers refuse it within SAFEGATE_AUTH__CACHE_TTL_S."""
     settings = get_settings()
     with _store(settings) as store:
+        key_id = _active_key_id(store, key)
         before = store.get(key_id)
         revoked = store.revoke(key_id)
     if not before.active:

@@ -133,6 +133,22 @@ def test_revoke_refuses_the_key_and_shows_in_the_list(home: Path, store: KeyStor
     assert "no API key with id 'key_missing'" in err
 
 
+def test_revoke_by_name_revokes_the_active_key_of_that_name(home: Path, store: KeyStore) -> None:
+    _, out, _ = keys("create", "--name", "ci-bot", "--role", "developer")
+    first = out.strip()
+    keys("revoke", "ci-bot")
+    _, out, _ = keys("create", "--name", "ci-bot", "--role", "developer")  # the name is free
+    second = out.strip()
+    code, _, err = keys("revoke", "ci-bot")  # the active one: the second
+    assert code == 0, err
+    for secret in (first, second):
+        with pytest.raises(Unauthorized):
+            store.authenticate(secret)
+    code, _, err = keys("revoke", "ci-bot")  # none active by that name now
+    assert code == 2
+    assert "no active key named 'ci-bot'" in err
+
+
 @pytest.mark.parametrize(
     ("args", "exit_code", "message"),
     [
