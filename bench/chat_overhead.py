@@ -5,7 +5,7 @@
    second at concurrency 16, non-streamed, a short prompt and answer.
 2. In process, the same stub reached four ways, p50 per call: plain httpx, the openai
    client, ``litellm.acompletion`` and litellm's ``Router`` as the gateway configures it
-   (``gateway.upstreams.LitellmUpstreams``), so litellm's own cost is separated from the
+   (``gateway.chat.upstreams.LitellmUpstreams``), so litellm's own cost is separated from the
    network's.
 
 3. With ``--compare KEY=VALUE`` (repeatable), a second gateway runs with those
@@ -169,7 +169,7 @@ async def client_costs(stub_port: int, count: int) -> dict[str, float]:
     import litellm
     import openai
 
-    from gateway.upstreams import LitellmUpstreams, UpstreamsConfig
+    from gateway.chat.upstreams import LitellmUpstreams, UpstreamsConfig
 
     api_base = f"http://127.0.0.1:{stub_port}/v1"
     messages = [{"role": "user", "content": QUESTION}]

@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.auth import KeyStore, Principal, Role, write_private
+from gateway.access import KeyStore, Principal, Role, write_private
 from gateway.errors import ApiError, Conflict
 
 log = logging.getLogger("safegate.dashboard")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gateway.access import Principal, Role
 from gateway.allowlists import Allowlist, AllowlistChange, AllowlistStore
-from gateway.auth import Principal, Role
 from gateway.errors import Forbidden
 
 if TYPE_CHECKING:

@@ -51,8 +51,8 @@ from typing import Any, Final
 
 import httpx
 
+from gateway.access import KeyStore, Principal, Role
 from gateway.audit import AuditStore, FlaggedItem, ItemFilter
-from gateway.auth import KeyStore, Principal, Role
 from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.origin import EVAL_ORIGIN, ORIGIN_HEADER

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from gateway.access import KeyStore, Principal, Role
 from gateway.audit import (
     MAX_PAGE_SIZE,
     AuditStore,
@@ -24,7 +25,6 @@ from gateway.audit import (
     ReviewState,
     StoredItem,
 )
-from gateway.auth import KeyStore, Principal, Role
 from gateway.blocklists import BlocklistItem, BlocklistStore, ItemKind, NewItem
 from gateway.errors import Forbidden
 from gateway.origin import EVAL_ORIGIN

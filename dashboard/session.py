@@ -13,7 +13,7 @@ import streamlit as st
 
 from dashboard.access import SignInError, local_reviewer_key_path, sign_in
 from dashboard.stores import Stores
-from gateway.auth import Principal
+from gateway.access import Principal
 from gateway.config import Settings
 
 KEY_STATE = "safegate_api_key"

@@ -18,9 +18,9 @@ from evals.runs import RunStore
 from finetune.db import Database as FinetuneDatabase
 from finetune.jobs import JobStore
 from finetune.registry import ModelRegistry
+from gateway.access import KeyStore
 from gateway.allowlists import AllowlistStore
 from gateway.audit import SPOOL_DIRNAME, AuditStore
-from gateway.auth import KeyStore
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import Database as GatewayDatabase

@@ -7,7 +7,7 @@ most ``MAX_REQUESTS``; optionally one key's or one origin's; eval traffic left o
 included, as on the review queue) and aggregates in pandas: requests and blocks per
 category over time, block rate per model, and latency per stage (``prompt_check``,
 ``upstream``, ``completion_check``, ``first_token``, ``total``). Usage per key (tokens per
-UTC day, from ``gateway.usage``, the totals ``safegate keys usage`` reports) and each
+UTC day, from ``gateway.access.usage``, the totals ``safegate keys usage`` reports) and each
 key's quotas with what is used of them come from the same table.
 """
 
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import ColumnElement, func, select
 
+from gateway.access import KeyStore
+from gateway.access.usage import UsageFilter, quota_use, usage_by_day
 from gateway.audit import AuditStore, RequestLogRow, not_eval
-from gateway.auth import KeyStore
 from gateway.origin import EVAL_ORIGIN, parse_origin
-from gateway.usage import UsageFilter, quota_use, usage_by_day
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -19,19 +19,20 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI
 
 from gateway import errors, logs
+from gateway.access import KeyStore, Role, require, require_by_method
+from gateway.access.policies import PolicyCatalog
+from gateway.access.quotas import Clock, QuotaGuard, utc_now
+from gateway.access.ratelimit import build_limiter
 from gateway.allowlists import AllowlistStore
 from gateway.audit import SPOOL_DIRNAME, AuditStore
-from gateway.auth import KeyStore, Role, require, require_by_method
 from gateway.blocklists import BlocklistStore
+from gateway.chat.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.ensemble import build_engine
-from gateway.key_policies import PolicyCatalog
 from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
 from gateway.openapi import SafegateAPI
-from gateway.quotas import Clock, QuotaGuard, utc_now
-from gateway.ratelimit import build_limiter
 from gateway.routes import (
     allowlists,
     blocklists,
@@ -46,7 +47,6 @@ from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.state import AppState
 from gateway.tracing import RequestSpans, build_tracing
-from gateway.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
 from safegate.offline import offline_defaults
 
 if TYPE_CHECKING:

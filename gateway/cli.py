@@ -26,14 +26,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from gateway.access.cli import announce_local_key
+from gateway.access.cli import keys as keys_app
 from gateway.config import Settings, get_settings
-from gateway.keys_cli import announce_local_key
-from gateway.keys_cli import keys as keys_app
 from safegate.offline import offline_defaults
 from safegate.output import table_console
 
 if TYPE_CHECKING:
-    from gateway.local_models import LocalModelProcess
+    from gateway.chat.local_models import LocalModelProcess
     from gateway.moderation import ModerationResult
     from gateway.safety.engine import SafetyEngine
     from gateway.safety.verdict import Verdict
@@ -76,8 +76,8 @@ def serve(
 
 def _start_local_models(settings: Settings) -> LocalModelProcess | None:
     """Start the local model server for the deployed adapters, unless none or one runs."""
-    from gateway.local_models import LocalModelProcess, port_in_use
-    from gateway.upstreams import registry_adapters
+    from gateway.chat.local_models import LocalModelProcess, port_in_use
+    from gateway.chat.upstreams import registry_adapters
 
     adapters = registry_adapters(settings.database, timeouts=settings.database_timeouts)()
     port = settings.local_models_port

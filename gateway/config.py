@@ -14,8 +14,15 @@ from pathlib import Path
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from gateway.access import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
+from gateway.access.quotas import DEFAULT_QUOTA_CACHE_TTL_S
+from gateway.access.ratelimit import (
+    DEFAULT_REDIS_KEY_PREFIX,
+    DEFAULT_REDIS_TIMEOUT_S,
+    DEFAULT_REQUESTS_PER_MINUTE,
+    MAX_REQUESTS_PER_MINUTE,
+)
 from gateway.audit import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
-from gateway.auth import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
 from gateway.blocklists import DEFAULT_REFRESH_S
 from gateway.chat import (
     DEFAULT_MAX_CHOICES,
@@ -28,13 +35,7 @@ from gateway.chat import (
     DEFAULT_STREAM_OVERLAP_CHARS,
     DEFAULT_STREAM_WINDOW_CHARS,
 )
-from gateway.quotas import DEFAULT_QUOTA_CACHE_TTL_S
-from gateway.ratelimit import (
-    DEFAULT_REDIS_KEY_PREFIX,
-    DEFAULT_REDIS_TIMEOUT_S,
-    DEFAULT_REQUESTS_PER_MINUTE,
-    MAX_REQUESTS_PER_MINUTE,
-)
+from gateway.chat.upstreams import SHIPPED_UPSTREAMS
 from gateway.safety.artifacts import SHIPPED_HEADS, Backend
 from gateway.safety.batcher import (
     DEFAULT_MAX_BATCH,
@@ -49,7 +50,6 @@ from gateway.safety.engine import (
 )
 from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.policy import SHIPPED_POLICY
-from gateway.upstreams import SHIPPED_UPSTREAMS
 from safegate.settings import SharedSettings
 
 DEFAULT_HOST = "127.0.0.1"
@@ -176,7 +176,7 @@ class AuditSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
-    """API keys (``gateway.auth``). Disabling makes every request an anonymous admin."""
+    """API keys (``gateway.access``). Disabling makes every request an anonymous admin."""
 
     enabled: bool = Field(
         default=True,
@@ -197,7 +197,7 @@ class AuthSettings(BaseModel):
 
 
 class RateLimitSettings(BaseModel):
-    """Per-key token buckets (``gateway.ratelimit``); a key's own rate_limit_rpm wins."""
+    """Per-key token buckets (``gateway.access.ratelimit``); a key's own rate_limit_rpm wins."""
 
     requests_per_minute: int = Field(
         default=DEFAULT_REQUESTS_PER_MINUTE, ge=1, le=MAX_REQUESTS_PER_MINUTE
@@ -215,7 +215,7 @@ class RateLimitSettings(BaseModel):
 
 
 class QuotaSettings(BaseModel):
-    """Per-key token quotas and budgets (``gateway.quotas``), set on each key."""
+    """Per-key token quotas and budgets (``gateway.access.quotas``), set on each key."""
 
     cache_ttl_s: float = Field(
         default=DEFAULT_QUOTA_CACHE_TTL_S,
@@ -258,7 +258,7 @@ class ChatSettings(BaseModel):
 
 
 class UpstreamSettings(BaseModel):
-    """Where the models are: a litellm Router config (``gateway.upstreams``)."""
+    """Where the models are: a litellm Router config (``gateway.chat.upstreams``)."""
 
     file: Path = SHIPPED_UPSTREAMS
     serve_local: bool = Field(

@@ -20,7 +20,7 @@ An error may carry response headers: ``RateLimited`` (and so ``Overloaded``) set
 ``WWW-Authenticate``. ``requests`` is the type OpenAI's own 429 for a request-rate limit
 carries; ``Overloaded`` is the service's load, not the caller's rate, hence
 ``server_error``; ``QuotaExceeded`` is a key's token quota or budget used up
-(``gateway.quotas``), ``insufficient_quota`` as OpenAI types its own, with ``Retry-After``
+(``gateway.access.quotas``), ``insufficient_quota`` as OpenAI types its own, with ``Retry-After``
 at the quota's reset.
 
 The engine's ``InputTooLong`` maps to 400; its ``EngineOverloaded`` (the safety engine's

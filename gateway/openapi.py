@@ -24,7 +24,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from starlette.routing import BaseRoute
 
-from gateway.auth import checks_key
+from gateway.access import checks_key
 from gateway.state import app_state
 
 ERROR_SCHEMA = "Error"

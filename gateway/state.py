@@ -7,18 +7,18 @@ from dataclasses import dataclass
 from fastapi import Request
 from opentelemetry.trace import Tracer
 
+from gateway.access.policies import PolicyCatalog
+from gateway.access.quotas import QuotaGuard
 from gateway.allowlists import AllowlistStore
 from gateway.audit import AuditStore
 from gateway.blocklists import BlocklistStore
+from gateway.chat.upstreams import LitellmUpstreams
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.errors import ServiceUnavailable
-from gateway.key_policies import PolicyCatalog
 from gateway.metrics import Metrics
-from gateway.quotas import QuotaGuard
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
-from gateway.upstreams import LitellmUpstreams
 
 
 @dataclass

@@ -64,7 +64,9 @@ COMMANDS: dict[str, Command] = {
         "moderate",
     ),
     "safety": Command("gateway.cli:safety", "Train and inspect the safety engine."),
-    "keys": Command("gateway.keys_cli:keys", "Create, list and revoke API keys; quotas and usage."),
+    "keys": Command(
+        "gateway.access.cli:keys", "Create, list and revoke API keys; quotas and usage."
+    ),
     "finetune": Command("finetune.cli:app", "Fine-tune Phi-3 into LoRA adapters."),
     "models": Command("finetune.cli:models", "The model registry: list, deploy, delete."),
     "eval": Command("evals.cli:app", "Eval suites, runs and the release gate."),

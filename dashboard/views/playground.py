@@ -12,7 +12,7 @@ import streamlit as st
 from dashboard import playground, session
 from dashboard.playground import ChatStream, PlaygroundError, Turn
 from dashboard.session import plain
-from gateway.auth import Role
+from gateway.access import Role
 
 TURNS_STATE = "playground_turns"
 PASTED_KEY_STATE = "playground_pasted_key"

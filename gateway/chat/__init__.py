@@ -6,6 +6,10 @@
 - ``stream_guard``: streamed text checked in increments before it is released.
 - ``service``: one request from limits to audit records (``ChatService``).
 - ``streaming``: the server-sent events of a filtered stream.
+- ``metering``: the tokens (and cost) a request used.
+- ``content_filter``: Azure's ``content_filter_results`` annotations from verdicts.
+- ``upstreams``: the models behind litellm's Router (``upstreams.yaml`` ships).
+- ``local_models``: the local model server ``safegate serve`` starts for deployed adapters.
 """
 
 from gateway.chat.prompt import PromptText, json_text, prompt_texts

@@ -1,10 +1,10 @@
 """The chat completion request as OpenAI defines it, checked the way OpenAI checks it.
 
 Unknown fields are refused with a 400 naming them; only the parameters in
-``gateway.upstreams.FORWARDED_PARAMS`` reach litellm. Strings must be valid Unicode (a lone
+``gateway.chat.upstreams.FORWARDED_PARAMS`` reach litellm. Strings must be valid Unicode (a lone
 surrogate is a 400 naming the field, not an upstream failure), numbers finite, and each
 message carry what OpenAI requires of its role. The response models say what the gateway
-sends back, annotations included (``gateway.content_filter``).
+sends back, annotations included (``gateway.chat.content_filter``).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class StreamOptions(_Strict):
 
 class ChatCompletionRequest(_Strict):
     """OpenAI's chat completion request. Unknown fields are refused with a 400 naming
-    them; only the parameters in ``gateway.upstreams.FORWARDED_PARAMS`` reach litellm."""
+    them; only the parameters in ``gateway.chat.upstreams.FORWARDED_PARAMS`` reach litellm."""
 
     model: str = Field(min_length=1, max_length=128)
     messages: list[Message] = Field(min_length=1)

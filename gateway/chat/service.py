@@ -2,7 +2,7 @@
 
 ``ChatService.start`` runs::
 
-    limits -> the key's quotas (gateway.quotas) -> prompt check (every text the model reads)
+    limits -> the key's quotas (gateway.access.quotas) -> prompt check (every text the model reads)
            -> upstream (litellm)
            -> completion check (whole, or streamed in increments by ``gateway.chat.streaming``)
            -> usage (gateway.chat.metering), Azure content_filter annotations, audit records,
@@ -41,8 +41,9 @@ import anyio
 from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
+from gateway.access import Principal
 from gateway.audit import FlaggedItem, RequestRecord, flagged_item
-from gateway.auth import Principal
+from gateway.chat.content_filter import FilterResults, filter_results, merge
 from gateway.chat.metering import Answer, Metered, meter, priced
 from gateway.chat.prompt import (
     PromptText,
@@ -62,7 +63,7 @@ from gateway.chat.schemas import (
     ToolCallOut,
     Usage,
 )
-from gateway.content_filter import FilterResults, filter_results, merge
+from gateway.chat.upstreams import FORWARDED_PARAMS
 from gateway.errors import ApiError, InvalidRequest, error_body
 from gateway.safety.engine import EngineOverloaded
 from gateway.safety.policy import Policy
@@ -70,7 +71,6 @@ from gateway.safety.taxonomy import Direction
 from gateway.safety.verdict import Verdict
 from gateway.state import AppState
 from gateway.tracing import audit_attributes, describe, end_stage, stage, start_stage
-from gateway.upstreams import FORWARDED_PARAMS
 
 # litellm maps a 400 to ContentPolicyViolationError by its wording: "request was rejected as
 # a result of the safety system" on OpenAI-style routes, "ResponsibleAIPolicyViolation" on
@@ -366,7 +366,7 @@ class ChatService:
         )
 
     async def _check_quota(self, run: ChatRun, reachable: Sequence[str]) -> None:
-        """The key's token quotas and budget (``gateway.quotas``), before any work."""
+        """The key's token quotas and budget (``gateway.access.quotas``), before any work."""
         quota = run.principal.quota
         if not quota.limited:
             return

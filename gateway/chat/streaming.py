@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.chat.content_filter import filter_results
 from gateway.chat.metering import Answer
 from gateway.chat.prompt import usage_dict
 from gateway.chat.schemas import PromptFilterResult
 from gateway.chat.service import ChatRun
 from gateway.chat.stream_guard import StreamGuard
-from gateway.content_filter import filter_results
 from gateway.errors import ApiError, error_body
 from gateway.safety.verdict import Verdict
 from gateway.tracing import end_stage, start_stage

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from fastapi import HTTPException
 
+from gateway.chat.content_filter import filter_results, merge
 from gateway.chat.prompt import worst_reasons
-from gateway.content_filter import filter_results, merge
 from gateway.safety.policy import Policy
 from gateway.safety.verdict import Action, Verdict
 

@@ -68,11 +68,11 @@ from litellm.types.utils import (
     ModelResponseStream,
 )
 
+from gateway.chat.content_filter import FilterResults, filter_results, merge
 from gateway.chat.prompt import PromptText
 from gateway.chat.schemas import NOT_IN_TURNS
 from gateway.chat.service import safe_results
 from gateway.config import Settings
-from gateway.content_filter import FilterResults, filter_results, merge
 from gateway.ensemble import build_engine
 from gateway.errors import public_error
 from gateway.integrations.litellm_errors import (

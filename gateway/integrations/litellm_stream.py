@@ -18,9 +18,9 @@ from typing import Any
 
 from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
 
+from gateway.chat.content_filter import FilterResults, filter_results, merge
 from gateway.chat.stream_guard import Check, StreamGuard
 from gateway.config import ChatSettings
-from gateway.content_filter import FilterResults, filter_results, merge
 from gateway.integrations.litellm_errors import refusal
 from gateway.safety.policy import Policy
 from gateway.safety.verdict import Verdict

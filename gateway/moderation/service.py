@@ -12,8 +12,8 @@ import time
 
 import anyio
 
+from gateway.access import Principal
 from gateway.audit import RequestRecord, flagged_item
-from gateway.auth import Principal
 from gateway.errors import InvalidRequest
 from gateway.moderation.schemas import ModerationRequest, ModerationResponse, to_response
 from gateway.safety.taxonomy import Direction

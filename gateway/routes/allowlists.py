@@ -16,8 +16,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.access import Principal, Role, require
 from gateway.allowlists import MAX_TERMS_PER_LIST, Allowlist, AllowlistChange, AllowlistStore
-from gateway.auth import Principal, Role, require
 from gateway.blocklists import MAX_REGEXES_PER_LIST
 from gateway.safety.taxonomy import Category, Direction
 from gateway.state import AppState, app_state

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 
-from gateway.auth import Principal, Role, require
+from gateway.access import Principal, Role, require
 from gateway.chat.schemas import ChatCompletion, ChatCompletionRequest
 from gateway.chat.service import ChatService, PromptBlocked
 from gateway.errors import InvalidRequest

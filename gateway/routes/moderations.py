@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from gateway.auth import Principal
+from gateway.access import Principal
 from gateway.errors import ServiceUnavailable
 from gateway.moderation import ModerationRequest, ModerationResponse
 from gateway.moderation.service import ModerationService

@@ -33,6 +33,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi.responses import StreamingResponse
 
+from gateway.access import Principal, Role, require
 from gateway.audit import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -42,7 +43,6 @@ from gateway.audit import (
     ReviewState,
     StoredItem,
 )
-from gateway.auth import Principal, Role, require
 from gateway.blocklists import (
     ItemKind,
     NewItem,

@@ -4,7 +4,7 @@ Filters: ``key`` (an id, or a name: revoked keys of that name included), ``model
 ``since``/``until`` (UTC days, ``YYYY-MM-DD``, both included; ``until`` defaults to today
 and ``since`` to ``DEFAULT_DAYS`` days before it). The body is an OpenAI-style list,
 newest day first; ``quotas`` lists every active key with a quota and what it has used of
-it today and this month. Totals come from ``request_log`` (``gateway.usage``).
+it today and this month. Totals come from ``request_log`` (``gateway.access.usage``).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from gateway.auth import KeyStore
+from gateway.access import KeyStore
+from gateway.access.quotas import QuotaGuard, next_day, next_month
+from gateway.access.usage import DEFAULT_DAYS, UsageFilter, key_ids_for, quota_use, usage_by_day
 from gateway.db import Database
 from gateway.errors import ServiceUnavailable
-from gateway.quotas import QuotaGuard, next_day, next_month
-from gateway.usage import DEFAULT_DAYS, UsageFilter, key_ids_for, quota_use, usage_by_day
 
 router = APIRouter(prefix="/v1/admin", tags=["usage"])
 

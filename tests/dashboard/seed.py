@@ -29,8 +29,8 @@ from finetune.jobs import JobStatus
 from finetune.registry import ModelKind
 from finetune.training.config import TrainConfig
 from finetune.training.results import RESULTS_COLUMNS, RESULTS_FILE
+from gateway.access import Role
 from gateway.audit import AuditStore, FlaggedItem, RequestRecord
-from gateway.auth import Role
 from gateway.config import Settings
 from gateway.safety.taxonomy import Category, Direction, Shield
 

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from dashboard import cli
 from dashboard.access import sign_in
-from gateway.auth import Role
-from gateway.local_models import port_in_use
+from gateway.access import Role
+from gateway.chat.local_models import port_in_use
 from safegate.cli import app
 from tests.dashboard.conftest import open_stores
 from tests.ports import free_port

@@ -17,8 +17,8 @@ import pytest
 from dashboard import access, comparison, review, traffic, training
 from dashboard.stores import Stores
 from evals.metrics.safety import TextJudgement
+from gateway.access import Principal, Role
 from gateway.audit import ReviewLabel, ReviewState
-from gateway.auth import Principal, Role
 from gateway.errors import Forbidden, InvalidRequest, NotFound
 from gateway.safety.taxonomy import AzureCategory, Severity
 from tests.dashboard.seed import Seeded, results_rows

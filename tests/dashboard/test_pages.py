@@ -18,10 +18,10 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard.stores import Stores
 from evals.compare import compare_runs
+from gateway.access import Role
+from gateway.access.quotas import Quota
 from gateway.audit import AuditStore, ItemFilter, RequestRecord, ReviewLabel, ReviewState
-from gateway.auth import Role
 from gateway.config import Settings
-from gateway.quotas import Quota
 from tests.dashboard.conftest import AppFactory, open_page
 from tests.dashboard.seed import Seeded, add_eval_traffic
 
@@ -492,7 +492,7 @@ def test_traffic_leaves_eval_requests_out_until_asked_for(
 def test_an_empty_home_says_what_to_do_next(
     empty_home: Path, make_app: AppFactory, stores_of: StoresOf, page: str, advice: str
 ) -> None:
-    from gateway.auth import Role
+    from gateway.access import Role
 
     key = stores_of(empty_home).keys.create("reviewer", Role.REVIEWER).secret
     app = open_page(make_app(empty_home, key), page)

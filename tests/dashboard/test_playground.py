@@ -19,8 +19,8 @@ from dashboard.playground import PlaygroundError
 from dashboard.stores import Stores
 from evals.datasets import load_datasets
 from evals.suite import load_suite
+from gateway.access import Principal, Role
 from gateway.audit import ItemFilter
-from gateway.auth import Principal, Role
 from gateway.config import Settings
 from gateway.origin import EVAL_ORIGIN
 from tests.dashboard.conftest import AppFactory, open_page, open_stores

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from evals.errors import ModelNotFound
 from evals.models import Completion, GatewayCaller, LitellmCaller
 from evals.suite import GatewayModel, LitellmModel
+from gateway.access import Role
 from gateway.audit import AuditStore, FlaggedItemRow, ItemFilter, RequestLogRow
-from gateway.auth import Role
 from gateway.config import Settings
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
 

@@ -24,14 +24,14 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from gateway.access import KeyStore, Role
+from gateway.access.quotas import Clock, utc_now
+from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.app import create_app
-from gateway.auth import KeyStore, Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
 from gateway.ensemble import build_members
-from gateway.quotas import Clock, utc_now
-from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy

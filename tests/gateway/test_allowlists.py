@@ -24,8 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy import inspect
 
+from gateway.access import Role
 from gateway.allowlists import AllowlistChange, AllowlistHit, AllowlistStore
-from gateway.auth import Role
 from gateway.blocklists import BlocklistStore, ItemKind, NewItem
 from gateway.config import Settings
 from gateway.db import Base, Database

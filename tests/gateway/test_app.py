@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.access import Role
 from gateway.app import create_app
-from gateway.auth import Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine

@@ -36,8 +36,7 @@ from sqlalchemy import event, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from gateway import errors
-from gateway.app import create_app
-from gateway.auth import (
+from gateway.access import (
     ANONYMOUS,
     KEY_PATTERN,
     LOCAL_KEY_NAME,
@@ -50,12 +49,13 @@ from gateway.auth import (
     require,
     require_by_method,
 )
+from gateway.access.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
+from gateway.app import create_app
 from gateway.blocklists import BlocklistStore
 from gateway.config import AuthSettings, RateLimitSettings, Settings
 from gateway.db import Base, Database
 from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from gateway.logs import JsonFormatter
-from gateway.ratelimit import InProcessRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import Policy

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from gateway.auth import Role
+from gateway.access import Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine

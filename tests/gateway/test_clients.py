@@ -22,8 +22,8 @@ import yaml
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 from litellm.exceptions import ContentPolicyViolationError
 
+from gateway.access import KeyStore, Role
 from gateway.app import create_app
-from gateway.auth import KeyStore, Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.safety.engine import MemberSpec, SafetyEngine

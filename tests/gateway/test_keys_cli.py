@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from typer.testing import CliRunner
 
-from gateway.auth import KEY_PATTERN, KeyStore, Role
+from gateway.access import KEY_PATTERN, KeyStore, Role
 from gateway.config import get_settings
 from gateway.db import Database
 from gateway.errors import Unauthorized

@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 
 from finetune.db import Database as FinetuneDatabase
 from finetune.registry import ModelRegistry
-from gateway.auth import Role
+from gateway.access import Role
+from gateway.chat.local_models import LocalModelProcess, port_in_use
+from gateway.chat.upstreams import UpstreamsConfig, UpstreamsError
 from gateway.config import Settings
-from gateway.local_models import LocalModelProcess, port_in_use
-from gateway.upstreams import UpstreamsConfig, UpstreamsError
 from tests.finetune.tiny_phi3 import build_base, register, train_adapter
 from tests.gateway.conftest import EngineFactory, issue_key, ready_client
 from tests.ports import free_port
@@ -137,7 +137,7 @@ def test_the_model_server_does_not_outlive_a_killed_gateway(tmp_path: Path) -> N
             sys.executable,
             "-c",
             "import subprocess, sys, time\n"
-            "from gateway.local_models import _die_with_parent\n"
+            "from gateway.chat.local_models import _die_with_parent\n"
             "child = subprocess.Popen(['sleep', '60'], preexec_fn=_die_with_parent)\n"
             f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
             "time.sleep(60)\n",

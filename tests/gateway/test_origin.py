@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, inspect, select, table
 from sqlalchemy.orm import Session
 
+from gateway.access import Role
 from gateway.audit import (
     AuditStore,
     FlaggedItemCategoryRow,
@@ -25,7 +26,6 @@ from gateway.audit import (
     RequestLogRow,
 )
 from gateway.audit.tables import item_row, request_row
-from gateway.auth import Role
 from gateway.db import Database
 from gateway.errors import InvalidRequest
 from gateway.origin import parse_origin

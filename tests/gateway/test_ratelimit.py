@@ -20,8 +20,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import ServiceUnavailable
-from gateway.ratelimit import (
+from gateway.access.ratelimit import (
     MAX_REQUESTS_PER_MINUTE,
     REDIS_TTL_MARGIN_MS,
     InProcessRateLimiter,
@@ -30,6 +29,7 @@ from gateway.ratelimit import (
     RedisRateLimiter,
     build_limiter,
 )
+from gateway.errors import ServiceUnavailable
 
 REDIS_URL = os.environ.get("SAFEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -1,7 +1,7 @@
 """``/v1/review``: roles, filters, pagination, labels, export, stats, blocklist additions.
 
 The API tests run the review router on real SQLite with the real key store and rate
-limiter (``gateway.auth``); the end-to-end tests start the whole service with the real
+limiter (``gateway.access``); the end-to-end tests start the whole service with the real
 engine (the ``client`` fixture), moderate real text and review what it flagged.
 """
 
@@ -22,12 +22,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from gateway import errors
+from gateway.access import KeyStore, Role
+from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE, InProcessRateLimiter
 from gateway.audit import AuditStore, FlaggedItem, RequestLogRow
-from gateway.auth import KeyStore, Role
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import Database
-from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE, InProcessRateLimiter
 from gateway.review.schemas import PREVIEW_CHARS
 from gateway.routes import review
 from gateway.safety.taxonomy import Direction

@@ -21,13 +21,13 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from gateway.access import KeyStore, Role
+from gateway.access.quotas import Quota, QuotaGuard
+from gateway.access.usage import UsageFilter, usage_by_day
 from gateway.audit import AuditStore, RequestLogRow, RequestRecord, UsageSource
-from gateway.auth import KeyStore, Role
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.errors import Forbidden, QuotaExceeded, ServiceUnavailable
-from gateway.quotas import Quota, QuotaGuard
-from gateway.usage import UsageFilter, usage_by_day
 from tests.gateway.conftest import EngineFactory, ready_client
 
 QUESTION = "How do I reset my console?"

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from gateway.access import KeyStore, Role
+from gateway.access.quotas import Quota
 from gateway.audit import AuditStore, RequestRecord, UsageSource
-from gateway.auth import KeyStore, Role
 from gateway.config import get_settings
 from gateway.db import Database
-from gateway.quotas import Quota
 from safegate.cli import app
 
 

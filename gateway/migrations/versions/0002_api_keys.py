@@ -1,7 +1,7 @@
 """API keys: the ``api_keys`` table.
 
 Only a key's SHA-256 and a display prefix are stored, never the key (see
-``gateway.auth``). Names are unique among keys that are not revoked: a partial unique
+``gateway.access``). Names are unique among keys that are not revoked: a partial unique
 index, which SQLite and PostgreSQL both support.
 
 Revision ID: 0002

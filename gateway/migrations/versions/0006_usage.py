@@ -11,7 +11,7 @@ tokens since the start of its day or month and the usage report reads a key's ro
 (tokens per UTC calendar day and month) and ``monthly_budget_usd``, each NULL for none.
 The values are checked by ``KeyStore`` (positive, or NULL), as the other key settings are
 where SQLite cannot add a constraint in place. Adding nullable columns rewrites no row
-on SQLite or PostgreSQL; SQLite 3.35+ drops them in place. See ``gateway.quotas``.
+on SQLite or PostgreSQL; SQLite 3.35+ drops them in place. See ``gateway.access.quotas``.
 
 Revision ID: 0006
 Revises: 0005

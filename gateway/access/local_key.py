@@ -1,7 +1,7 @@
 """The first start's key: with no keys at all, a developer key written to a private file.
 
 ``make run`` needs a key before anyone has made one: ``safegate serve`` creates it once
-(``gateway.keys_cli.announce_local_key``), readable by the owner only, so the README's
+(``gateway.access.cli.announce_local_key``), readable by the owner only, so the README's
 examples work at once.
 """
 
@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from gateway.auth.keys import KeyStore, Role
+from gateway.access.keys import KeyStore, Role
 from gateway.errors import Conflict
 
 log = logging.getLogger("safegate.auth")

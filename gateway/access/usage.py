@@ -2,7 +2,7 @@
 
 Both read ``request_log`` (``gateway.audit``: each chat request's prompt and completion
 tokens, upstream-reported or counted, and its cost when litellm prices the model), the
-rows quota checks sum (``gateway.quotas``), so the report and the enforcement never
+rows quota checks sum (``gateway.access.quotas``), so the report and the enforcement never
 disagree. ``safegate keys usage``, ``GET /v1/admin/usage`` and the dashboard's traffic page
 show them. Days are UTC calendar days, grouped in the database (SQLite's ``substr`` of its
 ISO timestamps, PostgreSQL's ``to_char`` at UTC). Bad filters raise ``InvalidRequest``;
@@ -22,11 +22,11 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from gateway.access.keys import ApiKey
+from gateway.access.quotas import Quota, Spent, spent
 from gateway.audit import KEY_ID_CHARS, MODEL_CHARS, RequestLogRow
-from gateway.auth.keys import ApiKey
 from gateway.db import Database
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
-from gateway.quotas import Quota, Spent, spent
 
 log = logging.getLogger("safegate.usage")
 

@@ -1,8 +1,8 @@
 """The FastAPI dependencies that admit a request: its key, its role, its rate limit.
 
 ``require(role)`` and ``require_by_method`` check the key a request presents against the
-``KeyStore`` (``gateway.auth.keys``), then its role, then take a token from the key's rate
-limit; ``gateway.auth`` tells the rules and the errors.
+``KeyStore`` (``gateway.access.keys``), then its role, then take a token from the key's rate
+limit; ``gateway.access`` tells the rules and the errors.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
-from gateway.auth.keys import (
+from gateway.access.keys import (
     ANONYMOUS,
     CHALLENGE,
     KEY_PATTERN,
@@ -25,8 +25,8 @@ from gateway.auth.keys import (
     Role,
     invalid_key,
 )
+from gateway.access.ratelimit import Limit, RateLimiter
 from gateway.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
-from gateway.ratelimit import Limit, RateLimiter
 
 if TYPE_CHECKING:
     from gateway.config import Settings

@@ -4,8 +4,8 @@ and the first-start local key.
 ``create`` prints the key's details to stderr and the key alone on the last line of
 stdout, so ``KEY=$(safegate keys create --name ci --role developer)`` captures it.
 ``list`` never shows a key or its hash, only the display prefix. ``quota`` sets a key's
-token quotas and budget (``gateway.quotas``); ``usage`` totals tokens and cost per key,
-model and UTC day (``gateway.usage``). The commands work on the database directly
+token quotas and budget (``gateway.access.quotas``); ``usage`` totals tokens and cost per key,
+model and UTC day (``gateway.access.usage``). The commands work on the database directly
 (``SAFEGATE_DATABASE_URL``); a running server refuses a revoked key
 within ``SAFEGATE_AUTH__CACHE_TTL_S``.
 """
@@ -23,19 +23,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gateway.auth.keys import (
+from gateway.access.keys import (
     KEY_ID_PREFIX,
     ApiKey,
     KeyStore,
     Role,
 )
-from gateway.auth.local_key import ensure_local_key, local_key_path
-from gateway.config import Settings, get_settings
-from gateway.db import Database
-from gateway.errors import ApiError
-from gateway.quotas import MAX_TOKEN_QUOTA, Quota
-from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
-from gateway.usage import (
+from gateway.access.local_key import ensure_local_key, local_key_path
+from gateway.access.quotas import MAX_TOKEN_QUOTA, Quota
+from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
+from gateway.access.usage import (
     DEFAULT_DAYS,
     MAX_DAYS,
     UsageFilter,
@@ -44,6 +41,9 @@ from gateway.usage import (
     quota_use,
     usage_by_day,
 )
+from gateway.config import Settings, get_settings
+from gateway.db import Database
+from gateway.errors import ApiError
 from safegate.output import table_console
 
 keys = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys; quotas and usage.")
@@ -319,7 +319,7 @@ def _note_unpriced(quota: Quota) -> None:
     if quota.monthly_budget_usd is None:
         return
     from gateway.chat.metering import priced
-    from gateway.upstreams import UpstreamsConfig, UpstreamsError
+    from gateway.chat.upstreams import UpstreamsConfig, UpstreamsError
 
     try:
         config = UpstreamsConfig.load(get_settings().upstreams.file)

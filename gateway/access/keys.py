@@ -1,9 +1,9 @@
 """API keys: roles, the ``api_keys`` table and ``KeyStore``, and the first start's local key.
 
-``gateway.auth`` tells how keys are made, stored, cached and checked when the database
+``gateway.access`` tells how keys are made, stored, cached and checked when the database
 cannot be reached. Nothing here imports FastAPI or Starlette, so ``safegate keys`` and
 the dashboard use the store without loading the web stack; the route dependencies that
-check a request's key live in ``gateway.auth.dependencies``.
+check a request's key live in ``gateway.access.dependencies``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from gateway.access.quotas import NO_QUOTA, Quota
+from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import (
     Conflict,
@@ -52,8 +54,6 @@ from gateway.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from gateway.quotas import NO_QUOTA, Quota
-from gateway.ratelimit import MAX_REQUESTS_PER_MINUTE
 
 log = logging.getLogger("safegate.auth")
 
@@ -89,7 +89,7 @@ class Principal:
     role: Role
     policy: str | None  # a policy name; None = the service's default policy
     rate_limit_rpm: int | None  # None = the service's default rate limit
-    quota: Quota = NO_QUOTA  # token quotas and budget (gateway.quotas); none by default
+    quota: Quota = NO_QUOTA  # token quotas and budget (gateway.access.quotas); none by default
 
     def allows(self, role: Role) -> bool:
         """Whether this principal may act in ``role``: its own role, or any role for admin."""

@@ -1,6 +1,6 @@
 """Upstream models: every chat completion reaches its model through litellm's Router.
 
-An upstreams file (YAML; ``gateway/upstreams.yaml`` ships, ``SAFEGATE_UPSTREAMS__FILE``
+An upstreams file (YAML; ``gateway/chat/upstreams.yaml`` ships, ``SAFEGATE_UPSTREAMS__FILE``
 points elsewhere) names what clients may call and how to reach it::
 
     models:

@@ -1,4 +1,6 @@
-"""API keys, roles and the ``require(role)`` dependency that guards every filtering route.
+"""Who may call the gateway, and how much: API keys, roles and the ``require(role)``
+dependency that guards every filtering route, with rate limits, per-key policies, token
+quotas and usage, and the ``safegate keys`` CLI.
 
 Keys
     A key is ``sg-`` followed by 43 URL-safe characters (``secrets.token_urlsafe(32)``,
@@ -22,7 +24,7 @@ Roles
     (``/v1/moderations``, chat completions); ``reviewer`` may read blocklists and review
     flagged content. A key may carry a ``policy`` name (its requests are filtered by
     ``<name>.yaml``), its own ``rate_limit_rpm`` (else the service's default) and token
-    quotas and a budget (``gateway.quotas.Quota``, on the principal as ``quota``), which
+    quotas and a budget (``gateway.access.quotas.Quota``, on the principal as ``quota``), which
     ``set_quota`` changes; servers apply a change within ``cache_ttl_s``.
 
 Caching and replicas
@@ -71,16 +73,18 @@ Errors are the API's (``gateway.errors``)::
 
 The package: ``keys`` (roles, principals, the table and ``KeyStore``; no FastAPI, so
 ``safegate keys`` imports it without the web stack), ``local_key`` (the first start's
-developer key in a private file) and ``dependencies`` (``require``, ``require_by_method``,
-``checks_key``, ``presented_key``).
-Every public name is importable from ``gateway.auth``.
+developer key in a private file), ``dependencies`` (``require``, ``require_by_method``,
+``checks_key``, ``presented_key``), ``ratelimit`` (per-key token buckets, in process or in
+Redis), ``policies`` (a key's policy file), ``quotas`` and ``usage`` (token quotas and
+budgets, and the usage report), ``cli`` (``safegate keys``). The names of ``keys``,
+``local_key`` and ``dependencies`` are importable from ``gateway.access``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.auth.keys import (
+from gateway.access.keys import (
     ANONYMOUS,
     ANONYMOUS_KEY_ID,
     DEFAULT_CACHE_MAX_ENTRIES,
@@ -101,7 +105,7 @@ from gateway.auth.keys import (
     Principal,
     Role,
 )
-from gateway.auth.local_key import (
+from gateway.access.local_key import (
     LOCAL_KEY_FILE,
     LOCAL_KEY_NAME,
     ensure_local_key,
@@ -110,7 +114,7 @@ from gateway.auth.local_key import (
 )
 
 if TYPE_CHECKING:
-    from gateway.auth.dependencies import checks_key, presented_key, require, require_by_method
+    from gateway.access.dependencies import checks_key, presented_key, require, require_by_method
 
 __all__ = [
     "ANONYMOUS",
@@ -150,7 +154,7 @@ _DEPENDENCIES = frozenset({"checks_key", "presented_key", "require", "require_by
 
 def __getattr__(name: str) -> object:
     if name in _DEPENDENCIES:
-        from gateway.auth import dependencies
+        from gateway.access import dependencies
 
         return getattr(dependencies, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
