@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.safety.allowlist import MAX_MASKED_CHARS
 from gateway.safety.taxonomy import Category, Direction
+from gateway.snapshots import SnapshotCache
 
 log = logging.getLogger("safegate.allowlists")
 
@@ -122,14 +122,11 @@ class AllowlistStore:
         refresh_s: float = DEFAULT_REFRESH_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not refresh_s > 0:
-            raise ValueError(f"refresh_s must be positive, got {refresh_s!r}")
         self.database = database
+        self._snapshots: SnapshotCache[AllowlistSnapshot, tuple[int, ...]] = SnapshotCache(
+            database, version=_version, build=_compile, refresh_s=refresh_s, clock=clock
+        )
         self.refresh_s = refresh_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._snapshot: AllowlistSnapshot | None = None
-        self._checked_at = 0.0
 
     def create(
         self,
@@ -218,24 +215,10 @@ class AllowlistStore:
     def snapshot(self) -> AllowlistSnapshot:
         """The enabled lists compiled: cached, rebuilt after a change here, checked every
         ``refresh_s`` for changes made elsewhere."""
-        with self._lock:
-            now = self._clock()
-            cached = self._snapshot
-            if cached is not None and now - self._checked_at < self.refresh_s:
-                return cached
-            with self.database.session() as session:
-                # The version is read before the rows: a change landing in between makes the
-                # next check rebuild again, never miss it.
-                version = _version(session)
-                if cached is None or cached.version != version:
-                    cached = _compile(session, version)
-            self._snapshot = cached
-            self._checked_at = now
-            return cached
+        return self._snapshots.get()
 
     def _changed(self) -> None:
-        with self._lock:
-            self._snapshot = None
+        self._snapshots.invalidate()
 
 
 # -- validation --------------------------------------------------------------------------

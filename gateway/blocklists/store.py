@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from gateway.blocklists.matching import (
 )
 from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import Conflict, InvalidRequest, NotFound
+from gateway.snapshots import SnapshotCache
 
 log = logging.getLogger("safegate.blocklists")
 
@@ -146,14 +146,11 @@ class BlocklistStore:
         refresh_s: float = DEFAULT_REFRESH_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not refresh_s > 0:
-            raise ValueError(f"refresh_s must be positive, got {refresh_s!r}")
         self.database = database
+        self._snapshots: SnapshotCache[BlocklistSnapshot, tuple[int, ...]] = SnapshotCache(
+            database, version=_version, build=_compile, refresh_s=refresh_s, clock=clock
+        )
         self.refresh_s = refresh_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._snapshot: BlocklistSnapshot | None = None
-        self._checked_at = 0.0
 
     # -- lists -----------------------------------------------------------------------------
 
@@ -281,24 +278,10 @@ class BlocklistStore:
 
     def snapshot(self) -> BlocklistSnapshot:
         """The compiled lists: cached, rebuilt after a change here, checked every ``refresh_s``."""
-        with self._lock:
-            now = self._clock()
-            cached = self._snapshot
-            if cached is not None and now - self._checked_at < self.refresh_s:
-                return cached
-            with self.database.session() as session:
-                # The version is read before the rows: a change landing in between makes the
-                # next check rebuild again, never miss it.
-                version = _version(session)
-                if cached is None or cached.version != version:
-                    cached = _compile(session, version)
-            self._snapshot = cached
-            self._checked_at = now
-            return cached
+        return self._snapshots.get()
 
     def _changed(self) -> None:
-        with self._lock:
-            self._snapshot = None
+        self._snapshots.invalidate()
 
 
 # -- helpers -----------------------------------------------------------------------------
