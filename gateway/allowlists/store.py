@@ -24,11 +24,11 @@ from gateway.blocklists import (
     DEFAULT_REFRESH_S,
     MAX_REGEX_CHARS,
     MAX_REGEXES_PER_LIST,
-    NAME_PATTERN,
     CompiledRegex,
     RegexPattern,
     TermTrie,
     UnsupportedRegex,
+    check_name,
     checked_regex,
     compile_regex,
     term_tokens,
@@ -126,7 +126,6 @@ class AllowlistStore:
         self._snapshots: SnapshotCache[AllowlistSnapshot, tuple[int, ...]] = SnapshotCache(
             database, version=_version, build=_compile, refresh_s=refresh_s, clock=clock
         )
-        self.refresh_s = refresh_s
 
     def create(
         self,
@@ -139,7 +138,7 @@ class AllowlistStore:
         enabled: bool = True,
         created_by: str,
     ) -> Allowlist:
-        _check_name(name)
+        check_name(name)
         checked = _checked(terms, regexes, categories, directions)
         now = _now()
         try:
@@ -226,15 +225,6 @@ class AllowlistStore:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _check_name(name: str) -> None:
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidRequest(
-            "name must be 1 to 64 letters, digits, '_', '.' or '-' (and not '.' or '..')",
-            param="name",
-            code="invalid_name",
-        )
 
 
 def _checked(

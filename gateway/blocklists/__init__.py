@@ -101,6 +101,7 @@ from gateway.blocklists.store import (
     BlocklistStore,
     ItemKind,
     NewItem,
+    check_name,
     checked_regex,
 )
 
@@ -116,6 +117,7 @@ __all__ = [
     "MAX_VALUE_BYTES",
     "MAX_VALUE_CHARS",
     "NAME_PATTERN",
+    "check_name",
     "REGEX_MAX_MEM_BYTES",
     "Blocklist",
     "BlocklistDetail",

@@ -155,7 +155,7 @@ class BlocklistStore:
     # -- lists -----------------------------------------------------------------------------
 
     def create(self, name: str, description: str = "") -> Blocklist:
-        _check_name(name)
+        check_name(name)
         _check_text(
             description,
             what="description",
@@ -291,7 +291,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """A list's name (blocklists and allowlists alike): 400 ``invalid_name`` unless it fits."""
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidRequest(
             "name must be 1 to 64 letters, digits, '_', '.' or '-' (and not '.' or '..')",

@@ -368,8 +368,6 @@ class ChatService:
     async def _check_quota(self, run: ChatRun, reachable: Sequence[str]) -> None:
         """The key's token quotas and budget (``gateway.access.quotas``), before any work."""
         quota = run.principal.quota
-        if not quota.limited:
-            return
         try:
             await self.state.quotas.check(
                 key_id=run.principal.key_id,

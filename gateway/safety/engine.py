@@ -146,10 +146,6 @@ class SafetyEngine:
         self._tuned = self._tuned_thresholds()
         self.covered_languages = self._covered_languages()
 
-    @property
-    def allowlists(self) -> AllowlistSource | None:
-        return self._allowlists
-
     def attach_allowlists(self, source: AllowlistSource) -> None:
         """Apply ``source``'s allowlists from now on (start-up wiring, before serving)."""
         self._allowlists = source
@@ -175,23 +171,31 @@ class SafetyEngine:
         normalized = [normalize(text) for text in texts]
         plans, allowlist_ms, allowlist_report = self._allowlist_plans(normalized)
         masked = [masking.text for plan in plans for masking in plan]
-        batch = [*normalized, *masked]
-        started = time.perf_counter()
-        futures = [
-            (spec, self._pool.submit(_timed, spec.classifier, batch)) for spec in self.members
-        ]
-        characters = sum(len(text) for text in texts) + sum(len(m.folded) for m in masked)
-        per_member = [
-            self._collect(
-                spec, future, budget=spec.budget(characters), count=len(batch), started=started
-            )
-            for spec, future in futures
-        ]
+        # Only the members whose category scores an exemption uses read the masked texts.
         scoring = (
             [i for i, spec in enumerate(self.members) if _scores_categories(spec.classifier)]
             if masked
             else []
         )
+        batch = [*normalized, *masked]
+        characters = sum(len(text) for text in texts)
+        with_masked = characters + sum(len(m.folded) for m in masked)
+        started = time.perf_counter()
+        futures = [
+            (spec, self._pool.submit(_timed, spec.classifier, read))
+            for i, spec in enumerate(self.members)
+            for read in [batch if i in scoring else normalized]
+        ]
+        per_member = [
+            self._collect(
+                spec,
+                future,
+                budget=spec.budget(with_masked if i in scoring else characters),
+                count=len(batch) if i in scoring else len(texts),
+                started=started,
+            )
+            for i, (spec, future) in enumerate(futures)
+        ]
         results: list[tuple[MemberReport, ...]] = []
         position = len(texts)
         for index in range(len(texts)):

@@ -15,7 +15,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.config import Config
@@ -28,6 +30,7 @@ from gateway.access import KeyStore, Role
 from gateway.access.quotas import Clock, utc_now
 from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
 from gateway.app import create_app
+from gateway.audit import RequestRecord, UsageSource
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
@@ -239,3 +242,24 @@ def silent_port() -> Iterator[int]:
     for connection in held:
         connection.close()
     server.close()
+
+
+def chat_record(
+    key_id: str, at: datetime, *, model: str = "m", tokens: tuple[int, int] = (10, 5), **extra: Any
+) -> RequestRecord:
+    """A finished chat request's metadata, as the usage report and quotas read it."""
+    return RequestRecord(
+        request_id=f"r-{at.timestamp()}-{key_id}-{model}",
+        key_id=key_id,
+        model=model,
+        route="chat.completions",
+        status=200,
+        blocked=None,
+        categories=(),
+        latency_ms={"total": 1.0},
+        prompt_tokens=tokens[0],
+        completion_tokens=tokens[1],
+        stream=False,
+        created_at=at,
+        **{"usage_source": UsageSource.UPSTREAM, **extra},
+    )

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from sqlalchemy import inspect
 
 from gateway.access import Role
-from gateway.allowlists import AllowlistChange, AllowlistHit, AllowlistStore
+from gateway.allowlists import AllowlistChange, AllowlistStore
 from gateway.blocklists import BlocklistStore, ItemKind, NewItem
 from gateway.config import Settings
 from gateway.db import Base, Database
@@ -436,9 +436,6 @@ def test_blocklists_win_over_allowlists(
 class Broken:
     def snapshot(self) -> object:
         raise RuntimeError("allowlists unreadable")
-
-    def search(self, folded: str) -> list[AllowlistHit]:
-        return []
 
 
 def test_unreadable_allowlists_fail_closed(loaded_members: list[MemberSpec]) -> None:

@@ -185,13 +185,11 @@ def test_a_key_revoked_is_refused_by_every_replica_within_the_cache_ttl(
         if " ci-bot " in line
     )
     _keys(env, "revoke", key_id)
-    revoked_at = time.monotonic()
-    time.sleep(CACHE_TTL_S + 0.5)
+    time.sleep(CACHE_TTL_S + 0.5)  # refused by both once the TTL has passed
     for replica in replicas:
         response = _moderate(replica, key, "Hello there.")
         assert response.status_code == 401, (replica.name, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
-    assert time.monotonic() - revoked_at < CACHE_TTL_S + 10
 
 
 def test_one_rate_limit_holds_across_replicas(

@@ -28,7 +28,7 @@ from gateway.audit import AuditStore, RequestLogRow, RequestRecord, UsageSource
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.errors import Forbidden, QuotaExceeded, ServiceUnavailable
-from tests.gateway.conftest import EngineFactory, ready_client
+from tests.gateway.conftest import EngineFactory, chat_record, ready_client
 
 QUESTION = "How do I reset my console?"
 ANSWER = "Hold the power button for ten seconds, then wait for the start screen."
@@ -432,7 +432,6 @@ def test_the_usage_route_is_admins_and_totals_per_key_model_and_day(
     assert bad.json()["error"]["param"] == "since"
     unknown = gateway.get("/v1/admin/usage", params={"key": "nobody"})
     assert unknown.status_code == 404
-    assert other  # used above
 
 
 def test_metrics_count_tokens_per_key_id_never_the_secret(gateway: TestClient) -> None:
@@ -485,27 +484,6 @@ def test_quota_and_usage_end_to_end_on_each_database(
         client.__exit__(None, None, None)
 
 
-def _record(
-    key_id: str, at: datetime, *, model: str = "m", tokens: tuple[int, int] = (10, 5), **extra: Any
-) -> RequestRecord:
-    return RequestRecord(
-        request_id=f"r-{at.timestamp()}-{key_id}-{model}",
-        key_id=key_id,
-        model=model,
-        route="chat.completions",
-        status=200,
-        blocked=None,
-        categories=(),
-        latency_ms={"total": 1.0},
-        prompt_tokens=tokens[0],
-        completion_tokens=tokens[1],
-        stream=False,
-        created_at=at,
-        usage_source=UsageSource.UPSTREAM,
-        **extra,
-    )
-
-
 @pytest.fixture
 def audit(database: Database, tmp_path: Path) -> Iterator[AuditStore]:
     store = AuditStore(database, spool_dir=tmp_path / "spool", write_timeout_s=60)
@@ -519,10 +497,10 @@ def test_usage_by_day_and_quota_windows_on_each_database(
     late = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
     early = datetime(2026, 12, 1, 0, 0, 0, tzinfo=UTC)
     for record in (
-        _record("key_a", late, cost_usd=0.25),
-        _record("key_a", early, cost_usd=0.5),
-        _record("key_a", early + timedelta(hours=3), model="n"),
-        _record("key_b", early, tokens=(1, 1)),
+        chat_record("key_a", late, cost_usd=0.25),
+        chat_record("key_a", early, cost_usd=0.5),
+        chat_record("key_a", early + timedelta(hours=3), model="n"),
+        chat_record("key_b", early, tokens=(1, 1)),
     ):
         asyncio.run(audit.record([], request=record))
     assert audit.spooled_pending() == 0
@@ -569,7 +547,7 @@ def test_two_replicas_share_the_totals_through_the_database(
     try:
         asyncio.run(first.check(key_id="key_a", name="a", quota=quota, priced=True))  # caches 0
         # The other replica serves 120 tokens and records them.
-        asyncio.run(audit.record([], request=_record("key_a", now, tokens=(100, 20))))
+        asyncio.run(audit.record([], request=chat_record("key_a", now, tokens=(100, 20))))
         second.spend("key_a", tokens=120, cost_usd=None, at=now)
         with pytest.raises(QuotaExceeded):
             asyncio.run(second.check(key_id="key_a", name="a", quota=quota, priced=True))
@@ -586,7 +564,7 @@ def test_two_replicas_share_the_totals_through_the_database(
 def test_spooled_request_records_keep_their_usage(tmp_path: Path) -> None:
     from gateway.audit.spooled import from_spool_line, to_spool_line
 
-    record = _record("key_a", EVENING, cost_usd=0.00125)
+    record = chat_record("key_a", EVENING, cost_usd=0.00125)
     assert from_spool_line(json.loads(json.dumps(to_spool_line(record)))) == record
     older = {
         k: v for k, v in to_spool_line(record).items() if k not in {"usage_source", "cost_usd"}

@@ -19,6 +19,7 @@ from gateway.audit import AuditStore, RequestRecord, UsageSource
 from gateway.config import get_settings
 from gateway.db import Database
 from safegate.cli import app
+from tests.gateway.conftest import chat_record
 
 
 @pytest.fixture
@@ -50,19 +51,11 @@ def keys(*args: str) -> tuple[int, str, str]:
 
 
 def _record(key_id: str, at: datetime, model: str, tokens: tuple[int, int]) -> RequestRecord:
-    return RequestRecord(
-        request_id=f"r-{at.timestamp()}-{model}",
-        key_id=key_id,
+    return chat_record(
+        key_id,
+        at,
         model=model,
-        route="chat.completions",
-        status=200,
-        blocked=None,
-        categories=(),
-        latency_ms={"total": 1.0},
-        prompt_tokens=tokens[0],
-        completion_tokens=tokens[1],
-        stream=False,
-        created_at=at,
+        tokens=tokens,
         usage_source=UsageSource.COUNTED,
         cost_usd=0.0125 if model == "gpt-4o-mini" else None,
     )
