@@ -45,7 +45,7 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -56,6 +56,7 @@ from gateway.audit import AuditStore, FlaggedItem, ItemFilter
 from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.origin import EVAL_ORIGIN, ORIGIN_HEADER
+from safegate.database import PRIVATE_FILE_MODE, private_directory
 
 log = logging.getLogger("safegate.dashboard")
 
@@ -65,8 +66,6 @@ REQUEST_ID_HEADER: Final = "x-request-id"
 PLAYGROUND_ORIGIN: Final = "playground"  # what "Send to review" stores items under
 DATASETS_DIRNAME: Final = "eval-datasets"
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-MAX_REVIEW_SCAN: Final = 500  # flagged items of one key read to find a turn's
-REVIEW_SCAN_SLACK: Final = timedelta(minutes=1)  # clocks of the gateway and the dashboard
 WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - matched, not bound
 
 
@@ -503,20 +502,17 @@ def send_to_review(audit: AuditStore, turn: Turn) -> list[FlaggedItem]:
 
 
 def _items_of(audit: AuditStore, turn: Turn, *, origin: str) -> list[FlaggedItem]:
-    """The flagged items of ``turn``'s request stored under ``origin`` (its key's items
-    since the turn began, at most ``MAX_REVIEW_SCAN`` of them read)."""
-    where = ItemFilter(key_id=turn.key_id, origin=origin, since=turn.started - REVIEW_SCAN_SLACK)
+    """The flagged items of ``turn``'s request stored under ``origin`` (one indexed query
+    on the request id, a page at a time)."""
+    where = ItemFilter(key_id=turn.key_id, origin=origin, request_id=turn.request_id)
     found: list[FlaggedItem] = []
     cursor: str | None = None
-    scanned = 0
-    while scanned < MAX_REVIEW_SCAN:
+    while True:
         page = audit.list_items(where, limit=100, cursor=cursor)
-        scanned += len(page.items)
-        found += [s.item for s in page.items if s.item.request_id == turn.request_id]
+        found += [stored.item for stored in page.items]
         if not page.has_more:
-            break
+            return found
         cursor = page.next_cursor
-    return found
 
 
 def dataset_path(home: Path, name: str) -> Path:
@@ -547,14 +543,14 @@ def eval_row(turn: Turn, *, harmful: bool) -> dict[str, Any]:
 def add_to_dataset(home: Path, name: str, turn: Turn, *, harmful: bool) -> Path:
     """Append ``turn`` as one row to the named dataset (made 0600 in a 0700 folder)."""
     path = dataset_path(home, name)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(path.parent, what="eval datasets folder")
     if path.exists():
         with path.open(encoding="utf-8") as existing:
             for line in existing:
                 if line.strip() and json.loads(line).get("id") == turn.request_id:
                     raise PlaygroundError(f"this exchange is already in {name}")
     line = json.dumps(eval_row(turn, harmful=harmful), ensure_ascii=False) + "\n"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
     with os.fdopen(descriptor, "a", encoding="utf-8") as handle:
         handle.write(line)
         handle.flush()

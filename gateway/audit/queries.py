@@ -74,6 +74,7 @@ class ItemFilter:
     key_id: str | None = None
     origin: str | None = None
     hide_eval: bool = False
+    request_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.key_id is not None and not 0 < len(self.key_id) <= KEY_ID_CHARS:
@@ -170,6 +171,8 @@ def filtered(query: Select[*_Columns], where: ItemFilter) -> Select[*_Columns]:
         conditions.append(FlaggedItemRow.created_at < where.until)
     if where.key_id is not None:
         conditions.append(FlaggedItemRow.key_id == where.key_id)
+    if where.request_id is not None:
+        conditions.append(FlaggedItemRow.request_id == where.request_id)
     if where.origin is not None:
         conditions.append(FlaggedItemRow.origin == where.origin)
     elif where.hide_eval:

@@ -692,6 +692,8 @@ def test_filters(store: AuditStore) -> None:
     assert listed(severity_min=4) == ["selfharm", "threat", "hate"]
     assert listed(severity_min=6) == ["threat"]
     assert listed(model="llama-3") == ["threat"]
+    assert listed(request_id=items["pii"].request_id) == ["pii"]
+    assert listed(request_id="no-such-request") == []
     assert listed(direction=Direction.COMPLETION) == ["selfharm"]
     assert listed(direction=Direction.PROMPT, category="harassment") == ["mild", "threat"]
     assert listed(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3)) == [
