@@ -14,8 +14,8 @@ adds no way around the filter that sending the masked text would not already giv
 Matching is the blocklists' (``gateway.blocklists``: terms as whole words over the
 normalised, folded text; regexes on RE2, linear in the text), run over the folded text
 and over each decoded view (base64, hex, ROT13, leetspeak), each masked on its own. The
-masked text is the folded text: every member reads that view (the LLM judge too, which
-otherwise reads the lightly normalised one). A match longer than
+masked text is the folded text, read only by the members that score categories (the LLM
+judge too, which otherwise reads the lightly normalised one). A match longer than
 :data:`MAX_MASKED_CHARS` is never masked, so a careless pattern such as ``.*burger.*``
 cannot exempt whole texts.
 

@@ -164,8 +164,9 @@ class SafetyEngine:
     def detect(self, texts: Sequence[str]) -> list[tuple[MemberReport, ...]]:
         """Run every member over ``texts``; return each text's member reports.
 
-        Each member's budget is computed from the characters of ``texts`` alone, and of
-        the masked readings allowlists ask for (which only texts that match them have).
+        Each member's budget is computed from the characters it reads: ``texts``, and for
+        the members that score categories also the masked readings allowlists ask for
+        (which only texts that match them have; no other member reads them).
         """
         self.validate(texts)
         normalized = [normalize(text) for text in texts]
