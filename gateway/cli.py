@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -270,6 +271,13 @@ OWN_EXAMPLES = tuple(
 )
 
 
+class TuneMethod(StrEnum):
+    """How ``safety train`` fine-tunes the encoder (``gateway.safety.train.TUNE_METHODS``)."""
+
+    TOP_LAYERS = "top-layers"
+    LORA = "lora"
+
+
 @safety.command("train")
 def safety_train(
     data_dir: Annotated[
@@ -291,9 +299,14 @@ def safety_train(
     ] = 0.04,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     tune_encoder: Annotated[
-        bool, typer.Option(help="Also fine-tune the encoder end to end with LoRA (engine v2).")
+        bool, typer.Option(help="Also fine-tune the encoder (engine v2).")
     ] = True,
-    tune_epochs: Annotated[int, typer.Option(help="Passes of the encoder fine-tuning.")] = 2,
+    tune_method: Annotated[
+        TuneMethod,
+        typer.Option(help="How: the upper blocks over cached lower ones, or LoRA on all."),
+    ] = TuneMethod.TOP_LAYERS,
+    tune_layers: Annotated[int, typer.Option(help="Blocks trained by 'top-layers'.")] = 2,
+    tune_epochs: Annotated[int, typer.Option(help="Passes of the encoder fine-tuning.")] = 3,
 ) -> None:
     """Train the safety engine's model from ../shared/data and the project's own examples.
 
@@ -311,6 +324,8 @@ def safety_train(
         benign_flag_budget=benign_budget,
         seed=seed,
         tune_encoder=tune_encoder,
+        tune_method=tune_method.value,
+        tune_layers=tune_layers,
         tune_epochs=tune_epochs,
     )
     columns = (

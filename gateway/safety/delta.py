@@ -1,11 +1,16 @@
 """A fine-tuned encoder shipped as a small delta over the bundled one.
 
-``safegate safety train`` fine-tunes all-MiniLM-L6-v2 end to end with LoRA on every
-linear layer of every transformer block. What ships is only the low-rank factors (a few
-MB of safetensors): for each adapted ``torch.nn.Linear`` the file holds ``<name>.lora_A``
-[r, in] and ``<name>.lora_B`` [out, r], and the metadata holds the ``scaling``. Loading
-merges them into the base weights once (``W += scaling * B @ A``), so inference costs
-exactly what the plain encoder costs and the ONNX export sees an ordinary BERT.
+``safegate safety train`` fine-tunes all-MiniLM-L6-v2 in one of two ways, and what ships
+is only what changed (a few MB of float16 safetensors):
+
+- LoRA on every linear layer of every block: for each adapted ``torch.nn.Linear`` the
+  file holds ``<name>.lora_A`` [r, in] and ``<name>.lora_B`` [out, r], and the metadata
+  the ``scaling``; loading adds ``scaling * B @ A`` to the weight.
+- the top blocks trained in full: for each of their parameters the file holds
+  ``<parameter>.diff``, the tuned value minus the bundled one; loading adds it.
+
+Either way the merge happens once at load, so inference costs exactly what the plain
+encoder costs and the ONNX export sees an ordinary BERT.
 
 The file's sha256 is checked against the model card before anything is merged: a
 weights file that differs from the one the card describes (a zeroed matrix inside a valid
@@ -25,7 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT = "safegate-encoder-delta/1"
+FORMAT = "safegate-encoder-delta/1"  # LoRA factors only
+FORMAT_DIFFERENCES = "safegate-encoder-delta/2"  # parameter differences (and LoRA factors)
 
 
 class DeltaError(Exception):
@@ -60,18 +66,41 @@ def save(factors: dict[str, torch.Tensor], path: Path, *, scaling: float) -> Non
     save_file(tensors, str(path), metadata={"format": FORMAT, "scaling": repr(scaling)})
 
 
+def save_differences(differences: dict[str, torch.Tensor], path: Path) -> None:
+    """Write parameter differences (tuned minus bundled, by parameter name) as float16."""
+    tensors = {
+        f"{name}.diff": tensor.detach().to(torch.float16).contiguous()
+        for name, tensor in differences.items()
+    }
+    save_file(tensors, str(path), metadata={"format": FORMAT_DIFFERENCES, "scaling": "1.0"})
+
+
 def merge_into(model: torch.nn.Module, path: Path) -> int:
-    """Merge the factors in ``path`` into ``model``'s linear layers; return how many."""
+    """Merge the delta in ``path`` into ``model``; return how many tensors it changed."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise DeltaError(f"{path.name} is not a {FORMAT} file")
+        if metadata.get("format") not in (FORMAT, FORMAT_DIFFERENCES):
+            raise DeltaError(f"{path.name} is not a {FORMAT} or {FORMAT_DIFFERENCES} file")
         try:
             scaling = float(metadata["scaling"])
         except (KeyError, ValueError) as error:
             raise DeltaError(f"{path.name} has no valid scaling in its metadata") from error
         stored = list(handle.keys())  # safetensors' handle, not a dict
-        names = sorted({key.rsplit(".", 1)[0] for key in stored})
+        differences = sorted(key for key in stored if key.endswith(".diff"))
+        if differences and metadata["format"] != FORMAT_DIFFERENCES:
+            raise DeltaError(f"{path.name}: a {FORMAT} file holds no parameter differences")
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for key in differences:
+                name = key.removesuffix(".diff")
+                parameter = parameters.get(name)
+                change = handle.get_tensor(key).float()
+                if parameter is None:
+                    raise DeltaError(f"{path.name} changes {name!r}, which the model lacks")
+                if change.shape != parameter.shape:
+                    raise DeltaError(f"{path.name}: the change of {name!r} does not fit its shape")
+                parameter.add_(change)
+        names = sorted({key.rsplit(".", 1)[0] for key in stored if not key.endswith(".diff")})
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name in names:
@@ -83,4 +112,4 @@ def merge_into(model: torch.nn.Module, path: Path) -> int:
                 if b.shape[0] != linear.out_features or a.shape[1] != linear.in_features:
                     raise DeltaError(f"{path.name}: factors of {name!r} do not fit its shape")
                 linear.weight += scaling * (b @ a)
-    return len(names)
+    return len(names) + len(differences)

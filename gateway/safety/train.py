@@ -44,10 +44,14 @@ from gateway.safety.corpus import HEAD_LABELS, Corpus, Example, Split, file_sha2
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.normalize import normalize
-from gateway.safety.training.encoder_tuning import TuningConfig, TuningData, tune
+from gateway.safety.training import top_layers
+from gateway.safety.training.encoder_tuning import TunedEncoder, TuningConfig, TuningData, tune
 
 FloatArray = npt.NDArray[np.float32]
 Progress = Callable[[str, int, int], None]
+
+
+TUNE_METHODS = ("top-layers", "lora")
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,14 @@ class TrainConfig:
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
     tune_encoder: bool = field(
-        default=True, metadata={"help": "also fine-tune the encoder with LoRA (engine v2)"}
+        default=True, metadata={"help": "also fine-tune the encoder (engine v2)"}
     )
-    tune_epochs: int = field(default=2, metadata={"help": "fine-tuning passes"})
+    tune_method: str = field(
+        default="top-layers",
+        metadata={"help": "'top-layers' (upper blocks over cached lower ones) or 'lora'"},
+    )
+    tune_layers: int = field(default=2, metadata={"help": "blocks trained by 'top-layers'"})
+    tune_epochs: int = field(default=3, metadata={"help": "fine-tuning passes"})
     tune_rank: int = field(default=16, metadata={"help": "LoRA rank of the fine-tuning"})
     cap_per_source: int | None = field(
         default=3000, metadata={"help": "most rows per public set and split"}
@@ -98,6 +107,8 @@ class TrainConfig:
             raise ValueError("epochs must be >= 1 and hidden >= 0")
         if self.chunking not in {"always", "long"}:
             raise ValueError("chunking must be 'always' or 'long'")
+        if self.tune_method not in TUNE_METHODS:
+            raise ValueError(f"tune_method must be one of {', '.join(TUNE_METHODS)}")
 
     def to_json(self) -> dict[str, object]:
         def plain(value: object) -> object:
@@ -140,37 +151,26 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     }
     dev_of = dict.fromkeys(fitted, matrices[Split.DEV])
     delta_path: Path | None = None
+    method = config.tune_method
     if config.tune_encoder:
-        tuned = tune(
-            _tuning_data(matrices[Split.TRAIN]),
-            TuningConfig(
-                encoder=config.encoder,
-                work_dir=config.cache_dir,
-                epochs=config.tune_epochs,
-                rank=config.tune_rank,
-                alpha=2 * config.tune_rank,
-                seed=config.seed,
-                max_steps=config.max_tune_steps,
-            ),
-            progress=progress,
-        )
+        tuned = _tune_encoder(config, _tuning_data(matrices[Split.TRAIN]), progress)
         tuned_encoder = SentenceEncoder(config.encoder, delta=tuned.delta_path)
         tuned_embed = _embedder(tuned_encoder, config.cache_dir, progress)
         tuned_matrices = {split: _matrix(by_split[split], tuned_embed, config) for split in Split}
-        fitted["lora"] = tuned.head
-        variants["lora"] = 0
+        fitted[method] = tuned.head
+        variants[method] = 0
         # The head trained with the encoder sees each example only ``tune_epochs`` times,
         # too few for the rare labels; an MLP refitted on the tuned encoder's embeddings
         # (as the frozen candidate is fitted) separates the encoder's worth from the head's.
-        fitted["lora+mlp"] = _fit(tuned_matrices[Split.TRAIN], config.hidden, config)
-        variants["lora+mlp"] = config.hidden
-        dev_of.update(dict.fromkeys(("lora", "lora+mlp"), tuned_matrices[Split.DEV]))
+        fitted[f"{method}+mlp"] = _fit(tuned_matrices[Split.TRAIN], config.hidden, config)
+        variants[f"{method}+mlp"] = config.hidden
+        dev_of.update(dict.fromkeys((method, f"{method}+mlp"), tuned_matrices[Split.DEV]))
     dev_scores = {name: _mean_auprc(model, dev_of[name]) for name, model in fitted.items()}
     own_dev_scores = {
         name: _mean_auprc(model, _own_rows(dev_of[name])) for name, model in fitted.items()
     }
     chosen = max(dev_scores, key=lambda name: dev_scores[name])
-    if chosen.startswith("lora"):
+    if chosen.startswith(method):
         matrices.update(tuned_matrices)
         benign_tune_x = {name: tuned_embed(texts) for name, texts in benign_tune.items()}
         benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
@@ -264,6 +264,35 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         json.dumps(card, indent=2, sort_keys=True) + "\n"
     )
     return card
+
+
+def _tune_encoder(config: TrainConfig, data: TuningData, progress: Progress | None) -> TunedEncoder:
+    if config.tune_method == "lora":
+        return tune(
+            data,
+            TuningConfig(
+                encoder=config.encoder,
+                work_dir=config.cache_dir,
+                epochs=config.tune_epochs,
+                rank=config.tune_rank,
+                alpha=2 * config.tune_rank,
+                seed=config.seed,
+                max_steps=config.max_tune_steps,
+            ),
+            progress=progress,
+        )
+    return top_layers.tune(
+        data,
+        top_layers.TopLayersConfig(
+            encoder=config.encoder,
+            work_dir=config.cache_dir,
+            top_layers=config.tune_layers,
+            epochs=config.tune_epochs,
+            seed=config.seed,
+            max_steps=config.max_tune_steps,
+        ),
+        progress=progress,
+    )
 
 
 # -- data --------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ class _Model(torch.nn.Module):
         return result
 
 
-def fingerprint(data: TuningData, config: TuningConfig) -> str:
+def fingerprint(data: TuningData, config: object) -> str:
     """What a checkpoint belongs to: the data and every option that shapes training."""
     digest = hashlib.sha256()
     for text in data.texts:
@@ -107,6 +107,7 @@ def fingerprint(data: TuningData, config: TuningConfig) -> str:
     for array in (data.y, data.known, data.weight):
         digest.update(np.ascontiguousarray(array).tobytes())
     options = {k: v for k, v in sorted(vars(config).items()) if k not in {"work_dir", "max_steps"}}
+    options["kind"] = type(config).__name__
     digest.update(json.dumps(options, default=str, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -152,7 +153,10 @@ def tune(
 
     encoded = tokenizer(data.texts, max_length=config.max_tokens, truncation=True)
     ids: list[list[int]] = encoded["input_ids"]
-    batches_per_epoch = [_batches(ids, config, epoch) for epoch in range(config.epochs)]
+    lengths = [len(row) for row in ids]
+    batches_per_epoch = [
+        batches(lengths, config.batch, config.seed, epoch) for epoch in range(config.epochs)
+    ]
     total = sum(len(b) for b in batches_per_epoch)
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -200,7 +204,7 @@ def tune(
         window_loss.append(float(loss.detach()))
         step = index + 1
         if step % config.checkpoint_every == 0 or step == total:
-            _save_checkpoint(checkpoint, model, optimiser, schedule, step)
+            save_checkpoint(checkpoint, model, optimiser, schedule, step)
             if progress:
                 progress(f"fine-tuning (loss {np.mean(window_loss):.4f})", step, total)
             window_loss = []
@@ -215,21 +219,21 @@ def tune(
     return TunedEncoder(delta_path, head.eval(), steps=step, seconds=time.perf_counter() - started)
 
 
-def _batches(ids: Sequence[Sequence[int]], config: TuningConfig, epoch: int) -> list[list[int]]:
-    """Shuffled batches of similar length (little padding), the same for a given epoch."""
-    generator = random.Random(config.seed * 1000 + epoch)  # noqa: S311 - shuffling, not secrets
-    order = list(range(len(ids)))
+def batches(lengths: Sequence[int], size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of texts of similar length (little padding), fixed per epoch."""
+    generator = random.Random(seed * 1000 + epoch)  # noqa: S311 - shuffling, not secrets
+    order = list(range(len(lengths)))
     generator.shuffle(order)
-    pool = config.batch * 50
-    batches: list[list[int]] = []
+    pool = size * 50
+    result: list[list[int]] = []
     for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: len(ids[i]))
-        batches += [chunk[i : i + config.batch] for i in range(0, len(chunk), config.batch)]
-    generator.shuffle(batches)
-    return batches
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        result += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    generator.shuffle(result)
+    return result
 
 
-def _save_checkpoint(
+def save_checkpoint(
     path: Path,
     model: torch.nn.Module,
     optimiser: torch.optim.Optimizer,

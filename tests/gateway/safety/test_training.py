@@ -26,6 +26,13 @@ from gateway.safety.training.own_set import (
     deduplicate,
     read_rows,
 )
+from gateway.safety.training.top_layers import (
+    TopBlocks,
+    TopLayersConfig,
+    load_encoder,
+    lower_states,
+)
+from gateway.safety.training.top_layers import tune as tune_top_layers
 
 TEXTS = [
     ("how do i kill a python process that hangs", 0),
@@ -112,6 +119,109 @@ def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path:
     again = tune(_data(), _config(tmp_path))
     assert again.steps == -1
     assert torch.equal(again.head.weight, tuned.head.weight)
+
+
+def _top_config(work: Path, **overrides: object) -> TopLayersConfig:
+    options: dict[str, object] = {
+        "encoder": "bundled:all-MiniLM-L6-v2",
+        "work_dir": work,
+        "epochs": 3,
+        "batch": 4,
+        "checkpoint_every": 2,
+        "learning_rate": 1e-3,
+        "head_learning_rate": 1e-2,
+    }
+    options.update(overrides)
+    return TopLayersConfig(**options)  # type: ignore[arg-type]
+
+
+def test_the_top_blocks_over_cached_lower_states_compute_what_the_whole_encoder_does(
+    tmp_path: Path,
+) -> None:
+    tokenizer, model = load_encoder("bundled:all-MiniLM-L6-v2")
+    texts = [text for text, _ in TEXTS]
+    ids = tokenizer(texts, max_length=128, truncation=True)["input_ids"]  # type: ignore[operator]
+    cache = lower_states(model, ids, frozen=4, folder=tmp_path / "lower")
+    assert len(list((tmp_path / "lower").glob("chunk-*.npy"))) == 1  # kept for the next run
+    top = TopBlocks(model, top_layers=2, labels=1).eval()
+    hidden, mask = cache.batch(list(range(len(texts))))
+    with torch.no_grad():
+        cached = top.embed(hidden, mask).numpy()
+    whole = SentenceEncoder().embed(texts).vectors
+    # float16 storage of the frozen blocks' output is the only difference
+    assert np.abs(cached - whole).max() < 1e-3
+
+
+def test_top_layers_tuning_resumes_after_kill_9_and_ships_parameter_differences(
+    tmp_path: Path,
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path.cwd())!r})
+        from tests.gateway.safety.test_training import _top_config, _data
+        from gateway.safety.training.top_layers import tune
+
+        def progress(stage, done, total):
+            print(stage, done, total, flush=True)
+            if stage.startswith("fine-tuning") and done >= 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        tune(_data(), _top_config(__import__("pathlib").Path({str(tmp_path)!r})), progress=progress)
+        """
+    )
+    killed = subprocess.run(  # noqa: S603 - this interpreter, a script of this test
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "caching frozen layers 8 8" in killed.stdout
+    folder = tmp_path / f"top-layers-{fingerprint(_data(), _top_config(tmp_path))}"
+    assert (folder / "checkpoint.pt").exists()
+    assert not (folder / "encoder_delta.safetensors").exists()
+
+    seen: list[tuple[str, int, int]] = []
+    tuned = tune_top_layers(_data(), _top_config(tmp_path), progress=lambda *e: seen.append(e))
+    assert ("resuming fine-tuning", 4, 6) in seen  # went on from the checkpoint
+    assert seen[-1][1:] == (6, 6)
+    assert tuned.steps == 6
+
+    # Only the top two blocks changed, and the delta says so parameter by parameter.
+    from safetensors import safe_open
+
+    with safe_open(str(tuned.delta_path), framework="pt") as handle:
+        names = list(handle.keys())
+    assert names
+    assert all(name.endswith(".diff") for name in names)
+    assert {name.split(".")[2] for name in names} == {"4", "5"}
+
+    # Merged, the encoder computes what training computed: the head separates the labels.
+    adapted = SentenceEncoder(delta=tuned.delta_path)
+    vectors = adapted.embed(_data().texts).vectors
+    with torch.no_grad():
+        logits = tuned.head(torch.from_numpy(vectors)).numpy().ravel()
+    harmful = logits[_data().y.ravel() == 1]
+    benign = logits[_data().y.ravel() == 0]
+    assert harmful.min() > benign.max()
+    # ... and a finished run is reused, not trained again.
+    again = tune_top_layers(_data(), _top_config(tmp_path))
+    assert again.steps == -1
+    assert torch.equal(again.head.weight, tuned.head.weight)
+
+
+def test_a_delta_changing_a_parameter_the_encoder_lacks_is_refused(tmp_path: Path) -> None:
+    from gateway.safety.delta import DeltaError, save_differences
+
+    path = tmp_path / "bad.safetensors"
+    save_differences({"encoder.layer.9.output.dense.weight": torch.zeros(384, 1536)}, path)
+    with pytest.raises(DeltaError, match="lacks"):
+        merge_into(SentenceEncoder().model, path)
+    save_differences({"encoder.layer.5.output.dense.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(DeltaError, match="does not fit"):
+        merge_into(SentenceEncoder().model, path)
 
 
 def test_a_delta_for_another_shape_is_refused(tmp_path: Path) -> None:
