@@ -9,7 +9,9 @@ increment size this reports:
 - leaked: characters of the harmful span released before the stream was cut (mean, max);
 - same verdict: completions blocked streamed exactly when the unstreamed check blocks them;
 - ttft: time from the first token's arrival to the first release (benign answers), p50;
-- benign cut: benign answers the stream cut.
+- benign cut: benign answers the stream cut;
+- benign held: benign answers the stream held back for a while (a part failed on its own,
+  and a later check, or the whole answer's, let it through).
 
 Usage: .venv/bin/python bench/stream_increments.py [--increments 10000,96,48,24,12,1]
        [--token-ms 20] [--mode sync]
@@ -41,8 +43,9 @@ DATA = ROOT / "data/evals/stream_completions.jsonl"
 
 async def stream_one(
     text: str, *, batcher: MicroBatcher, increment: int, token_s: float, mode: str
-) -> tuple[str, bool, float | None]:
-    """Released text, whether the stream was cut, seconds from first token to release."""
+) -> tuple[str, bool, float | None, bool]:
+    """Released text, whether the stream was cut, seconds from first token to release,
+    and whether some text was held back and released later."""
 
     async def check(window: str) -> Verdict:
         (verdict,) = await batcher.check([window], direction=Direction.COMPLETION)
@@ -82,7 +85,7 @@ async def stream_one(
             first_release = first_release or time.perf_counter()
             released += out.text
     ttft = None if first_release is None or first_token is None else first_release - first_token
-    return released, guard.blocked is not None, ttft
+    return released, guard.blocked is not None, ttft, guard.overruled > 0
 
 
 def leaked(released: str, text: str, harm: str) -> int:
@@ -123,8 +126,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         same = 0
         ttfts: list[float] = []
         benign_cut = 0
+        benign_held = 0
         for row in rows:
-            released, cut, ttft = await stream_one(
+            released, cut, ttft, held = await stream_one(
                 row["text"],
                 batcher=batcher,
                 increment=increment,
@@ -138,6 +142,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 )
             else:
                 benign_cut += cut
+                benign_held += held
                 if ttft is not None:
                     ttfts.append(ttft * 1000)
         every = [value for values in leaks.values() for value in values]
@@ -150,6 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "same_verdict_as_unstreamed": f"{same}/{len(rows)}",
             "ttft_after_first_token_p50_ms": round(statistics.median(ttfts), 1) if ttfts else None,
             "benign_cut": benign_cut,
+            "benign_held": benign_held,
         }
         print(json.dumps({f"increment_{increment}": results[f"increment_{increment}"]}))
     await batcher.close()

@@ -6,10 +6,20 @@ stream goes through a ``StreamGuard``. In the default ``sync`` mode text is held
 at least ``increment_chars`` have arrived (cut at the last space, so words stay whole) or a
 sentence ends, checked together with the text released just before it (up to
 ``overlap_chars``, from a sentence start where one is in reach: a phrase cut by a release
-edge is still seen whole), and released only if it passes. A part that fails ends the
-stream with ``finish_reason: "content_filter"``; nothing after it reaches the client. When
-the stream ends, the whole completion is checked once more, so a stream is blocked
-whenever the same completion would be blocked unstreamed (its last part is withheld).
+edge is still seen whole), and released only if it passes.
+
+A part that fails stops the release there: nothing from it on reaches the client until a
+check says so. The held text is checked again, with what follows, at each later sentence
+end (or every ``window_chars`` without one); a small part read without the rest of its
+sentence can fail where the sentence passes, and then the held text is released. When the
+stream ends, the whole completion is checked once, exactly as the unstreamed check reads
+it, and that verdict decides: blocked, the stream ends with ``finish_reason:
+"content_filter"`` and the held text is withheld; allowed, the held text is released. So a
+stream is blocked exactly when the same completion would be blocked unstreamed, and no
+text reaches the client that a check has not passed. The price of that parity: a stream
+that will be blocked ends when the upstream's answer does, not at its first failing part
+(the client waits; nothing leaks). A check that failed and was overruled later is recorded
+as annotated, not blocked.
 
 The ``async`` mode (a policy option, Azure's "asynchronous filter") sends text as it
 arrives and checks it in the same increments right after; a violation ends the stream.
@@ -20,7 +30,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from gateway.safety.verdict import Verdict
@@ -64,22 +74,39 @@ class StreamGuard:
     pending: str = ""
     released: str = ""
     blocked: Verdict | None = None
+    held: Verdict | None = None  # the failing check that stopped the release, until decided
     verdicts: list[Verdict] = field(default_factory=list)
     checked_windows: list[str] = field(default_factory=list)
     _unchecked: str = ""
+    _held_to: int = 0  # the held text up to here has been checked (and failed)
+    _overruled: set[int] = field(default_factory=set)  # failed checks a later one overruled
 
     @property
     def last_verdict(self) -> Verdict | None:
         return self.verdicts[-1] if self.verdicts else None
 
     def checks(self) -> list[tuple[str, Verdict]]:
-        """Every window checked so far with its verdict, in order."""
-        return list(zip(self.checked_windows, self.verdicts, strict=True))
+        """Every window checked so far with its verdict, in order; a failed check that a
+        later one overruled (its text was released) reads as annotated, not blocked."""
+        return [
+            (window, _overruled(verdict) if index in self._overruled else verdict)
+            for index, (window, verdict) in enumerate(
+                zip(self.checked_windows, self.verdicts, strict=True)
+            )
+        ]
+
+    @property
+    def overruled(self) -> int:
+        """How many failed checks a later one overruled (text held, then released)."""
+        return len(self._overruled)
 
     async def check_text(self, text: str) -> Verdict:
         """Check text that is not streamed as content (a choice's tool calls) as part of
         this stream: a failure blocks the stream like a failing increment."""
-        return await self._checked(text)
+        verdict = await self._checked(text)
+        if verdict.blocked:
+            self.blocked = verdict
+        return verdict
 
     async def feed(self, piece: str) -> Release | None:
         """Take a piece of the stream; return what may be sent now, if anything."""
@@ -100,47 +127,58 @@ class StreamGuard:
             return None
         if self.mode == "async":
             if self._unchecked.strip():
-                verdict = await self._checked(self._context(self._unchecked) + self._unchecked)
+                window = await self._checked(self._context(self._unchecked) + self._unchecked)
                 self._unchecked = ""
-                if verdict.blocked:
+                if window.blocked:
+                    self.blocked = window
                     return None
-            await self._check_whole(self.released)
+            final = await self._check_whole(self.released) if self.final_check else None
+            if final is not None and final.blocked:
+                self.blocked = final
             return None
-        release: Release | None = None
-        if not self.pending.strip():
-            remainder, self.pending = self.pending, ""
-            if remainder:
-                release = Release(remainder, None)
-        else:
-            part = self.pending
-            window = self._context(part) + part
-            verdict = await self._checked(window)
-            self.pending = ""
-            if verdict.blocked:
-                return None
-            release = Release(part, verdict)
-        whole = self.released + (release.text if release is not None else "")
-        if await self._check_whole(whole):
-            return None  # the whole completion fails: its last part is withheld
+        part, self.pending = self.pending, ""
+        verdict: Verdict | None = None
+        if part.strip() and (self.held is not None or not self._read_whole(part)):
+            verdict = await self._checked(self._context(part) + part)
+        whole = self.released + part
+        if self.final_check:
+            decided = await self._check_whole(whole)
+            if decided is not None and decided.blocked:
+                verdict = decided
+            elif decided is not None:  # the whole completion passes: so does what is held
+                self._overrule()
+                if verdict is None:
+                    verdict = decided
+                elif verdict.blocked:
+                    verdict = _overruled(verdict)
+        if verdict is not None and verdict.blocked:
+            self.blocked = verdict  # the completion fails: what is still held is withheld
+            return None
         self.released = whole
-        return release
+        return Release(part, verdict) if part else None
 
-    async def _check_whole(self, whole: str) -> bool:
-        """Check the entire completion unless the last check already read all of it."""
-        if not self.final_check or not whole.strip():
-            return False
+    def _read_whole(self, part: str) -> bool:
+        """Whether the whole completion is this part alone (the final check reads it)."""
+        return self.final_check and not self.released and bool(part)
+
+    async def _check_whole(self, whole: str) -> Verdict | None:
+        """The entire completion's verdict (from the last check if it read all of it)."""
+        if not whole.strip():
+            return None
         if self.checked_windows and self.checked_windows[-1] == whole:
-            return False
-        verdict = await self._checked(whole)
-        return verdict.blocked
+            return self.verdicts[-1]
+        return await self._checked(whole)
 
     async def _checked(self, window: str) -> Verdict:
         verdict = await self.check(window)
         self.verdicts.append(verdict)
         self.checked_windows.append(window)
-        if verdict.blocked:
-            self.blocked = verdict
         return verdict
+
+    def _overrule(self) -> None:
+        """The held text passed: the failed checks on it are overruled."""
+        self._overruled.update(i for i, v in enumerate(self.verdicts) if v.blocked)
+        self.held = None
 
     async def _feed_async(self, piece: str) -> Release:
         self.released += piece
@@ -149,10 +187,14 @@ class StreamGuard:
         if len(self._unchecked) >= self.increment_chars or _SENTENCE_END.search(piece):
             part, self._unchecked = self._unchecked, ""
             verdict = await self._checked(self._context(part) + part)
+            if verdict.blocked:
+                self.blocked = verdict
         return Release(piece, verdict)
 
     def _cut(self) -> int | None:
         """Where the held-back text may be cut for release, if anywhere yet."""
+        if self.held is not None:
+            return self._recheck_at()
         ends = [match.end() for match in _SENTENCE_END.finditer(self.pending)]
         if len(self.pending) >= self.increment_chars:
             space = max(self.pending.rfind(" "), self.pending.rfind("\n"))
@@ -185,15 +227,39 @@ class StreamGuard:
                 tail = tail[space + 1 :] if space >= 0 else tail
         return tail
 
+    def _recheck_at(self) -> int | None:
+        """While text is held: the next point to check it again, with what followed."""
+        ends = [m.end() for m in _SENTENCE_END.finditer(self.pending) if m.end() > self._held_to]
+        if ends:
+            return ends[-1]
+        if len(self.pending) - self._held_to >= self.window_chars:
+            space = self.pending.rfind(" ")
+            return space + 1 if space + 1 > self._held_to else len(self.pending)
+        return None
+
     async def _release(self, cut: int) -> Release | None:
         part, rest = self.pending[:cut], self.pending[cut:]
         verdict = await self._checked(self._context(part) + part)
         if verdict.blocked:
-            self.pending = ""
+            self.held = verdict  # hold from here: a later check, or the whole one, decides
+            self._held_to = cut
             return None
+        if self.held is not None:
+            self._overrule()
         self.pending = rest
         self.released += part
         return Release(part, verdict)
+
+
+def _overruled(verdict: Verdict) -> Verdict:
+    return replace(
+        verdict,
+        blocked=False,
+        reasons=(
+            *verdict.reasons,
+            "held back while streaming, then released: the text with what followed passed",
+        ),
+    )
 
 
 # A sentence ends at . ! ? ; or : followed by white space (which must have arrived, so

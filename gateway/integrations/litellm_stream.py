@@ -56,7 +56,7 @@ class FilteredStream:
         return {
             f"choices[{index}].window[{n}]": verdict
             for index, choice in sorted(self.choices.items())
-            for n, verdict in enumerate(choice.guard.verdicts)
+            for n, (_, verdict) in enumerate(choice.guard.checks())
         }
 
     async def take(self, chunk: ModelResponseStream) -> list[ModelResponseStream]:
@@ -112,7 +112,7 @@ class FilteredStream:
                     for position, call in sorted(state.calls.items())
                 ]
                 out.append(self._chunk(index, tool_calls=calls))
-            results = merge(filter_results(v) for v in state.guard.verdicts) or None
+            results = merge(filter_results(v) for _, v in state.guard.checks()) or None
             out.append(
                 self._chunk(index, finish_reason=state.finish_reason or "stop", results=results)
             )

@@ -139,3 +139,80 @@ def test_async_mode_sends_at_once_and_ends_the_stream_at_a_violation() -> None:
     assert guard.blocked is not None
     assert "bad" in released  # not leak-proof, by design: the increment was sent first
     assert len(released) < len(text)  # ... but the stream ended there
+
+
+def test_a_part_that_fails_alone_is_held_and_released_once_its_sentence_passes() -> None:
+    # "kill" alone fails; the sentence it is in ("kill the python process") passes.
+    async def check(window: str) -> Verdict:
+        return _verdict("kill" in window and "process" not in window)
+
+    async def go() -> tuple[list[str], StreamGuard]:
+        guard = StreamGuard(check=check, increment_chars=12, overlap_chars=30)
+        out = []
+        for piece in _pieces("You can kill the python process. Then start it again. "):
+            released = await guard.feed(piece)
+            if released is not None:
+                out.append(released.text)
+                if "process" in released.text:
+                    assert guard.held is None
+        final = await guard.flush()
+        if final is not None:
+            out.append(final.text)
+        return out, guard
+
+    out, guard = asyncio.run(go())
+    assert "".join(out) == "You can kill the python process. Then start it again. "
+    # "kill ..." waited for its sentence: released in one part with "process", not before
+    assert [part for part in out if "kill" in part][0].startswith("kill the python process.")
+    assert guard.blocked is None
+    held = [v for w, v in guard.checks() if "kill" in w and "process" not in w]
+    assert held
+    assert all(not v.blocked for v in held)  # recorded as annotated, not blocked
+    assert all("held back while streaming" in v.reasons[-1] for v in held)
+
+
+def test_held_text_is_released_at_the_end_when_the_whole_completion_passes() -> None:
+    # The failing part reads fine only with the start of the completion, which is beyond
+    # the overlap: no window check passes it, the whole-completion check does. The stream
+    # then ends as the unstreamed check decides: allowed, everything released.
+    text = "start " + "filler words here " * 10 + "alpha end"
+
+    async def check(window: str) -> Verdict:
+        return _verdict("alpha" in window and "start" not in window)
+
+    out, guard = _run_with(check, _pieces(text), increment_chars=12, overlap_chars=30)
+    assert "".join(out) == text
+    assert out[-1].endswith("alpha end")
+    assert guard.blocked is None
+    assert guard.checked_windows[-1] == text
+
+
+def test_held_text_is_withheld_when_the_whole_completion_fails() -> None:
+    text = "Fine start here. Then bad words. " + "More after them. " * 3
+    out, guard = _run(_pieces(text), bad="bad", increment_chars=12)
+    assert "".join(out) == "Fine start here. "
+    assert guard.blocked is not None
+    assert guard.checked_windows[-1] == text  # the whole completion decided
+
+
+def _run_with(check: Any, pieces: list[str], **options: Any) -> tuple[list[str], StreamGuard]:
+    async def go() -> tuple[list[str], StreamGuard]:
+        guard = StreamGuard(check=check, **options)
+        out: list[str] = []
+        for piece in pieces:
+            released = await guard.feed(piece)
+            if released is not None:
+                out.append(released.text)
+        final = await guard.flush()
+        if final is not None:
+            out.append(final.text)
+        return out, guard
+
+    return asyncio.run(go())
+
+
+def test_async_mode_blocks_when_the_last_part_or_the_whole_fails() -> None:
+    text = "All fine here and the words go on and on and then the end is bad"
+    out, guard = _run(_pieces(text), bad="bad", increment_chars=1000, mode="async")
+    assert "".join(out) == text  # async sends at once: not leak-proof, by design
+    assert guard.blocked is not None  # ... but the stream still ends as blocked
