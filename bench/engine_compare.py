@@ -1,9 +1,10 @@
 """The current engine and a candidate, side by side in one run, on everything held out.
 
 Both engines are the full default ensemble under the shipped policy; they differ only in
-the encoder model (``--baseline-ref``: the weights folder at a git ref, extracted to a
-temporary folder; ``--candidate``: a weights folder). Every set here is one the candidate
-was never fitted, calibrated or tuned on:
+their models (``--baseline-ref``: the weights folder at a git ref, extracted to a
+temporary folder; ``--candidate``: a weights folder): the encoder heads, and the
+multilingual heads where the folder has them (``multilingual/``). Every set here is one
+the candidate was never fitted, calibrated or tuned on:
 
 - own held-out (``data/safety/intent_examples.jsonl``, split ``heldout``: whole subtopics
   and the hypothetical style): per category AUPRC, F1 and FPR; benign contrasts blocked;
@@ -65,7 +66,7 @@ WEIGHTS = "gateway/safety/weights"
 def weights_at(ref: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="weights-"))
     listing = subprocess.run(  # noqa: S603 - git, our own repository
-        ["git", "ls-tree", "--name-only", f"{ref}:{WEIGHTS}"],  # noqa: S607
+        ["git", "ls-tree", "-r", "--name-only", f"{ref}:{WEIGHTS}"],  # noqa: S607
         cwd=ROOT,
         check=True,
         capture_output=True,
@@ -78,6 +79,7 @@ def weights_at(ref: str) -> Path:
             check=True,
             capture_output=True,
         ).stdout
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(blob)
     return folder
 
@@ -90,9 +92,12 @@ NO_BUDGET_S = 3600.0
 def engine_for(weights: Path) -> SafetyEngine:
     home = Path(tempfile.mkdtemp())
     unbounded = {"timeout_s": NO_BUDGET_S}
+    # An engine from before the multilingual heads shipped runs without them.
+    multilingual = weights / "multilingual" / "heads.safetensors"
     settings = Settings(
         home=home,
         encoder={"heads": weights / "heads.safetensors", **unbounded},
+        multilingual={"enabled": multilingual.exists(), "heads": multilingual, **unbounded},
         language=unbounded,
         profanity=unbounded,
         pii=unbounded,

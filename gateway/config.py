@@ -36,7 +36,7 @@ from gateway.chat import (
     DEFAULT_STREAM_WINDOW_CHARS,
 )
 from gateway.chat.upstreams import SHIPPED_UPSTREAMS
-from gateway.safety.artifacts import SHIPPED_HEADS, Backend
+from gateway.safety.artifacts import SHIPPED_HEADS, SHIPPED_MULTILINGUAL_HEADS, Backend
 from gateway.safety.batcher import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BATCH_CHARS,
@@ -68,6 +68,14 @@ class EncoderSettings(BaseModel):
     backend: Backend = Field(default=Backend.ONNX, description="onnx (faster on CPU) or torch")
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
+
+
+class MultilingualSettings(BaseModel):
+    """Heads on multilingual-e5-small for the languages its model card lists."""
+
+    enabled: bool = True
+    heads: Path = SHIPPED_MULTILINGUAL_HEADS
+    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
 
 
 class LanguageSettings(BaseModel):
@@ -313,6 +321,7 @@ class Settings(SharedSettings):
     engine: EngineSettings = EngineSettings()
     encoder: EncoderSettings = EncoderSettings()
     language: LanguageSettings = LanguageSettings()
+    multilingual: MultilingualSettings = MultilingualSettings()
     profanity: ProfanitySettings = ProfanitySettings()
     pii: PiiSettings = PiiSettings()
     blocklist: BlocklistSettings = BlocklistSettings()
@@ -337,6 +346,11 @@ class Settings(SharedSettings):
             )
         if not self.language.enabled:
             notices.append("language identification disabled: no text is marked low-confidence")
+        if not self.multilingual.enabled:
+            notices.append(
+                "multilingual heads disabled: French, Spanish, German and Portuguese texts are "
+                "scored by the English model only and marked low-confidence"
+            )
         return tuple(notices)
 
 

@@ -26,6 +26,7 @@ _MEMBER_MODULES = {
     MemberKind.DETOXIFY: "gateway.safety.members.detoxify_model",
     MemberKind.LLM_JUDGE: "gateway.safety.members.llm_judge",
     MemberKind.LANGUAGE: "gateway.safety.members.language",
+    MemberKind.MULTILINGUAL: "gateway.safety.members.multilingual",
 }
 
 
@@ -41,6 +42,11 @@ def build_members(settings: Settings, *, blocklists: BlocklistSource | None) -> 
             threads=encoder.threads,
         )
         specs.append(MemberSpec(member, encoder.timeout_s))
+    if settings.multilingual.enabled:
+        factory = _factory(MemberKind.MULTILINGUAL)
+        anchors = getattr(specs[0].classifier, "thresholds", None) if specs else None
+        member = factory(heads_path=settings.multilingual.heads, anchors=anchors)
+        specs.append(MemberSpec(member, settings.multilingual.timeout_s))
     if settings.language.enabled:
         factory = _factory(MemberKind.LANGUAGE)
         specs.append(MemberSpec(factory(), settings.language.timeout_s))

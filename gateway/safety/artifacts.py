@@ -11,6 +11,7 @@ from pathlib import Path
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 SHIPPED_HEADS = SHIPPED_WEIGHTS / "heads.safetensors"
+SHIPPED_MULTILINGUAL_HEADS = SHIPPED_WEIGHTS / "multilingual" / "heads.safetensors"
 
 
 class Backend(StrEnum):

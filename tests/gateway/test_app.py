@@ -86,7 +86,14 @@ def test_readyz_names_the_members_and_nothing_else(client: TestClient) -> None:
     body = response.json()
     assert set(body) == {"status", "members"}
     assert body["status"] == "ready"
-    assert body["members"] == ["encoder", "language", "profanity", "pii", "blocklist"]
+    assert body["members"] == [
+        "encoder",
+        "multilingual",
+        "language",
+        "profanity",
+        "pii",
+        "blocklist",
+    ]
 
 
 def test_readyz_of_a_failed_engine_says_why_without_paths(settings: Settings) -> None:

@@ -22,6 +22,7 @@ class MemberKind(StrEnum):
     PII = "pii"
     LLM_JUDGE = "llm_judge"
     LANGUAGE = "language"
+    MULTILINGUAL = "multilingual"
 
 
 class MemberLoadError(Exception):

@@ -100,9 +100,10 @@ class LanguageClassifier:
         return frozenset()
 
     def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
-        return [Detection(scores={}, language=self._guess(text.light)) for text in texts]
+        return [Detection(scores={}, language=self.guess(text.light)) for text in texts]
 
-    def _guess(self, text: str) -> str | None:
+    def guess(self, text: str) -> str | None:
+        """The language of ``text``, or None when it is too short or mixed to tell."""
         if len(text.split()) < self._min_words:
             return None
         language, probability = self._identifier.classify(text)

@@ -113,7 +113,8 @@ def _tampered_copy(tmp_path: Path, name: str) -> Path:
     folder = tmp_path / "weights"
     folder.mkdir()
     for path in WEIGHTS.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
+        if path.is_file():  # the multilingual heads have their own folder and card
+            (folder / path.name).write_bytes(path.read_bytes())
     target = folder / name
     with safe_open(str(target), framework="numpy") as handle:
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118

