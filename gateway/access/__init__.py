@@ -88,8 +88,6 @@ from gateway.access.keys import (
     ANONYMOUS,
     ANONYMOUS_KEY_ID,
     DEFAULT_CACHE_MAX_ENTRIES,
-    DEFAULT_CACHE_TTL_S,
-    DEFAULT_OUTAGE_GRACE_S,
     DEFAULT_TOUCH_INTERVAL_S,
     DISPLAY_PREFIX_CHARS,
     KEY_PATTERN,
@@ -112,6 +110,7 @@ from gateway.access.local_key import (
     local_key_path,
     write_private,
 )
+from gateway.access.settings import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
 
 if TYPE_CHECKING:
     from gateway.access.dependencies import checks_key, presented_key, require, require_by_method

@@ -62,9 +62,7 @@ from __future__ import annotations
 
 from gateway.audit.queries import ItemFilter, ItemPage, ReviewStats, StoredItem, not_eval
 from gateway.audit.records import (
-    DEFAULT_DRAIN_INTERVAL_S,
     DEFAULT_PAGE_SIZE,
-    DEFAULT_WRITE_TIMEOUT_S,
     EXPORT_PAGE_SIZE,
     KEY_ID_CHARS,
     MAX_BULK_IDS,
@@ -79,6 +77,7 @@ from gateway.audit.records import (
     UsageSource,
     flagged_item,
 )
+from gateway.audit.settings import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
 from gateway.audit.store import AuditStore
 from gateway.audit.tables import FlaggedItemCategoryRow, FlaggedItemRow, RequestLogRow
 

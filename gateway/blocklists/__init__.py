@@ -82,8 +82,8 @@ from gateway.blocklists.matching import (
     regex_spans,
     term_tokens,
 )
+from gateway.blocklists.settings import DEFAULT_REFRESH_S
 from gateway.blocklists.store import (
-    DEFAULT_REFRESH_S,
     MAX_DESCRIPTION_CHARS,
     MAX_ITEMS_PER_LIST,
     MAX_ITEMS_PER_REQUEST,

@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 
 from gateway.access import KeyStore, Role
 from gateway.access.quotas import Clock, utc_now
-from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
+from gateway.access.settings import MAX_REQUESTS_PER_MINUTE
 from gateway.app import create_app
 from gateway.audit import RequestRecord, UsageSource
 from gateway.blocklists import BlocklistStore
