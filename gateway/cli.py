@@ -272,7 +272,8 @@ OWN_EXAMPLES = tuple(
 
 
 class TuneMethod(StrEnum):
-    """How ``safety train`` fine-tunes the encoder (``gateway.safety.train.TUNE_METHODS``)."""
+    """How ``safety train`` fine-tunes the encoder: ``TUNE_METHODS`` of
+    ``gateway.safety.training.train``."""
 
     TOP_LAYERS = "top-layers"
     LORA = "lora"
@@ -313,7 +314,7 @@ def safety_train(
     Resumes after a kill: run the same command again.
     """
     offline_defaults()
-    from gateway.safety.train import TrainConfig, run
+    from gateway.safety.training.train import TrainConfig, run
 
     settings = get_settings()
     config = TrainConfig(

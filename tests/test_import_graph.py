@@ -259,3 +259,24 @@ def test_safegate_shared_modules_import_none_of_the_four() -> None:
     ]
     assert [found for found in eager if found.module_level] == []
     assert [found.importer for found in imports() if found.imported == "safegate.cli"] == []
+
+
+def test_only_the_train_command_imports_the_offline_training_code() -> None:
+    """``gateway.safety.training`` is offline code (torch training loops, the corpus): the
+    running gateway never imports it; ``safegate safety train`` does, when it runs."""
+    training = "gateway.safety.training"
+    reached = sorted(
+        {
+            found.importer
+            for found in imports()
+            if found.imported.startswith(training) and not found.importer.startswith(training)
+        }
+    )
+    assert reached == ["gateway.cli"]
+    assert not [
+        found
+        for found in imports()
+        if found.importer == "gateway.cli"
+        and found.imported.startswith(training)
+        and found.module_level
+    ]
