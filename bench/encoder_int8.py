@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from gateway.config import Settings  # noqa: E402
-from gateway.ensemble import build_engine  # noqa: E402
+from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.taxonomy import parse_label  # noqa: E402
 from gateway.safety.training.corpus import HEAD_LABELS  # noqa: E402
 

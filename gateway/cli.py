@@ -157,7 +157,7 @@ def _engine(settings: Settings) -> SafetyEngine:
     from gateway.allowlists import AllowlistStore
     from gateway.blocklists import BlocklistStore
     from gateway.db import Database
-    from gateway.ensemble import build_engine
+    from gateway.engine_factory import build_engine
 
     with console.status("loading the safety engine"):
         database = Database(settings.database, timeouts=settings.database_timeouts)

@@ -34,7 +34,7 @@ from gateway.audit import RequestRecord, UsageSource
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
-from gateway.ensemble import build_members
+from gateway.engine_factory import build_members
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy

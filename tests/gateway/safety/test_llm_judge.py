@@ -317,7 +317,7 @@ def test_one_garbled_reply_fails_the_batch(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_registered_as_the_llm_judge_member() -> None:
     factory = MEMBERS.get(MemberKind.LLM_JUDGE)
-    # The keyword arguments gateway/ensemble.py passes from the settings.
+    # The keyword arguments gateway/engine_factory.py passes from the settings.
     member = factory(
         model=MODEL, api_base=None, api_key=None, timeout_s=10.0, mock_response="unsafe\nS10"
     )
