@@ -76,8 +76,9 @@ The package: ``keys`` (roles, principals, the table and ``KeyStore``; no FastAPI
 developer key in a private file), ``dependencies`` (``require``, ``require_by_method``,
 ``checks_key``, ``presented_key``), ``ratelimit`` (per-key token buckets, in process or in
 Redis), ``policies`` (a key's policy file), ``quotas`` and ``usage`` (token quotas and
-budgets, and the usage report), ``cli`` (``safegate keys``). The names of ``keys``,
-``local_key`` and ``dependencies`` are importable from ``gateway.access``.
+budgets, and the usage report), ``cli`` (``safegate keys``), ``settings`` (the auth, rate
+limit and quota settings and their defaults). The names of ``keys``, ``local_key`` and
+``dependencies`` are importable from ``gateway.access``.
 """
 
 from __future__ import annotations

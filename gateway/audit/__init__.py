@@ -55,7 +55,8 @@ Nothing here logs a text, a note or a database error message that could quote on
 
 Modules: ``records`` (the two kinds of record, their limits and checks), ``tables`` (the
 SQLAlchemy tables), ``store`` (:class:`AuditStore`: writes, the spool, draining, review),
-``queries`` (filters, pages, cursors for the reads), ``spooled`` (records as spool lines).
+``queries`` (filters, pages, cursors for the reads), ``spooled`` (records as spool lines),
+``settings`` (the audit settings and their defaults).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
 - ``content_filter``: Azure's ``content_filter_results`` annotations from verdicts.
 - ``upstreams``: the models behind litellm's Router (``upstreams.yaml`` ships).
 - ``local_models``: the local model server ``safegate serve`` starts for deployed adapters.
+- ``settings``: the chat and upstream settings and their defaults.
 """
 
 from gateway.chat.prompt import PromptText, json_text, prompt_texts
