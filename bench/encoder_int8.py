@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from gateway.config import Settings  # noqa: E402
-from gateway.ensemble import build_engine  # noqa: E402
-from gateway.safety.corpus import HEAD_LABELS  # noqa: E402
+from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.taxonomy import parse_label  # noqa: E402
+from gateway.safety.training.corpus import HEAD_LABELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (

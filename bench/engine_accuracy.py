@@ -37,10 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from gateway.config import Settings  # noqa: E402
-from gateway.ensemble import build_engine  # noqa: E402
-from gateway.safety.corpus import HEAD_LABELS, Corpus, Split  # noqa: E402
+from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.engine import SafetyEngine  # noqa: E402
 from gateway.safety.taxonomy import Category, Direction, Shield, parse_label  # noqa: E402
+from gateway.safety.training.corpus import HEAD_LABELS, Corpus, Split  # noqa: E402
 from gateway.safety.verdict import Verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -72,7 +72,7 @@ def summary(timings_ms: list[float]) -> dict[str, float]:
 
 async def measure(args: argparse.Namespace) -> dict[str, object]:
     from gateway.config import Settings
-    from gateway.ensemble import build_engine
+    from gateway.engine_factory import build_engine
     from gateway.safety.batcher import MicroBatcher
     from gateway.safety.engine import EngineOverloaded
     from gateway.safety.taxonomy import Direction

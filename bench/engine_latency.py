@@ -52,7 +52,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def engine_compute(repeats: int) -> dict[str, float]:
     from gateway.config import Settings
-    from gateway.ensemble import build_engine
+    from gateway.engine_factory import build_engine
 
     home = Path(tempfile.mkdtemp())
     engine = build_engine(Settings(home=home), blocklists=None)

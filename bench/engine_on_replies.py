@@ -23,7 +23,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from evals.refusal import DATA_FILE, read_labels  # noqa: E402
 from gateway.config import Settings  # noqa: E402
-from gateway.ensemble import build_engine  # noqa: E402
+from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.taxonomy import Direction, Severity  # noqa: E402
 
 BATCH = 16

@@ -2,10 +2,10 @@
 
 The issue asks for "category and jailbreak/injection heads that the project trains
 itself: plain heads on frozen embeddings or a peft LoRA adapter on the encoder, whichever
-measures better". ``gateway.safety.train`` implements the first; this script measures
+measures better". ``gateway.safety.training.train`` implements the first; this script measures
 the second against it on the same data, on CPU, in one run:
 
-1. Build the corpus (``gateway.safety.corpus``) and take a deterministic, stratified-ish
+1. Build the corpus (``gateway.safety.training.corpus``) and take a deterministic, stratified-ish
    subsample of the train and dev splits: every example of the project's own, every
    positive of a rare label (anything but ``hate`` and ``harassment``), then a seeded
    random fill from the rest. Both variants see exactly the same examples.
@@ -59,10 +59,10 @@ import transformers  # noqa: E402
 from sklearn.metrics import average_precision_score  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from gateway.safety.corpus import HEAD_LABELS, Corpus, Example, Split  # noqa: E402
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder, resolve_model_path  # noqa: E402
 from gateway.safety.normalize import normalize  # noqa: E402
-from gateway.safety.train import Matrix, TrainConfig, _fit, _matrix, _mean_auprc  # noqa: E402
+from gateway.safety.training.corpus import HEAD_LABELS, Corpus, Example, Split  # noqa: E402
+from gateway.safety.training.train import Matrix, TrainConfig, _fit, _matrix, _mean_auprc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON_LABELS = frozenset({"hate", "harassment"})

@@ -23,10 +23,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gateway.config import Settings  # noqa: E402
-from gateway.ensemble import build_engine  # noqa: E402
-from gateway.safety.batcher import DEFAULT_MAX_BATCH  # noqa: E402
+from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.engine import SafetyEngine  # noqa: E402
 from gateway.safety.members import encoder_heads  # noqa: E402
+from gateway.safety.settings import DEFAULT_MAX_BATCH  # noqa: E402
 from gateway.safety.taxonomy import Direction  # noqa: E402
 from gateway.safety.verdict import Verdict  # noqa: E402
 

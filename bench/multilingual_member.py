@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from gateway.config import Settings  # noqa: E402
-from gateway.ensemble import build_engine  # noqa: E402
+from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.engine import SafetyEngine  # noqa: E402
 from gateway.safety.taxonomy import Direction  # noqa: E402
 from gateway.safety.verdict import Verdict  # noqa: E402

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from gateway.chat import DEFAULT_STREAM_OVERLAP_CHARS, DEFAULT_STREAM_WINDOW_CHARS, StreamGuard
 from gateway.config import Settings
-from gateway.ensemble import build_members
+from gateway.engine_factory import build_members
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
 from gateway.safety.policy import Policy

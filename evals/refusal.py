@@ -115,8 +115,8 @@ class Embedder:
 
     def __init__(self, encoder: Any | None = None) -> None:
         if encoder is None:
-            from gateway.safety.artifacts import Backend
             from gateway.safety.encoder import SentenceEncoder
+            from gateway.safety.settings import Backend
 
             encoder = SentenceEncoder(backend=Backend.TORCH)
         self.encoder = encoder
@@ -209,8 +209,8 @@ class RefusalDetector:
     def load(cls, path: Path = HEAD_FILE, *, encoder: Any | None = None) -> RefusalDetector:
         head = RefusalHead.load(path)
         if encoder is None:
-            from gateway.safety.artifacts import Backend
             from gateway.safety.encoder import SentenceEncoder
+            from gateway.safety.settings import Backend
 
             encoder = SentenceEncoder(head.encoder, backend=Backend.TORCH)
         return cls(head, Embedder(encoder))

@@ -29,7 +29,7 @@ from gateway.blocklists import BlocklistStore
 from gateway.chat.upstreams import LitellmUpstreams, UpstreamsConfig, registry_adapters
 from gateway.config import Settings, get_settings
 from gateway.db import Database
-from gateway.ensemble import build_engine
+from gateway.engine_factory import build_engine
 from gateway.metrics import Metrics
 from gateway.middleware import BodySizeLimit, RequestContext
 from gateway.openapi import SafegateAPI

@@ -157,7 +157,7 @@ def _engine(settings: Settings) -> SafetyEngine:
     from gateway.allowlists import AllowlistStore
     from gateway.blocklists import BlocklistStore
     from gateway.db import Database
-    from gateway.ensemble import build_engine
+    from gateway.engine_factory import build_engine
 
     with console.status("loading the safety engine"):
         database = Database(settings.database, timeouts=settings.database_timeouts)
@@ -313,7 +313,8 @@ def safety_train_multilingual(
 
 
 class TuneMethod(StrEnum):
-    """How ``safety train`` fine-tunes the encoder (``gateway.safety.train.TUNE_METHODS``)."""
+    """How ``safety train`` fine-tunes the encoder: ``TUNE_METHODS`` of
+    ``gateway.safety.training.train``."""
 
     TOP_LAYERS = "top-layers"
     LORA = "lora"
@@ -354,7 +355,7 @@ def safety_train(
     Resumes after a kill: run the same command again.
     """
     offline_defaults()
-    from gateway.safety.train import TrainConfig, run
+    from gateway.safety.training.train import TrainConfig, run
 
     settings = get_settings()
     config = TrainConfig(

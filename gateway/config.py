@@ -1,9 +1,13 @@
 """Settings: ``SAFEGATE_*`` environment variables over embedded defaults.
 
 Nested sections use ``__``: ``SAFEGATE_DETOXIFY__ENABLED=true``. Every limit and
-timeout has a named default here; none means "unlimited". ``get_settings()`` is cached;
-``create_app(settings)`` takes the settings the app and its routes use (tests pass their
-own), and commands read ``get_settings()``.
+timeout has a named default; none means "unlimited". Each domain owns its sections and
+their defaults in its ``settings.py`` (``gateway.access``, ``gateway.audit``,
+``gateway.blocklists``, ``gateway.chat``, ``gateway.safety``), a leaf its own modules take
+their defaults from; this module composes them into ``Settings``, with the service's own
+fields and its tracing section, and imports nothing else of the gateway.
+``get_settings()`` is cached; ``create_app(settings)`` takes the settings the app and its
+routes use (tests pass their own), and commands read ``get_settings()``.
 """
 
 from __future__ import annotations
@@ -11,46 +15,46 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
-from gateway.access import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
-from gateway.access.quotas import DEFAULT_QUOTA_CACHE_TTL_S
-from gateway.access.ratelimit import (
-    DEFAULT_REDIS_KEY_PREFIX,
-    DEFAULT_REDIS_TIMEOUT_S,
-    DEFAULT_REQUESTS_PER_MINUTE,
-    MAX_REQUESTS_PER_MINUTE,
+from gateway.access.settings import AuthSettings, QuotaSettings, RateLimitSettings
+from gateway.audit.settings import AuditSettings
+from gateway.blocklists.settings import BlocklistSettings
+from gateway.chat.settings import ChatSettings, UpstreamSettings
+from gateway.safety.settings import (
+    SHIPPED_POLICY,
+    DetoxifySettings,
+    EncoderSettings,
+    EngineSettings,
+    LanguageSettings,
+    LlmJudgeSettings,
+    MultilingualSettings,
+    PiiSettings,
+    ProfanitySettings,
 )
-from gateway.audit import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
-from gateway.blocklists import DEFAULT_REFRESH_S
-from gateway.chat import (
-    DEFAULT_MAX_CHOICES,
-    DEFAULT_MAX_MESSAGE_CHARS,
-    DEFAULT_MAX_MESSAGES,
-    DEFAULT_MAX_PROMPT_CHARS,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MAX_TOOLS,
-    DEFAULT_STREAM_INCREMENT_CHARS,
-    DEFAULT_STREAM_OVERLAP_CHARS,
-    DEFAULT_STREAM_WINDOW_CHARS,
-)
-from gateway.chat.upstreams import SHIPPED_UPSTREAMS
-from gateway.safety.artifacts import SHIPPED_HEADS, SHIPPED_MULTILINGUAL_HEADS, Backend
-from gateway.safety.batcher import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_BATCH_CHARS,
-    DEFAULT_MAX_WAIT_S,
-    DEFAULT_QUEUE_CAPACITY_CHARS,
-)
-from gateway.safety.engine import (
-    DEFAULT_MAX_TEXT_CHARS,
-    DEFAULT_MEMBER_TIMEOUT_S,
-    DEFAULT_TIMEOUT_PER_KCHAR_S,
-)
-from gateway.safety.members.llm_judge import DEFAULT_JUDGE_TIMEOUT_S
-from gateway.safety.policy import SHIPPED_POLICY
 from safegate.settings import SharedSettings
+
+__all__ = [
+    "AuditSettings",
+    "AuthSettings",
+    "BlocklistSettings",
+    "ChatSettings",
+    "DetoxifySettings",
+    "EncoderSettings",
+    "EngineSettings",
+    "LanguageSettings",
+    "LlmJudgeSettings",
+    "MultilingualSettings",
+    "PiiSettings",
+    "ProfanitySettings",
+    "QuotaSettings",
+    "RateLimitSettings",
+    "Settings",
+    "TracingSettings",
+    "UpstreamSettings",
+    "get_settings",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -58,221 +62,6 @@ DEFAULT_MAX_BODY_BYTES = 2_000_000
 DEFAULT_MAX_MODERATION_INPUTS = 64
 # OpenTelemetry's own default: an export of spans (retries included) gives up after this.
 DEFAULT_TRACE_EXPORT_TIMEOUT_S = 10.0
-
-
-class EncoderSettings(BaseModel):
-    """The project's heads; the encoder they need is named inside the heads file."""
-
-    enabled: bool = True
-    heads: Path = SHIPPED_HEADS
-    backend: Backend = Field(default=Backend.ONNX, description="onnx (faster on CPU) or torch")
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
-
-
-class MultilingualSettings(BaseModel):
-    """Heads on multilingual-e5-small for the languages its model card lists."""
-
-    enabled: bool = True
-    heads: Path = SHIPPED_MULTILINGUAL_HEADS
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-
-
-class LanguageSettings(BaseModel):
-    """Language identification: texts the engine's model does not cover are marked."""
-
-    enabled: bool = True
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-
-
-class ProfanitySettings(BaseModel):
-    enabled: bool = True
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-
-
-class PiiSettings(BaseModel):
-    enabled: bool = True
-    default_region: str = "US"
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-
-
-class BlocklistSettings(BaseModel):
-    enabled: bool = True
-    refresh_s: float = Field(default=DEFAULT_REFRESH_S, gt=0)
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-
-
-class DetoxifySettings(BaseModel):
-    """Detoxify. Off by default: its official checkpoints download from GitHub."""
-
-    enabled: bool = False
-    model_type: str = "original"
-    checkpoint: Path | None = None
-    huggingface_config_path: Path | None = None
-    allowed_sha256: list[str] = Field(default_factory=list)
-    timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-
-    @model_validator(mode="after")
-    def _pinned(self) -> DetoxifySettings:
-        if self.enabled and not self.allowed_sha256:
-            raise ValueError(
-                "detoxify is enabled but allowed_sha256 is empty: its checkpoints are "
-                "pickles, so list the sha256 of the checkpoint you trust"
-            )
-        return self
-
-
-class LlmJudgeSettings(BaseModel):
-    """An LLM judge reached through litellm. Off by default."""
-
-    enabled: bool = False
-    model: str = "ollama/llama-guard3:1b"
-    api_base: str | None = None
-    api_key: str | None = None
-    timeout_s: float = Field(default=DEFAULT_JUDGE_TIMEOUT_S, gt=0)
-    mock_response: str | None = None
-
-
-class EngineSettings(BaseModel):
-    max_text_chars: int = Field(default=DEFAULT_MAX_TEXT_CHARS, ge=1)
-    timeout_per_kchar_s: float = Field(
-        default=DEFAULT_TIMEOUT_PER_KCHAR_S,
-        ge=0,
-        description="extra time budget per member per 1,000 characters in a batch "
-        "(a batch holds at most max_batch_chars, or one longer text)",
-    )
-    max_batch: int = Field(default=DEFAULT_MAX_BATCH, ge=1)
-    max_batch_chars: int = Field(
-        default=DEFAULT_MAX_BATCH_CHARS,
-        ge=1,
-        description="characters in one detection batch (a longer text runs alone); "
-        "requests take turns, so a short one waits about one such batch per request ahead",
-    )
-    queue_capacity_chars: int = Field(
-        default=DEFAULT_QUEUE_CAPACITY_CHARS,
-        ge=1,
-        description="characters waiting for detection; a request past it gets a 429 "
-        "engine_overloaded with Retry-After (an idle engine admits any valid request)",
-    )
-    max_wait_s: float = Field(
-        default=DEFAULT_MAX_WAIT_S,
-        ge=0,
-        description="how long an idle engine waits for more texts before a forward pass; "
-        "0 starts at once and lets batches form from what arrives during one",
-    )
-
-
-class AuditSettings(BaseModel):
-    """The audit store (``gateway.audit``): flagged texts for review, request metadata."""
-
-    drain_interval_s: float = Field(
-        default=DEFAULT_DRAIN_INTERVAL_S,
-        gt=0,
-        description="how often records spooled while the database was down are moved into it",
-    )
-    write_timeout_s: float = Field(
-        default=DEFAULT_WRITE_TIMEOUT_S,
-        gt=0,
-        description="a database write that takes longer is spooled to disk as well",
-    )
-    spool_dir: Path | None = Field(
-        default=None, description="where records wait while the database is down (0700)"
-    )
-    record_requests: bool = Field(
-        default=True, description="keep metadata (never text) of every filtered request"
-    )
-
-
-class AuthSettings(BaseModel):
-    """API keys (``gateway.access``). Disabling makes every request an anonymous admin."""
-
-    enabled: bool = Field(
-        default=True,
-        description="false: no keys needed and no per-key limits; only behind another auth layer",
-    )
-    cache_ttl_s: float = Field(
-        default=DEFAULT_CACHE_TTL_S,
-        gt=0,
-        description="how long a valid key is cached; a revoke reaches other replicas within it",
-    )
-    outage_grace_s: float = Field(
-        default=DEFAULT_OUTAGE_GRACE_S,
-        ge=0,
-        allow_inf_nan=False,
-        description="while the database cannot be reached, a key checked this recently still "
-        "works; 0: none does",
-    )
-
-
-class RateLimitSettings(BaseModel):
-    """Per-key token buckets (``gateway.access.ratelimit``); a key's own rate_limit_rpm wins."""
-
-    requests_per_minute: int = Field(
-        default=DEFAULT_REQUESTS_PER_MINUTE, ge=1, le=MAX_REQUESTS_PER_MINUTE
-    )
-    burst: int | None = Field(
-        default=None,
-        ge=1,
-        description="most requests at once (capped at a key's rate); unset: a minute's worth",
-    )
-    redis_url: str | None = Field(
-        default=None, description="share buckets across replicas; unreachable Redis means 503"
-    )
-    key_prefix: str = DEFAULT_REDIS_KEY_PREFIX
-    timeout_s: float = Field(default=DEFAULT_REDIS_TIMEOUT_S, gt=0)
-
-
-class QuotaSettings(BaseModel):
-    """Per-key token quotas and budgets (``gateway.access.quotas``), set on each key."""
-
-    cache_ttl_s: float = Field(
-        default=DEFAULT_QUOTA_CACHE_TTL_S,
-        gt=0,
-        description="how long a key's usage totals are cached; other replicas' requests "
-        "count within it",
-    )
-
-
-class ChatSettings(BaseModel):
-    """Limits of ``/v1/chat/completions`` and how streams are held back for checking."""
-
-    max_messages: int = Field(default=DEFAULT_MAX_MESSAGES, ge=1)
-    max_message_chars: int = Field(default=DEFAULT_MAX_MESSAGE_CHARS, ge=1)
-    max_tokens: int = Field(
-        default=DEFAULT_MAX_TOKENS, ge=1, description="most max_tokens a request may ask for"
-    )
-    max_choices: int = Field(default=DEFAULT_MAX_CHOICES, ge=1)
-    max_tools: int = Field(default=DEFAULT_MAX_TOOLS, ge=0)
-    max_prompt_chars: int = Field(
-        default=DEFAULT_MAX_PROMPT_CHARS,
-        ge=1,
-        description="characters of every text the model reads, together",
-    )
-    stream_window_chars: int = Field(
-        default=DEFAULT_STREAM_WINDOW_CHARS,
-        ge=1,
-        description="most streamed characters held back without a sentence end",
-    )
-    stream_increment_chars: int = Field(
-        default=DEFAULT_STREAM_INCREMENT_CHARS,
-        ge=1,
-        description="streamed characters gathered (to the last space) before each check",
-    )
-    stream_overlap_chars: int = Field(
-        default=DEFAULT_STREAM_OVERLAP_CHARS,
-        ge=0,
-        description="released text (whole sentences) checked again with the next part",
-    )
-
-
-class UpstreamSettings(BaseModel):
-    """Where the models are: a litellm Router config (``gateway.chat.upstreams``)."""
-
-    file: Path = SHIPPED_UPSTREAMS
-    serve_local: bool = Field(
-        default=True,
-        description="`safegate serve` also starts the local model server for deployed adapters",
-    )
 
 
 class TracingSettings(BaseModel):

@@ -156,7 +156,7 @@ def shared_judge(home: Path | None = None, policy_file: Path | None = None) -> S
     """
     from evals.refusal import RefusalDetector
     from gateway.config import Settings
-    from gateway.ensemble import build_engine
+    from gateway.engine_factory import build_engine
 
     overrides: dict[str, Any] = {}
     if home is not None:

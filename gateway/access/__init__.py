@@ -76,8 +76,9 @@ The package: ``keys`` (roles, principals, the table and ``KeyStore``; no FastAPI
 developer key in a private file), ``dependencies`` (``require``, ``require_by_method``,
 ``checks_key``, ``presented_key``), ``ratelimit`` (per-key token buckets, in process or in
 Redis), ``policies`` (a key's policy file), ``quotas`` and ``usage`` (token quotas and
-budgets, and the usage report), ``cli`` (``safegate keys``). The names of ``keys``,
-``local_key`` and ``dependencies`` are importable from ``gateway.access``.
+budgets, and the usage report), ``cli`` (``safegate keys``), ``settings`` (the auth, rate
+limit and quota settings and their defaults). The names of ``keys``, ``local_key`` and
+``dependencies`` are importable from ``gateway.access``.
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ from gateway.access.keys import (
     ANONYMOUS,
     ANONYMOUS_KEY_ID,
     DEFAULT_CACHE_MAX_ENTRIES,
-    DEFAULT_CACHE_TTL_S,
-    DEFAULT_OUTAGE_GRACE_S,
     DEFAULT_TOUCH_INTERVAL_S,
     DISPLAY_PREFIX_CHARS,
     KEY_PATTERN,
@@ -112,6 +111,7 @@ from gateway.access.local_key import (
     local_key_path,
     write_private,
 )
+from gateway.access.settings import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
 
 if TYPE_CHECKING:
     from gateway.access.dependencies import checks_key, presented_key, require, require_by_method

@@ -31,7 +31,7 @@ from gateway.access.keys import (
 )
 from gateway.access.local_key import ensure_local_key, local_key_path
 from gateway.access.quotas import MAX_TOKEN_QUOTA, Quota
-from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
+from gateway.access.settings import MAX_REQUESTS_PER_MINUTE
 from gateway.access.usage import (
     DEFAULT_DAYS,
     MAX_DAYS,

@@ -45,7 +45,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from gateway.access.quotas import NO_QUOTA, Quota
-from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
+from gateway.access.settings import (
+    DEFAULT_CACHE_TTL_S,
+    DEFAULT_OUTAGE_GRACE_S,
+    MAX_REQUESTS_PER_MINUTE,
+)
 from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import (
     Conflict,
@@ -63,8 +67,6 @@ KEY_PATTERN = re.compile(r"^sg-[A-Za-z0-9_-]{43}$")
 DISPLAY_PREFIX_CHARS = len(KEY_PREFIX) + 8
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 POLICY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-DEFAULT_CACHE_TTL_S = 5.0
-DEFAULT_OUTAGE_GRACE_S = 300.0
 KEY_STORE_RETRY_AFTER_S = 5
 DEFAULT_TOUCH_INTERVAL_S = 60.0
 DEFAULT_CACHE_MAX_ENTRIES = 10_000

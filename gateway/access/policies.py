@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 
 from gateway.errors import ServiceUnavailable
-from gateway.safety.policy import SHIPPED_POLICY, Policy, PolicyError
+from gateway.safety.policy import Policy, PolicyError
+from gateway.safety.settings import SHIPPED_POLICY
 
 POLICY_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

@@ -50,13 +50,13 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from gateway.access.settings import DEFAULT_QUOTA_CACHE_TTL_S
 from gateway.audit import RequestLogRow
 from gateway.db import Database
 from gateway.errors import Forbidden, InvalidRequest, QuotaExceeded, ServiceUnavailable
 
 log = logging.getLogger("safegate.quotas")
 
-DEFAULT_QUOTA_CACHE_TTL_S = 2.0
 DEFAULT_QUOTA_OUTAGE_GRACE_S = 300.0
 QUOTA_UNAVAILABLE_RETRY_AFTER_S = 5
 MAX_TOKEN_QUOTA = 10**15

@@ -33,14 +33,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.access.settings import (
+    DEFAULT_REDIS_KEY_PREFIX,
+    DEFAULT_REDIS_TIMEOUT_S,
+    MAX_REQUESTS_PER_MINUTE,
+)
 from gateway.errors import ServiceUnavailable
 
 log = logging.getLogger("safegate.ratelimit")
 
-DEFAULT_REQUESTS_PER_MINUTE = 600
-DEFAULT_REDIS_KEY_PREFIX = "safegate:ratelimit:"
-DEFAULT_REDIS_TIMEOUT_S = 0.5
-MAX_REQUESTS_PER_MINUTE = 1_000_000
 # Redis keeps a bucket this much longer than it takes to refill, so clock jitter between
 # the script's reads never drops a bucket that still owes tokens.
 REDIS_TTL_MARGIN_MS = 1_000

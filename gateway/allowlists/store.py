@@ -21,7 +21,6 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from gateway.allowlists.matching import AllowlistSnapshot, Exempts
 from gateway.blocklists import (
-    DEFAULT_REFRESH_S,
     MAX_REGEX_CHARS,
     MAX_REGEXES_PER_LIST,
     CompiledRegex,
@@ -33,6 +32,7 @@ from gateway.blocklists import (
     compile_regex,
     term_tokens,
 )
+from gateway.blocklists.settings import DEFAULT_REFRESH_S
 from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.safety.allowlist import MAX_MASKED_CHARS

@@ -55,16 +55,15 @@ Nothing here logs a text, a note or a database error message that could quote on
 
 Modules: ``records`` (the two kinds of record, their limits and checks), ``tables`` (the
 SQLAlchemy tables), ``store`` (:class:`AuditStore`: writes, the spool, draining, review),
-``queries`` (filters, pages, cursors for the reads), ``spooled`` (records as spool lines).
+``queries`` (filters, pages, cursors for the reads), ``spooled`` (records as spool lines),
+``settings`` (the audit settings and their defaults).
 """
 
 from __future__ import annotations
 
 from gateway.audit.queries import ItemFilter, ItemPage, ReviewStats, StoredItem, not_eval
 from gateway.audit.records import (
-    DEFAULT_DRAIN_INTERVAL_S,
     DEFAULT_PAGE_SIZE,
-    DEFAULT_WRITE_TIMEOUT_S,
     EXPORT_PAGE_SIZE,
     KEY_ID_CHARS,
     MAX_BULK_IDS,
@@ -79,6 +78,7 @@ from gateway.audit.records import (
     UsageSource,
     flagged_item,
 )
+from gateway.audit.settings import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
 from gateway.audit.store import AuditStore
 from gateway.audit.tables import FlaggedItemCategoryRow, FlaggedItemRow, RequestLogRow
 

@@ -21,8 +21,6 @@ from gateway.safety.verdict import Verdict, check_probability
 log = logging.getLogger("safegate.audit")
 
 SPOOL_DIRNAME = "audit-spool"
-DEFAULT_DRAIN_INTERVAL_S = 10.0
-DEFAULT_WRITE_TIMEOUT_S = 2.0
 DEFAULT_WRITERS = 4
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500

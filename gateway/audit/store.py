@@ -43,9 +43,7 @@ from gateway.audit.queries import (
     stored_item,
 )
 from gateway.audit.records import (
-    DEFAULT_DRAIN_INTERVAL_S,
     DEFAULT_PAGE_SIZE,
-    DEFAULT_WRITE_TIMEOUT_S,
     DEFAULT_WRITERS,
     EXPORT_PAGE_SIZE,
     MAX_BULK_IDS,
@@ -57,6 +55,7 @@ from gateway.audit.records import (
     ReviewState,
     log,
 )
+from gateway.audit.settings import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
 from gateway.audit.spooled import (
     BadRecord,
     from_spool_line,

@@ -64,7 +64,8 @@ and ``UnsupportedRegex`` from :func:`compile_regex` (a pattern RE2 cannot compil
 store turns it into ``InvalidRequest``). Nothing here logs an item's value.
 
 The package: ``matching`` (tokens, the term trie, RE2 patterns, the snapshot and its hits;
-no database) and ``store`` (the tables, the records, ``BlocklistStore`` and its limits).
+no database), ``store`` (the tables, the records, ``BlocklistStore`` and its limits) and
+``settings`` (the blocklist member's settings and the stores' refresh default).
 Every public name is importable from ``gateway.blocklists``.
 """
 
@@ -82,8 +83,8 @@ from gateway.blocklists.matching import (
     regex_spans,
     term_tokens,
 )
+from gateway.blocklists.settings import DEFAULT_REFRESH_S
 from gateway.blocklists.store import (
-    DEFAULT_REFRESH_S,
     MAX_DESCRIPTION_CHARS,
     MAX_ITEMS_PER_LIST,
     MAX_ITEMS_PER_REQUEST,

@@ -38,6 +38,7 @@ from gateway.blocklists.matching import (
     compile_regex,
     term_tokens,
 )
+from gateway.blocklists.settings import DEFAULT_REFRESH_S
 from gateway.db import Base, Database, UtcDateTime
 from gateway.errors import Conflict, InvalidRequest, NotFound
 from gateway.snapshots import SnapshotCache
@@ -55,7 +56,6 @@ MAX_VALUE_BYTES = 2000
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_ITEMS_PER_LIST = 10_000
 MAX_REGEXES_PER_LIST = 100
-DEFAULT_REFRESH_S = 5.0
 
 
 class ItemKind(StrEnum):

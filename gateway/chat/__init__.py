@@ -10,24 +10,23 @@
 - ``content_filter``: Azure's ``content_filter_results`` annotations from verdicts.
 - ``upstreams``: the models behind litellm's Router (``upstreams.yaml`` ships).
 - ``local_models``: the local model server ``safegate serve`` starts for deployed adapters.
+- ``settings``: the chat and upstream settings and their defaults.
 """
 
 from gateway.chat.prompt import PromptText, json_text, prompt_texts
-from gateway.chat.schemas import (
+from gateway.chat.schemas import ChatCompletionRequest
+from gateway.chat.settings import (
     DEFAULT_MAX_CHOICES,
     DEFAULT_MAX_MESSAGE_CHARS,
     DEFAULT_MAX_MESSAGES,
     DEFAULT_MAX_PROMPT_CHARS,
     DEFAULT_MAX_TOKENS,
     DEFAULT_MAX_TOOLS,
-    ChatCompletionRequest,
-)
-from gateway.chat.stream_guard import (
     DEFAULT_STREAM_INCREMENT_CHARS,
     DEFAULT_STREAM_OVERLAP_CHARS,
     DEFAULT_STREAM_WINDOW_CHARS,
-    StreamGuard,
 )
+from gateway.chat.stream_guard import StreamGuard
 
 __all__ = [
     "DEFAULT_MAX_CHOICES",

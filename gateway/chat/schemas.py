@@ -15,13 +15,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from gateway.safety.taxonomy import Label, Shield
 
-DEFAULT_MAX_MESSAGES = 256
-DEFAULT_MAX_MESSAGE_CHARS = 32_000
-DEFAULT_MAX_TOKENS = 4096  # the most a request may ask for (max_tokens / max_completion_tokens)
-DEFAULT_MAX_CHOICES = 4
-DEFAULT_MAX_TOOLS = 128  # OpenAI's own limit on tools per request
-DEFAULT_MAX_PROMPT_CHARS = 256_000  # every text the model reads, together
-
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 DOCUMENT_ROLES = frozenset({"tool", "function"})
 # Labels a text cannot carry by its role: only documents and tool output can hold an

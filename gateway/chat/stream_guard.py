@@ -33,12 +33,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from gateway.chat.settings import (
+    DEFAULT_STREAM_INCREMENT_CHARS,
+    DEFAULT_STREAM_OVERLAP_CHARS,
+    DEFAULT_STREAM_WINDOW_CHARS,
+)
 from gateway.safety.verdict import Verdict
-
-DEFAULT_STREAM_WINDOW_CHARS = 160  # held back at most without a space
-# released once this much has arrived; chosen by bench/stream_increments.py
-DEFAULT_STREAM_INCREMENT_CHARS = 24
-DEFAULT_STREAM_OVERLAP_CHARS = 160  # of released text checked again with the next part
 
 Check = Callable[[str], Awaitable[Verdict]]
 

@@ -48,7 +48,6 @@ from safegate.settings import local_models_api_base
 
 log = logging.getLogger("safegate.upstreams")
 
-SHIPPED_UPSTREAMS = Path(__file__).resolve().parent / "upstreams.yaml"
 DEFAULT_UPSTREAM_TIMEOUT_S = 60.0
 DEFAULT_NUM_RETRIES = 1
 LOCAL_API_KEY = "local"  # the local model server checks no key; litellm wants one

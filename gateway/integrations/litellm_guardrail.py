@@ -73,7 +73,7 @@ from gateway.chat.prompt import PromptText
 from gateway.chat.schemas import NOT_IN_TURNS
 from gateway.chat.service import safe_results
 from gateway.config import Settings
-from gateway.ensemble import build_engine
+from gateway.engine_factory import build_engine
 from gateway.errors import public_error
 from gateway.integrations.litellm_errors import (
     GuardrailError,

@@ -40,17 +40,15 @@ from dataclasses import dataclass, field
 
 from gateway.safety.engine import EngineNotReady, EngineOverloaded, SafetyEngine
 from gateway.safety.policy import Policy
+from gateway.safety.settings import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BATCH_CHARS,
+    DEFAULT_MAX_WAIT_S,
+    DEFAULT_QUEUE_CAPACITY_CHARS,
+)
 from gateway.safety.taxonomy import Direction, Label
 from gateway.safety.verdict import MemberReport, Verdict
 
-DEFAULT_MAX_BATCH = 32
-DEFAULT_MAX_WAIT_S = 0.0
-# One slice: about half a second of the shipped engine's work on a 2-core machine
-# (~8,000 characters a second), and room for 32 prompts of 125 characters.
-DEFAULT_MAX_BATCH_CHARS = 4_000
-# Room for the largest request the default body limit (2 MB) lets in, so a request
-# within the documented limits is admitted beside the one-liners that keep arriving.
-DEFAULT_QUEUE_CAPACITY_CHARS = 2_000_000
 # The drain rate assumed until batches have been measured (shipped engine, 2 cores).
 DEFAULT_DRAIN_CHARS_PER_S = 8_000.0
 MIN_RETRY_AFTER_S = 1.0

@@ -30,7 +30,7 @@ import numpy.typing as npt
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from gateway.safety.artifacts import Backend
+from gateway.safety.settings import Backend
 
 BUNDLED_ENCODER = "bundled:all-MiniLM-L6-v2"
 ONNX_OPSET = 17

@@ -48,6 +48,11 @@ from gateway.safety.allowlist import ALLOWLIST_MEMBER, AllowlistSource, Masking,
 from gateway.safety.classifier import Classifier
 from gateway.safety.normalize import NormalizedText, normalize
 from gateway.safety.policy import Policy
+from gateway.safety.settings import (
+    DEFAULT_MAX_TEXT_CHARS,
+    DEFAULT_MEMBER_TIMEOUT_S,
+    DEFAULT_TIMEOUT_PER_KCHAR_S,
+)
 from gateway.safety.severity import azure_results
 from gateway.safety.taxonomy import Category, Direction, Label, Shield
 from gateway.safety.verdict import (
@@ -59,14 +64,6 @@ from gateway.safety.verdict import (
     MemberReport,
     Verdict,
 )
-
-# The budget is a guard against a member that hangs, not a latency target: a loaded
-# 2-core machine can take a second or two for a batch, and a budget overrun blocks.
-DEFAULT_MEMBER_TIMEOUT_S = 5.0
-# A batch's budget grows with its text: a member gets timeout_s plus this much per
-# 1,000 characters, so 64 long documents are not held to the budget of one prompt.
-DEFAULT_TIMEOUT_PER_KCHAR_S = 0.1
-DEFAULT_MAX_TEXT_CHARS = 32_000
 
 ALL_LABELS: tuple[Label, ...] = (*Category, *Shield)
 

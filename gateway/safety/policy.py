@@ -33,7 +33,6 @@ from gateway.safety.taxonomy import Category, Direction, Label, Shield, parse_la
 from gateway.safety.verdict import Action
 
 DEFAULT_THRESHOLD = 0.5
-SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "policies" / "default.yaml"
 
 DEFAULT_ACTIONS: Mapping[Label, Action] = MappingProxyType(
     {

@@ -28,13 +28,13 @@ from sqlalchemy.exc import OperationalError
 
 from gateway.access import KeyStore, Role
 from gateway.access.quotas import Clock, utc_now
-from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE
+from gateway.access.settings import MAX_REQUESTS_PER_MINUTE
 from gateway.app import create_app
 from gateway.audit import RequestRecord, UsageSource
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
-from gateway.ensemble import build_members
+from gateway.engine_factory import build_members
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy

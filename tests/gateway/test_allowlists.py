@@ -40,7 +40,8 @@ from gateway.safety.allowlist import (
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.normalize import normalize
-from gateway.safety.policy import SHIPPED_POLICY, Policy
+from gateway.safety.policy import Policy
+from gateway.safety.settings import SHIPPED_POLICY
 from gateway.safety.taxonomy import AzureCategory, Category, Direction, Severity
 from tests.gateway.conftest import EngineFactory, alembic_config, issue_key, ready_client
 

@@ -50,7 +50,8 @@ from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members import MEMBERS, MemberKind
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.normalize import normalize
-from gateway.safety.policy import SHIPPED_POLICY, Policy
+from gateway.safety.policy import Policy
+from gateway.safety.settings import SHIPPED_POLICY
 from gateway.safety.taxonomy import Shield
 from gateway.safety.verdict import Finding
 from tests.gateway.conftest import alembic_config

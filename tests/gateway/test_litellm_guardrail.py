@@ -36,7 +36,8 @@ from gateway.integrations.litellm_guardrail import SafegateGuardrail
 from gateway.integrations.litellm_texts import request_texts
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.normalize import NormalizedText
-from gateway.safety.policy import SHIPPED_POLICY, Policy
+from gateway.safety.policy import Policy
+from gateway.safety.settings import SHIPPED_POLICY
 from gateway.safety.taxonomy import Category, Direction
 from gateway.safety.verdict import Detection
 from tests.ports import free_port

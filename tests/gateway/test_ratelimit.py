@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.access.ratelimit import (
-    MAX_REQUESTS_PER_MINUTE,
     REDIS_TTL_MARGIN_MS,
     InProcessRateLimiter,
     Limit,
@@ -29,6 +28,7 @@ from gateway.access.ratelimit import (
     RedisRateLimiter,
     build_limiter,
 )
+from gateway.access.settings import MAX_REQUESTS_PER_MINUTE
 from gateway.errors import ServiceUnavailable
 
 REDIS_URL = os.environ.get("SAFEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -23,7 +23,8 @@ from fastapi.testclient import TestClient
 
 from gateway import errors
 from gateway.access import KeyStore, Role
-from gateway.access.ratelimit import MAX_REQUESTS_PER_MINUTE, InProcessRateLimiter
+from gateway.access.ratelimit import InProcessRateLimiter
+from gateway.access.settings import MAX_REQUESTS_PER_MINUTE
 from gateway.audit import AuditStore, FlaggedItem, RequestLogRow
 from gateway.blocklists import BlocklistStore
 from gateway.config import Settings

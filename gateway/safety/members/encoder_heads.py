@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.safety.artifacts import SHIPPED_HEADS, Backend
 from gateway.safety.delta import DeltaError, verify
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.normalize import NormalizedText
+from gateway.safety.settings import SHIPPED_HEADS, Backend
 from gateway.safety.taxonomy import Label, parse_label
 from gateway.safety.verdict import Detection
 

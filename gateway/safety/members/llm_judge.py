@@ -43,14 +43,12 @@ from typing import Final, Literal
 
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.normalize import NormalizedText
+from gateway.safety.settings import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.taxonomy import Category, Label
 from gateway.safety.verdict import Detection
 from safegate.offline import offline_defaults
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_JUDGE_TIMEOUT_S: Final = 10.0
-"""Seconds one judge call may take (litellm's ``timeout``); a batch makes one call per text."""
 
 DEFAULT_JUDGE_MAX_TOKENS: Final = 20
 """Reply budget: ``unsafe`` and a few codes fit; a reply cut off at the limit raises."""

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.safety.artifacts import SHIPPED_MULTILINGUAL_HEADS
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.members.encoder_heads import card_languages, verified_delta
@@ -29,6 +28,7 @@ from gateway.safety.members.language import LanguageClassifier
 from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
 from gateway.safety.normalize import NormalizedText
 from gateway.safety.policy import DEFAULT_THRESHOLD
+from gateway.safety.settings import SHIPPED_MULTILINGUAL_HEADS
 from gateway.safety.taxonomy import Label, parse_label
 from gateway.safety.verdict import Detection
 

@@ -1,6 +1,8 @@
 """Offline training of the safety engine's own model (``safegate safety train``).
 
 Nothing here runs in the gateway: the runtime loads only what these modules write.
-``own_set`` consolidates the project's hand-written examples and their held-out split;
-``encoder_tuning`` fine-tunes the sentence encoder end to end with LoRA.
+``train`` trains, calibrates and tunes the encoder heads and writes them with their model
+card, from the labelled examples ``corpus`` reads; ``own_set`` consolidates the project's
+hand-written examples and their held-out split; ``encoder_tuning`` fine-tunes the
+sentence encoder end to end with LoRA and ``top_layers`` its upper blocks in full.
 """

@@ -4,7 +4,7 @@ Frozen mean-pooled embeddings carry topic, not intent (issue: "kill a process" s
 to threats). This step adapts every transformer block of all-MiniLM-L6-v2 with LoRA
 (rank ``rank`` on the query, key, value and all dense layers of each block) together with
 a linear multi-label head, on prompts and model replies alike, with the masked, weighted
-binary cross-entropy of ``gateway.safety.train``.
+binary cross-entropy of ``gateway.safety.training.train``.
 
 Top to bottom: tokenise every training text once (the normalised, folded view the engine
 classifies), bucket by length, train ``epochs`` passes with AdamW, checkpoint every
@@ -12,7 +12,7 @@ classifies), bucket by length, train ``epochs`` passes with AdamW, checkpoint ev
 factors as a delta file (``gateway.safety.delta``). A killed run started again with the
 same arguments resumes from its last checkpoint; a finished one is reused.
 
-The head trained here is returned as a ``torch.nn.Linear``; ``gateway.safety.train``
+The head trained here is returned as a ``torch.nn.Linear``; ``gateway.safety.training.train``
 calibrates it, tunes its thresholds and measures it exactly as it does the frozen heads,
 on embeddings from the merged encoder, so the two designs are compared in one run.
 """

@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gateway.safety.corpus import (
+from gateway.safety.heads import Heads
+from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
+from gateway.safety.normalize import normalize
+from gateway.safety.training.corpus import (
     ALL_KNOWN,
     HEAD_LABELS,
     Example,
@@ -41,10 +44,7 @@ from gateway.safety.corpus import (
     hash_split,
     with_parents,
 )
-from gateway.safety.heads import Heads
-from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
-from gateway.safety.normalize import normalize
-from gateway.safety.train import (
+from gateway.safety.training.train import (
     Matrix,
     TrainConfig,
     _calibrate,

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from gateway.safety.corpus import ALL_KNOWN
+from gateway.safety.training.corpus import ALL_KNOWN
 
 HELDOUT_STYLES = frozenset({"hypothetical"})
 HELDOUT_SUBTOPIC_SHARE = 0.17  # of each topic's subtopics, on top of the held-out style

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.safety.artifacts import SHIPPED_HEADS, Backend
-from gateway.safety.corpus import HEAD_LABELS
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads, HeadsFormatError
+from gateway.safety.settings import SHIPPED_HEADS, Backend
+from gateway.safety.training.corpus import HEAD_LABELS
 
 WEIGHTS = SHIPPED_HEADS.parent
 TEXTS = [

@@ -20,7 +20,6 @@ from litellm.exceptions import BadRequestError, InternalServerError, RateLimitEr
 from gateway.safety.classifier import Classifier
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.members.llm_judge import (
-    DEFAULT_JUDGE_TIMEOUT_S,
     HAZARDS,
     JUDGE_LABELS,
     MAX_CONCURRENT_JUDGE_CALLS,
@@ -30,6 +29,7 @@ from gateway.safety.members.llm_judge import (
     LlmJudgeError,
 )
 from gateway.safety.normalize import normalize
+from gateway.safety.settings import DEFAULT_JUDGE_TIMEOUT_S
 from gateway.safety.taxonomy import Category
 
 # litellm's TypedDicts trip a pydantic UserWarning the first time each is validated.
@@ -317,7 +317,7 @@ def test_one_garbled_reply_fails_the_batch(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_registered_as_the_llm_judge_member() -> None:
     factory = MEMBERS.get(MemberKind.LLM_JUDGE)
-    # The keyword arguments gateway/ensemble.py passes from the settings.
+    # The keyword arguments gateway/engine_factory.py passes from the settings.
     member = factory(
         model=MODEL, api_base=None, api_key=None, timeout_s=10.0, mock_response="unsafe\nS10"
     )

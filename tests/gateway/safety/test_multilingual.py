@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.safety.artifacts import SHIPPED_MULTILINGUAL_HEADS
 from gateway.safety.engine import SafetyEngine
 from gateway.safety.members import MemberLoadError
 from gateway.safety.members.multilingual import MultilingualHeadsClassifier
 from gateway.safety.normalize import normalize
+from gateway.safety.settings import SHIPPED_MULTILINGUAL_HEADS
 from gateway.safety.taxonomy import Category, Direction
 
 HARMFUL = {

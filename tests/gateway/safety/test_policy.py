@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.safety.policy import DEFAULT_THRESHOLD, SHIPPED_POLICY, Policy, PolicyError
+from gateway.safety.policy import DEFAULT_THRESHOLD, Policy, PolicyError
+from gateway.safety.settings import SHIPPED_POLICY
 from gateway.safety.taxonomy import Category, Direction, Shield
 from gateway.safety.verdict import Action
 

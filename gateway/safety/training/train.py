@@ -2,7 +2,7 @@
 
 Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
 
-1. Build the corpus (``gateway.safety.corpus``): permissive public sets (capped per
+1. Build the corpus (``gateway.safety.training.corpus``): permissive public sets (capped per
    source) plus the project's own examples, with known-label masks and train/dev/test
    splits (the own examples' held-out rows are the test split, never tuned on).
 2. Embed every text once with the frozen sentence encoder, on the same normalised view
@@ -40,11 +40,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-from gateway.safety.corpus import HEAD_LABELS, Corpus, Example, Split, file_sha256
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.normalize import normalize
 from gateway.safety.training import top_layers
+from gateway.safety.training.corpus import HEAD_LABELS, Corpus, Example, Split, file_sha256
 from gateway.safety.training.encoder_tuning import TunedEncoder, TuningConfig, TuningData, tune
 
 FloatArray = npt.NDArray[np.float32]
@@ -234,7 +234,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
                 "(data/safety/own_examples.jsonl) fill that gap; their held-out part is "
                 "the test split for those labels.",
                 "AdvBench behaviours carry weak category labels from keyword rules "
-                "(gateway/safety/corpus.py).",
+                "(gateway/safety/training/corpus.py).",
                 "Indirect-attack positives are deepset injections embedded in MT-Bench "
                 "reference answers, plus own examples.",
             ],
