@@ -94,7 +94,7 @@ class RunStatus(StrEnum):
 
 
 class RunRow(StatusColumns, Base):
-    # status, started_at, finished_at, error and pid: StatusColumns
+    # status, created_at, started_at, finished_at, error and pid: StatusColumns
     __tablename__ = "eval_runs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -102,7 +102,6 @@ class RunRow(StatusColumns, Base):
     suite_path: Mapped[str] = mapped_column(String(1000))
     suite_sha256: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(128), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     schema_version: Mapped[int] = mapped_column(Integer)
     config: Mapped[str] = mapped_column(Text, default="{}")  # sorted-key JSON
     counts: Mapped[str] = mapped_column(Text, default="{}")
@@ -282,17 +281,13 @@ class RunStore:
             counts="{}",
             metrics="{}",
         )
-        with self.database.session() as session:
-            session.add(row)
-        return Run.from_row(row)
+        return RUNS.add(self.database, row)
 
     def get(self, run_id: str) -> Run:
         return RUNS.get(self.database, run_id)
 
     def list(self) -> builtins.list[Run]:
-        with self.database.session() as session:
-            rows = session.scalars(select(RunRow).order_by(RunRow.created_at.desc())).all()
-            return [Run.from_row(row) for row in rows]
+        return RUNS.newest_first(self.database)
 
     def start(self, run_id: str, *, pid: int | None = None) -> Run:
         """Mark a run running (a new run, or one being resumed)."""

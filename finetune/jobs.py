@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, String, Text, select
+from sqlalchemy import Boolean, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from finetune.db import Base, Database
@@ -39,7 +39,7 @@ class JobStatus(StrEnum):
 
 
 class JobRow(StatusColumns, Base):
-    # status, started_at, finished_at, error and pid: StatusColumns
+    # status, created_at, started_at, finished_at, error and pid: StatusColumns
     __tablename__ = "finetune_jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -48,7 +48,6 @@ class JobRow(StatusColumns, Base):
     config: Mapped[str] = mapped_column(Text)  # sorted-key JSON of the TrainConfig
     data_sha256: Mapped[str] = mapped_column(Text)  # JSON {"train": ..., "validation": ...}
     output_dir: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     metrics: Mapped[str] = mapped_column(Text, default="{}")  # latest metrics, JSON
 
@@ -154,17 +153,13 @@ class JobStore:
             cancel_requested=False,
             metrics="{}",
         )
-        with self.database.session() as session:
-            session.add(row)
-        return Job.from_row(row)
+        return JOBS.add(self.database, row)
 
     def get(self, job_id: str) -> Job:
         return JOBS.get(self.database, job_id)
 
     def list(self) -> builtins.list[Job]:
-        with self.database.session() as session:
-            rows = session.scalars(select(JobRow).order_by(JobRow.created_at.desc())).all()
-            return [Job.from_row(row) for row in rows]
+        return JOBS.newest_first(self.database)
 
     def start(self, job_id: str, *, pid: int | None = None) -> Job:
         return JOBS.start(self.database, job_id, pid=pid)

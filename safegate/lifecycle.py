@@ -1,7 +1,7 @@
 """Records that move through statuses: a fine-tuning job, an eval run.
 
 ``finetune.jobs`` and ``evals.runs`` keep rows with a status (``queued -> running -> ...``),
-the pid of the process running them, start and finish times and an error
+the pid of the process running them, when they were made, started and finished, and an error
 (``StatusColumns``, mixed into both row classes). Each package
 declares its own statuses and a ``Lifecycle``: the moves it allows (``start`` and
 ``finish``, which every such record has, and any of its own, such as a job's ``cancel``),
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
-from sqlalchemy import DateTime, Integer, String, Text
+from sqlalchemy import DateTime, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from safegate.database import Database
@@ -41,6 +41,7 @@ class StatusColumns:
     (``class JobRow(StatusColumns, Base)``); SQLAlchemy copies them into each table."""
 
     status: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -106,9 +107,21 @@ class Lifecycle(Generic[S, R, T]):
             )
             raise self.error(message)
 
+    def add(self, database: Database, row: R) -> T:
+        """Store a new record's row; return the record."""
+        with database.session() as session:
+            session.add(row)
+        return self.record(row)
+
     def get(self, database: Database, record_id: str) -> T:
         with database.session() as session:
             return self.record(self.find(session, record_id))
+
+    def newest_first(self, database: Database) -> list[T]:
+        """Every record, the newest first."""
+        with database.session() as session:
+            rows = session.scalars(select(self.row).order_by(self.row.created_at.desc())).all()
+            return [self.record(row) for row in rows]
 
     def find(self, session: Session, record_id: str, *, lock: bool = False) -> R:
         """The row of ``record_id`` (locked for update with ``lock``); the package's error

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -72,8 +73,7 @@ TASKS: Lifecycle[Status, TaskRow, Task] = Lifecycle(
 def database(tmp_path: Path) -> Iterator[Database]:
     database = Database(f"sqlite:///{tmp_path / 'tasks.db'}", migrations=tmp_path)
     Base.metadata.create_all(database.engine)
-    with database.session() as session:
-        session.add(TaskRow(id="t1", status=Status.NEW.value))
+    TASKS.add(database, TaskRow(id="t1", status=Status.NEW.value, created_at=datetime.now(UTC)))
     yield database
     database.dispose()
 
