@@ -76,8 +76,10 @@ from gateway.audit.records import (
     RequestRecord,
     ReviewLabel,
     ReviewState,
+    TokenUsage,
     UsageSource,
     flagged_item,
+    request_record,
 )
 from gateway.audit.store import AuditStore
 from gateway.audit.tables import FlaggedItemCategoryRow, FlaggedItemRow, RequestLogRow
@@ -105,7 +107,9 @@ __all__ = [
     "ReviewState",
     "ReviewStats",
     "StoredItem",
+    "TokenUsage",
     "UsageSource",
     "flagged_item",
     "not_eval",
+    "request_record",
 ]
