@@ -48,7 +48,15 @@ from evals.db import Base, Database
 from evals.errors import RunError
 from evals.records import SCHEMA_VERSION, Output, Sample
 from evals.settings import get_settings
-from safegate.lifecycle import FINISH, START, Lifecycle, Move, StatusColumns, process_alive
+from safegate.lifecycle import (
+    FINISH,
+    START,
+    Lifecycle,
+    LifecycleStore,
+    Move,
+    StatusColumns,
+    process_alive,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -255,11 +263,11 @@ RUNS: Lifecycle[RunStatus, RunRow, Run] = Lifecycle(
 )
 
 
-class RunStore:
+class RunStore(LifecycleStore[RunStatus, RunRow, Run]):
     """Creates runs, stores their samples as they complete, and finishes them."""
 
     def __init__(self, database: Database, *, runs_dir: Path) -> None:
-        self.database = database
+        super().__init__(database, RUNS)
         self.runs_dir = runs_dir
 
     def run_dir(self, run_id: str) -> Path:
@@ -282,12 +290,6 @@ class RunStore:
             metrics="{}",
         )
         return RUNS.add(self.database, row)
-
-    def get(self, run_id: str) -> Run:
-        return RUNS.get(self.database, run_id)
-
-    def list(self) -> builtins.list[Run]:
-        return RUNS.newest_first(self.database)
 
     def start(self, run_id: str, *, pid: int | None = None) -> Run:
         """Mark a run running (a new run, or one being resumed)."""

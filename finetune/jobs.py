@@ -23,7 +23,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from finetune.db import Base, Database
 from finetune.errors import JobError
-from safegate.lifecycle import FINISH, START, Lifecycle, Move, StatusColumns, process_alive
+from safegate.lifecycle import (
+    FINISH,
+    START,
+    Lifecycle,
+    LifecycleStore,
+    Move,
+    StatusColumns,
+    process_alive,
+)
 
 
 class JobStatus(StrEnum):
@@ -126,11 +134,11 @@ JOBS: Lifecycle[JobStatus, JobRow, Job] = Lifecycle(
 )
 
 
-class JobStore:
+class JobStore(LifecycleStore[JobStatus, JobRow, Job]):
     """Creates jobs and moves them through their states."""
 
     def __init__(self, database: Database) -> None:
-        self.database = database
+        super().__init__(database, JOBS)
 
     def create(
         self,
@@ -155,24 +163,12 @@ class JobStore:
         )
         return JOBS.add(self.database, row)
 
-    def get(self, job_id: str) -> Job:
-        return JOBS.get(self.database, job_id)
-
-    def list(self) -> builtins.list[Job]:
-        return JOBS.newest_first(self.database)
-
-    def start(self, job_id: str, *, pid: int | None = None) -> Job:
-        return JOBS.start(self.database, job_id, pid=pid)
-
     def record_metrics(self, job_id: str, metrics: dict[str, Any]) -> None:
         def change(row: JobRow) -> None:
             merged = {**json.loads(row.metrics or "{}"), **metrics}
             row.metrics = json.dumps(merged, sort_keys=True)
 
         JOBS.update(self.database, job_id, move=None, change=change)
-
-    def finish(self, job_id: str, status: JobStatus, *, error: str | None = None) -> Job:
-        return JOBS.finish(self.database, job_id, status, error=error)
 
     def request_cancel(self, job_id: str) -> Job:
         def change(row: JobRow) -> None:

@@ -12,6 +12,8 @@ they share:
   database has it), refuses a move its current status does not allow with the package's
   own error, applies the change and returns the package's record;
 - ``Lifecycle.start`` and ``Lifecycle.finish`` write the columns those two moves set;
+- ``LifecycleStore`` is the base of each package's store (``get``, ``list``, ``start``,
+  ``finish``);
 - ``process_alive`` says whether a recorded pid still runs.
 
 Rules beyond the table (a run refuses a second live process) are the package's: a check
@@ -20,6 +22,7 @@ passed to ``start`` as its ``rule``.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -189,6 +192,27 @@ class Lifecycle(Generic[S, R, T]):
                 change(row)
 
         return self.update(database, record_id, move=FINISH, change=end)
+
+
+class LifecycleStore(Generic[S, R, T]):
+    """The base of a package's store of such records: ``get``, ``list`` (newest first),
+    ``start`` and ``finish`` through its lifecycle; the package adds what is its own."""
+
+    def __init__(self, database: Database, lifecycle: Lifecycle[S, R, T]) -> None:
+        self.database = database
+        self.lifecycle = lifecycle
+
+    def get(self, record_id: str) -> T:
+        return self.lifecycle.get(self.database, record_id)
+
+    def list(self) -> builtins.list[T]:
+        return self.lifecycle.newest_first(self.database)
+
+    def start(self, record_id: str, *, pid: int | None = None) -> T:
+        return self.lifecycle.start(self.database, record_id, pid=pid)
+
+    def finish(self, record_id: str, status: S, *, error: str | None = None) -> T:
+        return self.lifecycle.finish(self.database, record_id, status, error=error)
 
 
 def process_alive(pid: int | None) -> bool:
