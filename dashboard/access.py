@@ -51,7 +51,8 @@ def sign_in(keys: KeyStore, secret: str) -> Principal:
     return principal
 
 
-def can_edit_blocklists(principal: Principal) -> bool:
+def can_edit_lists(principal: Principal) -> bool:
+    """Whether ``principal`` may change blocklists and allowlists: admins only, as in the API."""
     return principal.allows(Role.ADMIN)
 
 

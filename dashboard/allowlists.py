@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.access import Principal, Role
+from dashboard.access import can_edit_lists
+from gateway.access import Principal
 from gateway.allowlists import Allowlist, AllowlistChange, AllowlistStore
 from gateway.errors import Forbidden
 
@@ -28,10 +29,6 @@ COLUMNS = (
     "created_at",
     "updated_at",
 )
-
-
-def can_edit(principal: Principal) -> bool:
-    return principal.allows(Role.ADMIN)
 
 
 def table(store: AllowlistStore) -> pd.DataFrame:
@@ -95,5 +92,5 @@ def delete(store: AllowlistStore, name: str, *, principal: Principal) -> Allowli
 
 
 def _check_admin(principal: Principal) -> None:
-    if not can_edit(principal):
+    if not can_edit_lists(principal):
         raise Forbidden("changing allowlists needs an admin key", code="insufficient_role")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from dashboard.access import can_edit_lists
 from gateway.access import KeyStore, Principal, Role
 from gateway.audit import (
     MAX_PAGE_SIZE,
@@ -252,7 +253,7 @@ def add_to_blocklist(
     Admin only, like ``POST /v1/review/items/{id}/blocklist``; ``InvalidRequest`` when the
     term does not match the item's text the way the blocklist member would match it.
     """
-    if not principal.allows(Role.ADMIN):
+    if not can_edit_lists(principal):
         raise Forbidden("adding to a blocklist needs an admin key", code="insufficient_role")
     chosen = ItemKind(kind)
     stored = audit.get_item(item_id)

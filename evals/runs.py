@@ -48,6 +48,15 @@ from evals.db import Base, Database
 from evals.errors import RunError
 from evals.records import SCHEMA_VERSION, Output, Sample
 from evals.settings import get_settings
+from safegate.lifecycle import (
+    FINISH,
+    START,
+    Lifecycle,
+    LifecycleStore,
+    Move,
+    StatusColumns,
+    process_alive,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,7 +101,8 @@ class RunStatus(StrEnum):
         return self in (RunStatus.SUCCEEDED, RunStatus.FAILED)
 
 
-class RunRow(Base):
+class RunRow(StatusColumns, Base):
+    # status, created_at, started_at, finished_at, error and pid: StatusColumns
     __tablename__ = "eval_runs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -100,16 +110,10 @@ class RunRow(Base):
     suite_path: Mapped[str] = mapped_column(String(1000))
     suite_sha256: Mapped[str] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(128), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     schema_version: Mapped[int] = mapped_column(Integer)
     config: Mapped[str] = mapped_column(Text, default="{}")  # sorted-key JSON
     counts: Mapped[str] = mapped_column(Text, default="{}")
     metrics: Mapped[str] = mapped_column(Text, default="{}")
-    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class SampleRow(Base):
@@ -238,11 +242,32 @@ class Run:
         }
 
 
-class RunStore:
+# A run that has not succeeded may run again (a resume); a succeeded one never does. Runs
+# are not cancelled. Any run may be finished, from whatever state it was left in.
+RUNS: Lifecycle[RunStatus, RunRow, Run] = Lifecycle(
+    noun="run",
+    statuses=RunStatus,
+    row=RunRow,
+    record=Run.from_row,
+    running=RunStatus.RUNNING,
+    final=[status for status in RunStatus if status.finished],
+    moves={
+        START: Move(
+            frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED}),
+            "{noun} {id} already {status}; start a new run instead",
+        ),
+        FINISH: Move(frozenset(RunStatus)),
+    },
+    error=RunError,
+    missing="no run {id!r}; 'safegate eval list' shows the runs",
+)
+
+
+class RunStore(LifecycleStore[RunStatus, RunRow, Run]):
     """Creates runs, stores their samples as they complete, and finishes them."""
 
     def __init__(self, database: Database, *, runs_dir: Path) -> None:
-        self.database = database
+        super().__init__(database, RUNS)
         self.runs_dir = runs_dir
 
     def run_dir(self, run_id: str) -> Path:
@@ -264,38 +289,17 @@ class RunStore:
             counts="{}",
             metrics="{}",
         )
-        with self.database.session() as session:
-            session.add(row)
-        return Run.from_row(row)
-
-    def get(self, run_id: str) -> Run:
-        with self.database.session() as session:
-            row = session.get(RunRow, run_id)
-            if row is None:
-                raise RunError(f"no run {run_id!r}; 'safegate eval list' shows the runs")
-            return Run.from_row(row)
-
-    def list(self) -> builtins.list[Run]:
-        with self.database.session() as session:
-            rows = session.scalars(select(RunRow).order_by(RunRow.created_at.desc())).all()
-            return [Run.from_row(row) for row in rows]
+        return RUNS.add(self.database, row)
 
     def start(self, run_id: str, *, pid: int | None = None) -> Run:
         """Mark a run running (a new run, or one being resumed)."""
-        with self.database.session() as session:
-            row = self._row(session, run_id)
-            status = RunStatus(row.status)
-            if status is RunStatus.SUCCEEDED:
-                raise RunError(f"run {run_id} already succeeded; start a new run instead")
+
+        def one_process(row: RunRow) -> None:
             other = row.pid if row.pid is not None and row.pid != os.getpid() else None
-            if status is RunStatus.RUNNING and other is not None and _alive(other):
+            if row.status == RunStatus.RUNNING and process_alive(other):
                 raise RunError(f"run {run_id} is running (process {row.pid})")
-            row.status = RunStatus.RUNNING.value
-            row.started_at = row.started_at or datetime.now(UTC)
-            row.finished_at = None
-            row.error = None
-            row.pid = pid if pid is not None else os.getpid()
-            return Run.from_row(row)
+
+        return RUNS.start(self.database, run_id, pid=pid, rule=one_process)
 
     def record_output(self, run_id: str, *, position: int, sample: Sample, output: Output) -> None:
         """Store one sample's outcome (again, when a resume retries a failed call)."""
@@ -349,19 +353,13 @@ class RunStore:
         counts: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
     ) -> Run:
-        if not status.finished:
-            raise ValueError(f"{status} is not a final state")
-        with self.database.session() as session:
-            row = self._row(session, run_id)
-            row.status = status.value
-            row.error = error
-            row.finished_at = datetime.now(UTC)
-            row.pid = None
+        def write(row: RunRow) -> None:
             if counts is not None:
                 row.counts = dumps(dict(counts))
             if metrics is not None:
                 row.metrics = dumps(dict(metrics))
-            return Run.from_row(row)
+
+        return RUNS.finish(self.database, run_id, status, error=error, change=write)
 
     def scored_metric(
         self, name: str, inputs_sha256: str, *, suite: str
@@ -391,7 +389,7 @@ class RunStore:
         """Remove a run, its samples and its files."""
         with self.database.session() as session:
             session.execute(delete(SampleRow).where(SampleRow.run_id == run_id))
-            session.delete(self._row(session, run_id))
+            session.delete(RUNS.find(session, run_id))
         shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
     def write_files(
@@ -404,13 +402,6 @@ class RunStore:
         lines = [dumps(_sample_line(sample, outputs.get(sample.id))) for sample in samples]
         _write_atomic(folder / SAMPLES_FILE, "".join(line + "\n" for line in lines))
         return folder
-
-    @staticmethod
-    def _row(session: Any, run_id: str) -> RunRow:
-        row: RunRow | None = session.get(RunRow, run_id)
-        if row is None:
-            raise RunError(f"no run {run_id!r}; 'safegate eval list' shows the runs")
-        return row
 
 
 def _sample_line(sample: Sample, output: Output | None) -> dict[str, Any]:
@@ -437,16 +428,6 @@ def _write_atomic(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

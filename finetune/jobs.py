@@ -4,25 +4,34 @@
 the row (``cancel_requested``); the training loop polls it between steps and stops
 cleanly, so a cancelled job never leaves a half-written model. A run that dies without
 updating its row (killed process) is found by ``reconcile()``: its recorded pid is gone,
-so it is marked failed and can be resumed from its last checkpoint.
+so it is marked failed and can be resumed from its last checkpoint. Which move each state
+allows is the table ``JOBS`` (a ``safegate.lifecycle.Lifecycle``).
 """
 
 from __future__ import annotations
 
 import builtins
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Integer, String, Text, select
+from sqlalchemy import Boolean, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from finetune.db import Base, Database
 from finetune.errors import JobError
+from safegate.lifecycle import (
+    FINISH,
+    START,
+    Lifecycle,
+    LifecycleStore,
+    Move,
+    StatusColumns,
+    process_alive,
+)
 
 
 class JobStatus(StrEnum):
@@ -37,21 +46,16 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
-class JobRow(Base):
+class JobRow(StatusColumns, Base):
+    # status, created_at, started_at, finished_at, error and pid: StatusColumns
     __tablename__ = "finetune_jobs"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(64), index=True)
     base: Mapped[str] = mapped_column(String(300))
-    status: Mapped[str] = mapped_column(String(16), index=True)
     config: Mapped[str] = mapped_column(Text)  # sorted-key JSON of the TrainConfig
     data_sha256: Mapped[str] = mapped_column(Text)  # JSON {"train": ..., "validation": ...}
     output_dir: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     metrics: Mapped[str] = mapped_column(Text, default="{}")  # latest metrics, JSON
 
@@ -107,11 +111,34 @@ class Job:
         }
 
 
-class JobStore:
+CANCEL = "cancel"
+_LIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+# A failed job runs again (``--resume``); a succeeded or cancelled one never does. A cancel
+# is refused once the job has ended. Any job may be finished: a final state is written over
+# by whichever process ends the job last (``reconcile`` and the training loop may race).
+JOBS: Lifecycle[JobStatus, JobRow, Job] = Lifecycle(
+    noun="job",
+    statuses=JobStatus,
+    row=JobRow,
+    record=Job.from_row,
+    running=JobStatus.RUNNING,
+    final=[status for status in JobStatus if status.finished],
+    moves={
+        START: Move(_LIVE | {JobStatus.FAILED}, "{noun} {id} is {status}; it cannot run again"),
+        CANCEL: Move(_LIVE, "{noun} {id} already {status}; nothing to cancel"),
+        FINISH: Move(frozenset(JobStatus)),
+    },
+    error=JobError,
+    missing="no job {id!r}; 'safegate finetune jobs' lists them",
+)
+
+
+class JobStore(LifecycleStore[JobStatus, JobRow, Job]):
     """Creates jobs and moves them through their states."""
 
     def __init__(self, database: Database) -> None:
-        self.database = database
+        super().__init__(database, JOBS)
 
     def create(
         self,
@@ -134,64 +161,23 @@ class JobStore:
             cancel_requested=False,
             metrics="{}",
         )
-        with self.database.session() as session:
-            session.add(row)
-        return Job.from_row(row)
-
-    def get(self, job_id: str) -> Job:
-        with self.database.session() as session:
-            row = session.get(JobRow, job_id)
-            if row is None:
-                raise JobError(f"no job {job_id!r}; 'safegate finetune jobs' lists them")
-            return Job.from_row(row)
-
-    def list(self) -> builtins.list[Job]:
-        with self.database.session() as session:
-            rows = session.scalars(select(JobRow).order_by(JobRow.created_at.desc())).all()
-            return [Job.from_row(row) for row in rows]
-
-    def start(self, job_id: str, *, pid: int | None = None) -> Job:
-        def change(row: JobRow) -> None:
-            if JobStatus(row.status).finished and row.status != JobStatus.FAILED:
-                raise JobError(f"job {job_id} is {row.status}; it cannot run again")
-            row.status = JobStatus.RUNNING.value
-            row.started_at = row.started_at or datetime.now(UTC)
-            row.finished_at = None
-            row.error = None
-            row.pid = pid if pid is not None else os.getpid()
-
-        return self._update(job_id, change)
+        return JOBS.add(self.database, row)
 
     def record_metrics(self, job_id: str, metrics: dict[str, Any]) -> None:
         def change(row: JobRow) -> None:
             merged = {**json.loads(row.metrics or "{}"), **metrics}
             row.metrics = json.dumps(merged, sort_keys=True)
 
-        self._update(job_id, change)
-
-    def finish(self, job_id: str, status: JobStatus, *, error: str | None = None) -> Job:
-        if not status.finished:
-            raise ValueError(f"{status} is not a final state")
-
-        def change(row: JobRow) -> None:
-            row.status = status.value
-            row.finished_at = datetime.now(UTC)
-            row.error = error
-            row.pid = None
-
-        return self._update(job_id, change)
+        JOBS.update(self.database, job_id, move=None, change=change)
 
     def request_cancel(self, job_id: str) -> Job:
         def change(row: JobRow) -> None:
-            status = JobStatus(row.status)
-            if status.finished:
-                raise JobError(f"job {job_id} already {row.status}; nothing to cancel")
-            if status is JobStatus.QUEUED:
+            if row.status == JobStatus.QUEUED:
                 row.status = JobStatus.CANCELLED.value
                 row.finished_at = datetime.now(UTC)
             row.cancel_requested = True
 
-        return self._update(job_id, change)
+        return JOBS.update(self.database, job_id, move=CANCEL, change=change)
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.get(job_id).cancel_requested
@@ -200,7 +186,7 @@ class JobStore:
         """Mark running jobs whose process is gone as failed; return them."""
         failed: builtins.list[Job] = []
         for job in self.list():
-            if job.status is JobStatus.RUNNING and not _alive(job.pid):
+            if job.status is JobStatus.RUNNING and not process_alive(job.pid):
                 failed.append(
                     self.finish(
                         job.id,
@@ -210,27 +196,6 @@ class JobStore:
                     )
                 )
         return failed
-
-    def _update(self, job_id: str, change: Any) -> Job:
-        with self.database.session() as session:
-            row = session.get(JobRow, job_id, with_for_update=True)
-            if row is None:
-                raise JobError(f"no job {job_id!r}; 'safegate finetune jobs' lists them")
-            change(row)
-            session.flush()
-            return Job.from_row(row)
-
-
-def _alive(pid: int | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _utc(moment: datetime) -> datetime:

@@ -160,7 +160,10 @@ def create_app(
         blocklists.router,
         dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
     )
-    app.include_router(allowlists.router)  # each route names its role (reviewer, admin)
+    app.include_router(
+        allowlists.router,
+        dependencies=[Depends(require_by_method(read=Role.REVIEWER, write=Role.ADMIN))],
+    )
     app.include_router(review.router)  # each route names its role (reviewer, admin)
     app.include_router(usage.router, dependencies=[Depends(require(Role.ADMIN))])
     if settings.api_docs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import allowlists, session
+from dashboard.access import can_edit_lists
 from dashboard.session import plain
 from gateway.errors import ApiError
 from gateway.safety.taxonomy import Category, Direction
@@ -40,7 +41,7 @@ def done(message: str) -> None:
     st.rerun()
 
 
-if not allowlists.can_edit(who):
+if not can_edit_lists(who):
     st.caption("Changing allowlists needs an admin key; reviewers can read them.")
     st.stop()
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import streamlit as st
 
 from dashboard import charts, review, session
-from dashboard.access import can_edit_blocklists
+from dashboard.access import can_edit_lists
 from dashboard.session import plain
 from gateway.audit import ReviewLabel, ReviewState
 from gateway.blocklists import ItemKind
@@ -194,7 +194,7 @@ for column, (label, text) in zip(buttons, LABEL_TEXT.items(), strict=True):
             st.rerun()
 
 with st.expander("Add a term from this item to a blocklist"):
-    if not can_edit_blocklists(who):
+    if not can_edit_lists(who):
         st.caption("Adding to a blocklist needs an admin key; reviewers can label only.")
     else:
         with st.form("blocklist"):

@@ -30,17 +30,9 @@ from gateway.access.keys import (
     Role,
 )
 from gateway.access.local_key import ensure_local_key, local_key_path
-from gateway.access.quotas import MAX_TOKEN_QUOTA, Quota
+from gateway.access.quotas import MAX_TOKEN_QUOTA, Quota, usd
 from gateway.access.settings import MAX_REQUESTS_PER_MINUTE
-from gateway.access.usage import (
-    DEFAULT_DAYS,
-    MAX_DAYS,
-    UsageFilter,
-    UsageRow,
-    key_ids_for,
-    quota_use,
-    usage_by_day,
-)
+from gateway.access.usage import DEFAULT_DAYS, MAX_DAYS, usage_report
 from gateway.config import Settings, get_settings
 from gateway.db import Database
 from gateway.errors import ApiError
@@ -229,41 +221,25 @@ def usage(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Tokens and cost per key, model and UTC day (newest first), and each quota's use."""
-    now = datetime.now(UTC)
     with _store(get_settings()) as store:
-        listed = store.list()
-        key_ids = None if key is None else key_ids_for(listed, key)
-        today = now.date()
-        where = (
-            UsageFilter(since=since.date(), until=today, key_ids=key_ids, model=model)
-            if since is not None
-            else UsageFilter.last_days(days, today=today, key_ids=key_ids, model=model)
+        report = usage_report(
+            store.database,
+            store.list(),
+            now=datetime.now(UTC),
+            key=key,
+            model=model,
+            since=None if since is None else since.date(),
+            days=days,
         )
-        rows = usage_by_day(store.database, where)
-        uses = quota_use(
-            store.database, [k for k in listed if key_ids is None or k.id in key_ids], now=now
-        )
-    names = {k.id: k.name for k in listed}
+    where, rows, uses, names = report.where, report.rows, report.quotas, report.names
     if as_json:
         typer.echo(
             json.dumps(
                 {
                     "since": where.since.isoformat(),
                     "until": where.until.isoformat(),
-                    "usage": [_usage_record(row, names) for row in rows],
-                    "quotas": [
-                        {
-                            "key_id": use.key.id,
-                            "key_name": use.key.name,
-                            "daily_token_quota": use.quota.daily_tokens,
-                            "monthly_token_quota": use.quota.monthly_tokens,
-                            "monthly_budget_usd": use.quota.monthly_budget_usd,
-                            "tokens_today": use.spent.day_tokens,
-                            "tokens_this_month": use.spent.month_tokens,
-                            "cost_this_month_usd": round(use.spent.month_cost_usd, 6),
-                        }
-                        for use in uses
-                    ],
+                    "usage": report.usage_records(),
+                    "quotas": report.quota_records(),
                 },
                 indent=2,
             )
@@ -298,7 +274,7 @@ def usage(
         for column in ("key", "today", "daily quota", "this month", "monthly quota"):
             quotas.add_column(column, no_wrap=True)
         quotas.add_column("spent USD", no_wrap=True)
-        quotas.add_column("budget USD", no_wrap=True)
+        quotas.add_column("budget", no_wrap=True)
         for use in uses:
             quotas.add_row(
                 escape(use.key.name),
@@ -307,9 +283,7 @@ def usage(
                 f"{use.spent.month_tokens:,}",
                 _of(use.quota.monthly_tokens),
                 f"{use.spent.month_cost_usd:.4f}",
-                ""
-                if use.quota.monthly_budget_usd is None
-                else f"{use.quota.monthly_budget_usd:.2f}",
+                "" if use.quota.monthly_budget_usd is None else usd(use.quota.monthly_budget_usd),
             )
         table_console().print(quotas)
 
@@ -353,22 +327,8 @@ def _describe(quota: Quota) -> str:
     if quota.monthly_tokens is not None:
         parts.append(f"{quota.monthly_tokens:,} tokens/month")
     if quota.monthly_budget_usd is not None:
-        parts.append(f"${quota.monthly_budget_usd:.2f}/month")
+        parts.append(f"{usd(quota.monthly_budget_usd)}/month")
     return ", ".join(parts) or "none"
-
-
-def _usage_record(row: UsageRow, names: dict[str, str]) -> dict[str, object]:
-    return {
-        "day": row.day.isoformat(),
-        "key_id": row.key_id,
-        "key_name": names.get(row.key_id),
-        "model": row.model,
-        "requests": row.requests,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "total_tokens": row.total_tokens,
-        "cost_usd": row.cost_usd,
-    }
 
 
 @keys.command("revoke")

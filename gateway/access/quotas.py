@@ -42,7 +42,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -157,26 +157,43 @@ class Spent:
 
 def spent(session: Session, key_id: str, *, now: datetime) -> Spent:
     """Sum ``key_id``'s ``request_log`` rows of ``now``'s UTC day and month (one query)."""
+    return spent_by_key(session, [key_id], now=now)[key_id]
+
+
+def spent_by_key(session: Session, key_ids: Collection[str], *, now: datetime) -> dict[str, Spent]:
+    """``spent`` of each of ``key_ids`` (zero for a key without requests), in one grouped
+    query on the ``(key_id, created_at)`` index."""
     table = RequestLogRow
     day = day_start(now)
+    totals = dict.fromkeys(
+        key_ids, Spent(day=day, day_tokens=0, month_tokens=0, month_cost_usd=0.0)
+    )
+    if not totals:
+        return totals
     tokens = func.coalesce(table.prompt_tokens, 0) + func.coalesce(table.completion_tokens, 0)
     today = (table.created_at >= day) & (table.created_at < next_day(now))
-    query = select(
-        func.coalesce(func.sum(case((today, tokens), else_=0)), 0),
-        func.coalesce(func.sum(tokens), 0),
-        func.coalesce(func.sum(table.cost_usd), 0.0),
-    ).where(
-        table.key_id == key_id,
-        table.created_at >= month_start(now),
-        table.created_at < next_month(now),
+    query = (
+        select(
+            table.key_id,
+            func.coalesce(func.sum(case((today, tokens), else_=0)), 0),
+            func.coalesce(func.sum(tokens), 0),
+            func.coalesce(func.sum(table.cost_usd), 0.0),
+        )
+        .where(
+            table.key_id.in_(list(totals)),
+            table.created_at >= month_start(now),
+            table.created_at < next_month(now),
+        )
+        .group_by(table.key_id)
     )
-    day_tokens, month_tokens, cost = session.execute(query).one()
-    return Spent(
-        day=day,
-        day_tokens=int(day_tokens),
-        month_tokens=int(month_tokens),
-        month_cost_usd=float(cost),
-    )
+    for key_id, day_tokens, month_tokens, cost in session.execute(query):
+        totals[key_id] = Spent(
+            day=day,
+            day_tokens=int(day_tokens),
+            month_tokens=int(month_tokens),
+            month_cost_usd=float(cost),
+        )
+    return totals
 
 
 # -- the guard ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from gateway.access.keys import ApiKey
-from gateway.access.quotas import Quota, Spent, spent
+from gateway.access.quotas import Quota, Spent, spent_by_key
 from gateway.audit import KEY_ID_CHARS, MODEL_CHARS, RequestLogRow
 from gateway.db import Database
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
@@ -175,13 +175,86 @@ class QuotaUse:
 
 
 def quota_use(database: Database, keys: Sequence[ApiKey], *, now: datetime) -> list[QuotaUse]:
-    """For every active key with a quota: its quotas and today's and this month's use."""
+    """For every active key with a quota: its quotas and today's and this month's use (one
+    grouped query for them all)."""
     limited = [key for key in keys if key.active and key.quota.limited]
     with _reading(database) as session:
+        totals = spent_by_key(session, [key.id for key in limited], now=now)
+    return [QuotaUse(key=key, quota=key.quota, spent=totals[key.id]) for key in limited]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """What ``safegate keys usage`` and ``GET /v1/admin/usage`` report: the totals of the
+    filter's days, the quota use of the keys it covers, and each key id's name."""
+
+    where: UsageFilter
+    rows: list[UsageRow]
+    quotas: list[QuotaUse]
+    names: dict[str, str]
+
+    def usage_records(self) -> list[dict[str, Any]]:
+        """``rows`` as JSON objects, each with its key's name."""
         return [
-            QuotaUse(key=key, quota=key.quota, spent=spent(session, key.id, now=now))
-            for key in limited
+            {
+                "day": row.day.isoformat(),
+                "key_id": row.key_id,
+                "key_name": self.names.get(row.key_id),
+                "model": row.model,
+                "requests": row.requests,
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+                "total_tokens": row.total_tokens,
+                "cost_usd": row.cost_usd,
+            }
+            for row in self.rows
         ]
+
+    def quota_records(self) -> list[dict[str, Any]]:
+        """``quotas`` as JSON objects."""
+        return [
+            {
+                "key_id": use.key.id,
+                "key_name": use.key.name,
+                "daily_token_quota": use.quota.daily_tokens,
+                "monthly_token_quota": use.quota.monthly_tokens,
+                "monthly_budget_usd": use.quota.monthly_budget_usd,
+                "tokens_today": use.spent.day_tokens,
+                "tokens_this_month": use.spent.month_tokens,
+                "cost_this_month_usd": round(use.spent.month_cost_usd, 6),
+            }
+            for use in self.quotas
+        ]
+
+
+def usage_report(
+    database: Database,
+    keys: Sequence[ApiKey],
+    *,
+    now: datetime,
+    key: str | None = None,
+    model: str | None = None,
+    since: date | None = None,
+    until: date | None = None,
+    days: int = DEFAULT_DAYS,
+) -> UsageReport:
+    """The report of ``keys`` (every key, revoked ones included) or of the one ``key`` names:
+    from ``since`` (default: the last ``days`` days) to ``until`` (default: ``now``'s day)."""
+    key_ids = None if key is None else key_ids_for(keys, key)
+    last = until or now.date()
+    where = (
+        UsageFilter(since=since, until=last, key_ids=key_ids, model=model)
+        if since is not None
+        else UsageFilter.last_days(days, today=last, key_ids=key_ids, model=model)
+    )
+    rows = usage_by_day(database, where)
+    covered = [listed for listed in keys if key_ids is None or listed.id in key_ids]
+    return UsageReport(
+        where=where,
+        rows=rows,
+        quotas=quota_use(database, covered, now=now),
+        names={listed.id: listed.name for listed in keys},
+    )
 
 
 @contextmanager

@@ -75,8 +75,10 @@ from gateway.audit.records import (
     RequestRecord,
     ReviewLabel,
     ReviewState,
+    TokenUsage,
     UsageSource,
     flagged_item,
+    request_record,
 )
 from gateway.audit.settings import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
 from gateway.audit.store import AuditStore
@@ -105,7 +107,9 @@ __all__ = [
     "ReviewState",
     "ReviewStats",
     "StoredItem",
+    "TokenUsage",
     "UsageSource",
     "flagged_item",
     "not_eval",
+    "request_record",
 ]

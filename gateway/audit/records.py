@@ -6,12 +6,12 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Protocol
 from uuid import uuid4
 
 from gateway.origin import EVAL_ORIGIN, is_origin
@@ -194,6 +194,59 @@ class RequestRecord:
             object.__setattr__(self, "usage_source", UsageSource(self.usage_source))
         if self.cost_usd is not None and not (math.isfinite(self.cost_usd) and self.cost_usd >= 0):
             raise ValueError(f"cost_usd must be finite and >= 0, got {self.cost_usd!r}")
+
+
+class TokenUsage(Protocol):
+    """What a request that reached its upstream used (``gateway.chat.metering.Metered``)."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int: ...
+
+    @property
+    def source(self) -> UsageSource: ...
+
+    @property
+    def cost_usd(self) -> float | None: ...
+
+
+def request_record(
+    *,
+    request_id: str,
+    key_id: str,
+    model: str | None,
+    route: str,
+    status: int,
+    items: Sequence[FlaggedItem],
+    latency_ms: Mapping[str, float],
+    stream: bool,
+    origin: str | None,
+    blocked: str | None = None,
+    usage: TokenUsage | None = None,
+    created_at: datetime | None = None,
+) -> RequestRecord:
+    """The metadata record of one filtered request: its categories are those its flagged
+    ``items`` name; its tokens, their source and cost come from ``usage`` (None: the
+    request never reached the upstream); ``created_at`` is now unless given."""
+    return RequestRecord(
+        request_id=request_id,
+        key_id=key_id,
+        model=model,
+        route=route,
+        status=status,
+        blocked=blocked,
+        categories=tuple(sorted({c for item in items for c in item.categories})),
+        latency_ms=latency_ms,
+        prompt_tokens=None if usage is None else usage.prompt_tokens,
+        completion_tokens=None if usage is None else usage.completion_tokens,
+        stream=stream,
+        origin=origin,
+        usage_source=None if usage is None else usage.source,
+        cost_usd=None if usage is None else usage.cost_usd,
+        created_at=utc_now() if created_at is None else created_at,
+    )
 
 
 def _check_id(value: str, *, what: str) -> None:

@@ -42,7 +42,7 @@ from opentelemetry import trace
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 from gateway.access import Principal
-from gateway.audit import FlaggedItem, RequestRecord, flagged_item
+from gateway.audit import FlaggedItem, flagged_item, request_record
 from gateway.chat.content_filter import FilterResults, filter_results, merge
 from gateway.chat.metering import Answer, Metered, meter, priced
 from gateway.chat.prompt import (
@@ -118,7 +118,6 @@ class ChatRun:
     messages: Sequence[Mapping[str, Any]] = ()  # what the upstream is sent (for counting)
     started: float = field(default_factory=time.perf_counter)
     items: list[FlaggedItem] = field(default_factory=list)
-    categories: set[str] = field(default_factory=set)
     latency_ms: dict[str, float] = field(default_factory=dict)
     completion_verdicts: list[Verdict] = field(default_factory=list)
     completion_chars: int = 0  # read by the completion checks (a stream's overlaps included)
@@ -134,7 +133,6 @@ class ChatRun:
         self.state.metrics.observe_verdict(verdict)
         if not verdict.flagged:
             return
-        self.categories.update(label.value for label in verdict.flagged_labels)
         self.items.append(
             flagged_item(
                 verdict,
@@ -166,21 +164,18 @@ class ChatRun:
 
     async def _record(self, *, status: int, blocked: str | None, metered: Metered | None) -> None:
         self.latency_ms["total"] = round((time.perf_counter() - self.started) * 1000, 3)
-        record = RequestRecord(
+        record = request_record(
             request_id=self.request_id,
             key_id=self.principal.key_id,
             model=self.model,
             route="chat.completions",
             status=status,
             blocked=blocked,
-            categories=tuple(sorted(self.categories)),
-            latency_ms=dict(self.latency_ms),
-            prompt_tokens=None if metered is None else metered.prompt_tokens,
-            completion_tokens=None if metered is None else metered.completion_tokens,
+            items=self.items,
+            latency_ms=self.latency_ms,
             stream=self.stream,
             origin=self.origin,
-            usage_source=None if metered is None else metered.source,
-            cost_usd=None if metered is None else metered.cost_usd,
+            usage=metered,
             created_at=self.state.quotas.now(),
         )
         end_stage(self.upstream_span)  # a stream cut short: its upstream ends with it

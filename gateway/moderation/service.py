@@ -13,7 +13,7 @@ import time
 import anyio
 
 from gateway.access import Principal
-from gateway.audit import RequestRecord, flagged_item
+from gateway.audit import flagged_item, request_record
 from gateway.errors import InvalidRequest
 from gateway.moderation.schemas import ModerationRequest, ModerationResponse, to_response
 from gateway.safety.taxonomy import Direction
@@ -67,20 +67,17 @@ class ModerationService:
             for index, (text, verdict) in enumerate(zip(texts, verdicts, strict=True))
             if verdict.flagged
         ]
-        record = RequestRecord(
+        record = request_record(
             request_id=request_id,
             key_id=principal.key_id,
             model=response.model,
             route=ROUTE,
             status=200,
-            blocked=None,
-            categories=tuple(sorted({c for item in items for c in item.categories})),
+            items=items,
             latency_ms={
                 "prompt_check": round((checked - started) * 1000, 3),
                 "total": round((time.perf_counter() - started) * 1000, 3),
             },
-            prompt_tokens=None,
-            completion_tokens=None,
             stream=False,
             origin=origin,
         )

@@ -9,7 +9,7 @@ it today and this month. Totals come from ``request_log`` (``gateway.access.usag
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -17,8 +17,7 @@ from pydantic import BaseModel
 
 from gateway.access import KeyStore
 from gateway.access.quotas import QuotaGuard, next_day, next_month
-from gateway.access.usage import DEFAULT_DAYS, UsageFilter, key_ids_for, quota_use, usage_by_day
-from gateway.db import Database
+from gateway.access.usage import usage_report
 from gateway.errors import ServiceUnavailable
 
 router = APIRouter(prefix="/v1/admin", tags=["usage"])
@@ -59,83 +58,52 @@ class UsageList(BaseModel):
     quotas: list[QuotaObject]
 
 
-class _Running:
-    """What the route reads: the key store, and the quota guard's database and clock."""
-
-    def __init__(self, keys: KeyStore, quotas: QuotaGuard) -> None:
-        self.keys = keys
-        self.quotas = quotas
-
-    @property
-    def database(self) -> Database:
-        return self.quotas.database
-
-
-def running(request: Request) -> _Running:
+def key_store(request: Request) -> KeyStore:
+    """The running key store (made in the lifespan, before the engine loads)."""
     keys: KeyStore | None = getattr(request.app.state, "keys", None)
+    if keys is None:
+        raise _not_running()
+    return keys
+
+
+def quota_guard(request: Request) -> QuotaGuard:
+    """The running quota guard: its database and clock (made with the key store)."""
     quotas: QuotaGuard | None = getattr(request.app.state, "quotas", None)
-    if keys is None or quotas is None:
-        raise ServiceUnavailable("the key store is not running yet", code="usage_unavailable")
-    return _Running(keys, quotas)
+    if quotas is None:
+        raise _not_running()
+    return quotas
 
 
-Running = Annotated[_Running, Depends(running)]
+def _not_running() -> ServiceUnavailable:
+    return ServiceUnavailable("the key store is not running yet", code="usage_unavailable")
+
+
+Keys = Annotated[KeyStore, Depends(key_store)]
+Quotas = Annotated[QuotaGuard, Depends(quota_guard)]
 
 
 @router.get("/usage")
 def usage(
-    service: Running,
+    keys: Keys,
+    quotas: Quotas,
     key: Annotated[str | None, Query(min_length=1, max_length=128)] = None,
     model: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     since: Annotated[date | None, Query(description="first UTC day, YYYY-MM-DD")] = None,
     until: Annotated[date | None, Query(description="last UTC day, YYYY-MM-DD")] = None,
 ) -> UsageList:
-    now = service.quotas.now()
-    last = until or now.date()
-    keys = service.keys.list()
-    where = UsageFilter(
-        since=since or last - timedelta(days=DEFAULT_DAYS - 1),
-        until=last,
-        key_ids=None if key is None else key_ids_for(keys, key),
-        model=model,
+    now = quotas.now()
+    report = usage_report(
+        quotas.database, keys.list(), now=now, key=key, model=model, since=since, until=until
     )
-    names = {listed.id: listed.name for listed in keys}
-    rows = usage_by_day(service.database, where)
-    uses = quota_use(
-        service.database,
-        [k for k in keys if where.key_ids is None or k.id in where.key_ids],
-        now=now,
-    )
+    resets = {
+        "day_resets_at": int(next_day(now).timestamp()),
+        "month_resets_at": int(next_month(now).timestamp()),
+    }
     return UsageList(
-        since=where.since,
-        until=where.until,
-        data=[
-            UsageObject(
-                key_id=row.key_id,
-                key_name=names.get(row.key_id),
-                model=row.model,
-                day=row.day,
-                requests=row.requests,
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=row.completion_tokens,
-                total_tokens=row.total_tokens,
-                cost_usd=row.cost_usd,
-            )
-            for row in rows
-        ],
+        since=report.where.since,
+        until=report.where.until,
+        data=[UsageObject.model_validate(record) for record in report.usage_records()],
         quotas=[
-            QuotaObject(
-                key_id=use.key.id,
-                key_name=use.key.name,
-                daily_token_quota=use.quota.daily_tokens,
-                monthly_token_quota=use.quota.monthly_tokens,
-                monthly_budget_usd=use.quota.monthly_budget_usd,
-                tokens_today=use.spent.day_tokens,
-                tokens_this_month=use.spent.month_tokens,
-                cost_this_month_usd=round(use.spent.month_cost_usd, 6),
-                day_resets_at=int(next_day(now).timestamp()),
-                month_resets_at=int(next_month(now).timestamp()),
-            )
-            for use in uses
+            QuotaObject.model_validate({**record, **resets}) for record in report.quota_records()
         ],
     )

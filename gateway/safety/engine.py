@@ -142,6 +142,11 @@ class SafetyEngine:
         )
         self._tuned = self._tuned_thresholds()
         self.covered_languages = self._covered_languages()
+        self._member_languages = {
+            spec.classifier.id: tuple(languages)
+            for spec in self.members
+            if (languages := getattr(spec.classifier, "languages", None)) is not None
+        }
 
     def attach_allowlists(self, source: AllowlistSource) -> None:
         """Apply ``source``'s allowlists from now on (start-up wiring, before serving)."""
@@ -275,10 +280,19 @@ class SafetyEngine:
         about indirect attacks only in documents and tool results, not in a user's turn.
         """
         policy = policy or self.policy
+        language = next(
+            (
+                report.detection.language
+                for report in reports
+                if report.detection is not None and report.detection.language
+            ),
+            None,
+        )
+        heard = self._heard(reports, language)
         exempt = _usable_exemptions(reports, direction)
-        before = self._combine(reports, direction=direction, policy=policy, ignore=ignore)
+        before = self._combine(heard, direction=direction, policy=policy, ignore=ignore)
         labels = (
-            self._combine(reports, direction=direction, policy=policy, ignore=ignore, exempt=exempt)
+            self._combine(heard, direction=direction, policy=policy, ignore=ignore, exempt=exempt)
             if exempt
             else before
         )
@@ -309,14 +323,6 @@ class SafetyEngine:
             if report.detection is not None
             for finding in report.detection.findings
         )
-        language = next(
-            (
-                report.detection.language
-                for report in reports
-                if report.detection is not None and report.detection.language
-            ),
-            None,
-        )
         low_confidence = (
             language is not None
             and self.covered_languages is not None
@@ -339,6 +345,25 @@ class SafetyEngine:
             language=language,
             low_confidence=low_confidence,
         )
+
+    def _heard(
+        self, reports: Sequence[MemberReport], language: str | None
+    ) -> Sequence[MemberReport]:
+        """The reports whose scores count for a text in ``language``.
+
+        A member whose model card names its languages is not heard on a text clearly in
+        another language that some other member's model covers: the English encoder reads
+        French as noise, so on a French text only the multilingual member's scores count
+        (with the members that name no languages: PII, blocklists...). A text in a
+        language no member covers keeps every member (and is marked low-confidence).
+        """
+        if language is None or language not in (self.covered_languages or ()):
+            return reports
+        return [
+            report
+            for report in reports
+            if language in self._member_languages.get(report.member, (language,))
+        ]
 
     def _combine(
         self,

@@ -42,8 +42,11 @@ from gateway.audit import (
     RequestRecord,
     ReviewLabel,
     ReviewState,
+    UsageSource,
     flagged_item,
+    records,
 )
+from gateway.chat.metering import Metered
 from gateway.db import Base, Database
 from gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from gateway.logs import JsonFormatter
@@ -217,6 +220,32 @@ def test_flagged_item_of_a_real_verdict(real_engine: SafetyEngine) -> None:
         flagged_item(
             benign, text="curry", request_id="req-1", key_id="key_a", model=None, source="x"
         )
+
+
+def test_a_request_record_takes_categories_from_its_items_and_tokens_from_its_usage() -> None:
+    items = [item(1), item(2, categories=("violence", "hate"))]
+    common: dict[str, Any] = {
+        "request_id": "req-1",
+        "key_id": "key_a",
+        "model": "m",
+        "route": "chat.completions",
+        "status": 200,
+        "latency_ms": {"total": 2.0},
+        "stream": True,
+        "origin": "eval",
+    }
+    used = Metered(prompt_tokens=7, completion_tokens=3, source=UsageSource.COUNTED, cost_usd=0.5)
+    record = records.request_record(items=items, usage=used, created_at=T0, **common)
+    assert record.categories == ("harassment", "hate", "violence")
+    assert (record.prompt_tokens, record.completion_tokens) == (7, 3)
+    assert (record.usage_source, record.cost_usd) == (UsageSource.COUNTED, 0.5)
+    assert (record.created_at, record.blocked, record.stream) == (T0, None, True)
+    assert record.origin == "eval"
+    unmetered = records.request_record(items=[], blocked="prompt", **common)
+    assert unmetered.categories == ()
+    assert (unmetered.prompt_tokens, unmetered.usage_source, unmetered.cost_usd) == (None,) * 3
+    assert unmetered.blocked == "prompt"
+    assert unmetered.created_at.tzinfo is not None
 
 
 @pytest.mark.parametrize(

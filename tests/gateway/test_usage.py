@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from gateway.access import KeyStore, Role
-from gateway.access.quotas import Quota, QuotaGuard
+from gateway.access.quotas import Quota, QuotaGuard, spent_by_key
 from gateway.access.usage import UsageFilter, usage_by_day
 from gateway.audit import AuditStore, RequestLogRow, RequestRecord, UsageSource
 from gateway.config import Settings
@@ -238,8 +238,14 @@ def test_a_stream_is_recorded_with_the_usage_the_gateway_asked_for(gateway: Test
     [row] = _rows(gateway)
     assert row.stream is True
     assert row.usage_source == UsageSource.UPSTREAM.value
-    assert row.prompt_tokens
-    assert row.completion_tokens
+    # What litellm's mock_response reports on a stream: its own count of the prompt and
+    # of the answer (a plain request's mock reports MOCK_PROMPT_TOKENS/..._COMPLETION_...).
+    reported = (
+        litellm.token_counter(model="openai/support", messages=_messages()),
+        litellm.token_counter(model="openai/support", text=ANSWER),
+    )
+    assert (row.prompt_tokens, row.completion_tokens) == reported
+    assert min(reported) >= 10  # the whole prompt and answer, not placeholders
 
 
 def test_a_stream_without_usage_is_counted_and_reported_when_asked(gateway: TestClient) -> None:
@@ -533,6 +539,11 @@ def test_usage_by_day_and_quota_windows_on_each_database(
         check(Quota(monthly_budget_usd=5), priced=False)
     yesterday = asyncio.run(guard.totals("key_a", now=late))  # another day: read afresh
     assert (yesterday.day_tokens, yesterday.month_tokens) == (15, 15)
+    with database.session() as session:  # every key's totals in one grouped query
+        totals = spent_by_key(session, ["key_a", "key_b", "key_c"], now=now)
+    assert totals["key_a"] == spent
+    assert (totals["key_b"].day_tokens, totals["key_b"].month_cost_usd) == (2, 0.0)
+    assert (totals["key_c"].day_tokens, totals["key_c"].month_tokens) == (0, 0)
 
 
 def test_two_replicas_share_the_totals_through_the_database(
@@ -546,10 +557,12 @@ def test_two_replicas_share_the_totals_through_the_database(
     quota = Quota(daily_tokens=100)
     try:
         asyncio.run(first.check(key_id="key_a", name="a", quota=quota, priced=True))  # caches 0
-        # The other replica serves 120 tokens and records them.
+        asyncio.run(second.check(key_id="key_a", name="a", quota=quota, priced=True))  # and 0
+        # The other replica serves 120 tokens and records them; it counts them in its own
+        # cached sums at once, so its next check refuses within the cache TTL.
         asyncio.run(audit.record([], request=chat_record("key_a", now, tokens=(100, 20))))
         second.spend("key_a", tokens=120, cost_usd=None, at=now)
-        with pytest.raises(QuotaExceeded):
+        with pytest.raises(QuotaExceeded, match=r"\(120 used\)"):
             asyncio.run(second.check(key_id="key_a", name="a", quota=quota, priced=True))
         # Within its cache TTL the first replica still admits; past it, it reads the rows.
         asyncio.run(first.check(key_id="key_a", name="a", quota=quota, priced=True))

@@ -99,6 +99,12 @@ def test_create_and_quota_set_and_lift_a_keys_quotas(home: Path, database: Datab
     code, _, err = keys("quota", key.id, "--daily-tokens", "0")  # 0 lifts that one
     assert code == 0, err
     assert store.get(key.id).quota == Quota(monthly_tokens=200_000, monthly_budget_usd=5.0)
+    code, _, err = keys("quota", key.id, "--monthly-budget-usd", "0.004")  # under a cent
+    assert code == 0, err
+    assert "200,000 tokens/month, $0.004/month" in err
+    code, out, err = keys("usage")
+    assert code == 0, err
+    assert cells(next(line for line in out.splitlines() if "ci-bot" in line))[-1] == "$0.004"
 
     code, _, err = keys("quota", key.id, "--daily-tokens", "-5")
     assert code == 2

@@ -15,19 +15,6 @@ from sklearn.metrics import accuracy_score
 
 from evals.metrics.module import TextMetric
 
-_DESCRIPTION = """Share of predictions equal to their reference after optional normalisation
-(case, punctuation, surrounding and repeated whitespace)."""
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions (list of str): model answers.
-    references (list of str): expected answers, one per prediction.
-    ignore_case (bool): compare case-insensitively. Default True.
-    ignore_punctuation (bool): drop ASCII punctuation before comparing. Default True.
-    ignore_whitespace (bool): strip and collapse whitespace. Default True.
-Returns:
-    exact_match (float): share of exact matches, in [0, 1] (sklearn.metrics.accuracy_score).
-    per_sample (list of int): 1 where the prediction matches, else 0.
-"""
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _SPACES = re.compile(r"\s+")
 
@@ -45,9 +32,23 @@ def normalise(
 
 
 class ExactMatch(TextMetric, evaluate.Metric):  # type: ignore[misc]
-    DESCRIPTION = _DESCRIPTION
-    ARGUMENTS = _KWARGS_DESCRIPTION
+    """Share of predictions equal to their reference after optional normalisation
+    (case, punctuation, surrounding and repeated whitespace)."""
+
     URLS = ("https://scikit-learn.org/stable/modules/model_evaluation.html",)
+    COLUMNS = {
+        "predictions": "model answers.",
+        "references": "expected answers, one per prediction.",
+    }
+    OPTIONS = """
+    ignore_case (bool): compare case-insensitively. Default True.
+    ignore_punctuation (bool): drop ASCII punctuation before comparing. Default True.
+    ignore_whitespace (bool): strip and collapse whitespace. Default True.
+    """
+    RETURNS = """
+    exact_match (float): share of exact matches, in [0, 1] (sklearn.metrics.accuracy_score).
+    per_sample (list of int): 1 where the prediction matches, else 0.
+    """
 
     def _compute(
         self,

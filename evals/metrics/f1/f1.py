@@ -12,27 +12,25 @@ from typing import Any
 import evaluate
 from sklearn.metrics import f1_score
 
-from evals.metrics.module import TextMetric
+from evals.metrics.module import LABELS, TextMetric
 
-_DESCRIPTION = "F1 of predicted labels against reference labels (sklearn.metrics.f1_score)."
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions (list of str): predicted labels.
-    references (list of str): reference labels.
-    average (str): "macro" (default), "micro" or "weighted", as scikit-learn defines them.
-    pos_label (str or None): with average="binary", the positive label.
-Returns:
-    f1 (float): the corpus-level F1, in [0, 1].
-    per_label (dict): F1 of each reference label.
-    per_sample (list of int): 1 where the label is right, else 0.
-"""
 AVERAGES = ("macro", "micro", "weighted", "binary")
 
 
 class F1(TextMetric, evaluate.Metric):  # type: ignore[misc]
-    DESCRIPTION = _DESCRIPTION
-    ARGUMENTS = _KWARGS_DESCRIPTION
+    """F1 of predicted labels against reference labels (sklearn.metrics.f1_score)."""
+
     URLS = ("https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html",)
+    COLUMNS = LABELS
+    OPTIONS = """
+    average (str): "macro" (default), "micro" or "weighted", as scikit-learn defines them.
+    pos_label (str or None): with average="binary", the positive label.
+    """
+    RETURNS = """
+    f1 (float): the corpus-level F1, in [0, 1].
+    per_label (dict): F1 of each reference label.
+    per_sample (list of int): 1 where the label is right, else 0.
+    """
 
     def _compute(
         self,

@@ -25,23 +25,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evals.metrics.module import TextMetric
 
-_DESCRIPTION = "Perplexity of each reference given its prompt, under a local causal LM."
-_KWARGS_DESCRIPTION = """
-Args:
-    prompts (list of str): JSON chat messages ([{"role": ..., "content": ...}]) that
-        precede each reference, or "" for none.
-    references (list of str): the texts to score.
-    model_id (str): a causal LM directory or hub id (offline: must be cached).
-    adapter (str or None): a PEFT adapter directory applied on top of model_id.
-    batch_size (int): samples per forward pass. Default 8.
-    max_length (int): tokens per sample; the prompt is cut from the left to fit. Default 1024.
-    device (str): torch device. Default "cpu".
-Returns:
-    mean_perplexity (float): mean of per-sample perplexities.
-    corpus_perplexity (float): exp of the mean negative log-likelihood over all tokens.
-    per_sample (list of float): perplexity of each reference.
-    tokens (list of int): reference tokens scored per sample.
-"""
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_LENGTH = 1024
 
@@ -51,10 +34,27 @@ def _local_only(path: str) -> bool:
 
 
 class Perplexity(TextMetric, evaluate.Metric):  # type: ignore[misc]
-    DESCRIPTION = _DESCRIPTION
-    ARGUMENTS = _KWARGS_DESCRIPTION
+    """Perplexity of each reference given its prompt, under a local causal LM."""
+
     URLS = ("https://huggingface.co/docs/transformers/perplexity",)
-    COLUMNS = ("prompts", "references")
+    COLUMNS = {
+        "prompts": 'JSON chat messages ([{"role": ..., "content": ...}]) that\n'
+        '        precede each reference, or "" for none.',
+        "references": "the texts to score.",
+    }
+    OPTIONS = """
+    model_id (str): a causal LM directory or hub id (offline: must be cached).
+    adapter (str or None): a PEFT adapter directory applied on top of model_id.
+    batch_size (int): samples per forward pass. Default 8.
+    max_length (int): tokens per sample; the prompt is cut from the left to fit. Default 1024.
+    device (str): torch device. Default "cpu".
+    """
+    RETURNS = """
+    mean_perplexity (float): mean of per-sample perplexities.
+    corpus_perplexity (float): exp of the mean negative log-likelihood over all tokens.
+    per_sample (list of float): perplexity of each reference.
+    tokens (list of int): reference tokens scored per sample.
+    """
 
     def _compute(
         self,

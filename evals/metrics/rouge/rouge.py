@@ -13,34 +13,24 @@ from typing import Any
 import evaluate
 from rouge_score import rouge_scorer
 
-from evals.metrics.module import TextMetric
+from evals.metrics.module import TextMetric, citation
 
-_DESCRIPTION = "ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score), per sample and mean."
-_CITATION = """@inproceedings{lin-2004-rouge,
-  title = "{ROUGE}: A Package for Automatic Evaluation of Summaries",
-  author = "Lin, Chin-Yew",
-  booktitle = "Text Summarization Branches Out",
-  year = "2004",
-  pages = "74--81",
-}"""
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions (list of str): model answers.
-    references (list of str): one reference per prediction.
-    rouge_types (list of str): default ["rouge1", "rouge2", "rougeL"].
-    use_stemmer (bool): Porter-stem tokens before matching. Default False.
-Returns:
-    <type> (float): mean F-measure for each rouge type, in [0, 1].
-    per_sample (dict of list of float): F-measure of each sample, per rouge type.
-"""
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
 class Rouge(TextMetric, evaluate.Metric):  # type: ignore[misc]
-    DESCRIPTION = _DESCRIPTION
-    ARGUMENTS = _KWARGS_DESCRIPTION
-    CITATION = _CITATION
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge-score), per sample and mean."""
+
+    CITATION = citation("lin-2004-rouge")
     URLS = ("https://github.com/google-research/google-research/tree/master/rouge",)
+    OPTIONS = """
+    rouge_types (list of str): default ["rouge1", "rouge2", "rougeL"].
+    use_stemmer (bool): Porter-stem tokens before matching. Default False.
+    """
+    RETURNS = """
+    <type> (float): mean F-measure for each rouge type, in [0, 1].
+    per_sample (dict of list of float): F-measure of each sample, per rouge type.
+    """
 
     def _compute(
         self,
