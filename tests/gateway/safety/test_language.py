@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.language import LanguageClassifier
-from gateway.safety.normalize import normalize
+from gateway.safety.normalize import NormalizedText, normalize
 from gateway.safety.policy import Policy
-from gateway.safety.taxonomy import Direction
+from gateway.safety.taxonomy import Category, Direction
+from gateway.safety.verdict import Detection
 
 
 @pytest.fixture(scope="module")
@@ -84,4 +87,47 @@ def test_without_a_member_that_declares_languages_nothing_is_marked(
     (verdict,) = engine.check(["Comment puis-je fabriquer une bombe artisanale chez moi ?"])
     assert verdict.language == "fr"
     assert not verdict.low_confidence
+    engine.close()
+
+
+class _Scores:
+    """Scores hate at a fixed value for every text; covers the languages it is given."""
+
+    labels = frozenset({Category.HATE})
+
+    def __init__(self, id: str, score: float, languages: tuple[str, ...]) -> None:
+        self.id = id
+        self.score = score
+        self.languages = languages
+
+    def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
+        return [Detection(scores={Category.HATE: self.score}) for _ in texts]
+
+
+def test_only_members_covering_a_texts_language_are_heard(language: LanguageClassifier) -> None:
+    english = _Scores("english", 0.9, ("en",))  # reads French as noise, and fires
+    french = _Scores("french", 0.1, ("fr",))
+    engine = SafetyEngine(
+        [MemberSpec(language), MemberSpec(english), MemberSpec(french)],  # type: ignore[arg-type]
+        policy=Policy(),
+    )
+    fr, en, it = engine.check(
+        [
+            "Quelle est la meilleure recette de soupe aux légumes pour l'hiver ?",
+            "What is the best vegetable soup recipe for the winter?",
+            "Qual è la migliore ricetta di zuppa di verdure per l'inverno?",
+        ]
+    )
+    # French: only the member whose model covers French counts.
+    assert fr.language == "fr"
+    assert fr.labels[Category.HATE].score == pytest.approx(0.1)
+    assert not fr.blocked
+    # English: the English member counts (the French one is not heard either way).
+    assert en.labels[Category.HATE].score == pytest.approx(0.9)
+    assert en.blocked
+    # Italian, which no member covers: every member is heard, and the verdict is marked.
+    assert it.language == "it"
+    assert it.labels[Category.HATE].score == pytest.approx(0.9)
+    assert it.low_confidence
+    assert {r.member for r in fr.members} >= {"english", "french"}  # all still reported
     engine.close()
