@@ -24,6 +24,8 @@ from typer._click.formatting import HelpFormatter
 from typer.core import TyperCommand, TyperGroup
 from typer.exceptions import Abort
 
+from safegate.offline import offline_defaults
+
 
 @dataclass(frozen=True)
 class Command:
@@ -125,6 +127,9 @@ def main() -> None:
     """Run the CLI; a usage error prints click's plain lines (usage, a hint, ``Error: ...``
     on a line of its own, greppable and unboxed) and exits 2."""
     fit_help_to_pipes(os.environ, terminal=sys.stdout.isatty())
+    # Every command, not only those that remember to: ``keys create`` with a budget reads
+    # litellm's prices, and litellm fetches them from the network at import without this.
+    offline_defaults()
     try:
         code = app(standalone_mode=False)
     except ClickException as error:

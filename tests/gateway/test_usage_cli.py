@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -165,3 +168,18 @@ def test_usage_reports_per_key_model_and_day_at_natural_width_when_piped(
     assert "no API key with id or name 'nobody'" in err
     code, _, err = keys("usage", "--since", "last week")
     assert code == 2
+
+
+def test_a_budget_note_reads_the_bundled_prices_not_the_network(tmp_path: Path) -> None:
+    # litellm fetches its price map at import unless told not to; the CLI tells it for
+    # every command (the test environment sets it too, so it is removed here).
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    env["SAFEGATE_HOME"] = str(tmp_path / "home")
+    done = subprocess.run(  # noqa: S603 - our own CLI
+        [sys.executable, "-m", "safegate.cli", "keys", "create", "--name", "budgeted",
+         "--role", "developer", "--monthly-budget-usd", "5"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model cost map" not in done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("sg-")
