@@ -311,10 +311,11 @@ def evaluate(engine: SafetyEngine, data: Path, cap: int | None) -> dict[str, obj
 
     english = [r for r in prompts if r["lang"] == "en" and len(str(r["text"])) < 300]
     generator = random.Random(0)  # noqa: S311 - sampling, not secrets
-    harmful = generator.sample([r for r in english if r["labels"]], min(150, len(english)))
-    benign = generator.sample(
-        [r for r in english if r["group"] == "benign-contrast"], min(150, len(english))
-    )
+    harmful_pool = [r for r in english if r["labels"]]
+    benign_pool = [r for r in english if r["group"] == "benign-contrast"]
+    # At most 150 of each (fewer when --limit leaves fewer).
+    harmful = generator.sample(harmful_pool, min(150, len(harmful_pool)))
+    benign = generator.sample(benign_pool, min(150, len(benign_pool)))
     evasion: dict[str, object] = {}
     for name, transform in EVASIONS.items():
         caught = check(engine, [transform(str(r["text"])) for r in harmful])
