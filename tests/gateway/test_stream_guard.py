@@ -21,19 +21,7 @@ def _run(
     async def check(text: str) -> Verdict:
         return _verdict(bad is not None and bad in text)
 
-    async def go() -> tuple[list[str], StreamGuard]:
-        guard = StreamGuard(check=check, **options)
-        out: list[str] = []
-        for piece in pieces:
-            released = await guard.feed(piece)
-            if released is not None:
-                out.append(released.text)
-        final = await guard.flush()
-        if final is not None:
-            out.append(final.text)
-        return out, guard
-
-    return asyncio.run(go())
+    return _run_with(check, pieces, **options)
 
 
 def _pieces(text: str, size: int = 3) -> list[str]:
