@@ -20,6 +20,7 @@ Splits: a set's official split where it has one (HateXplain), the project's own
 from __future__ import annotations
 
 import base64
+import codecs
 import csv
 import hashlib
 import json
@@ -138,6 +139,7 @@ class Corpus:
             self._mtbench,
             self._indirect_attacks,
             self._noise,
+            self._rot13_noise,
         )
         seen: set[str] = set()
         examples: list[Example] = []
@@ -178,20 +180,7 @@ class Corpus:
 
     def _own_file(self, path: Path) -> Iterator[Example]:
         self.files.append(SourceFile(str(path.name), file_sha256(path), "project's own"))
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}: line {number}: {error}") from error
-                split = (
-                    Split.TEST
-                    if row["split"] == "heldout"
-                    else hash_split(row["text"], dev=20, test=0)
-                )
-                yield Example(row["text"], with_parents(row["labels"]), ALL_KNOWN, "own", split)
+        yield from own_examples(path)
 
     def _davidson(self) -> Iterator[Example]:
         # class 0 hate speech, 1 offensive language, 2 neither. "Offensive" means profane
@@ -418,6 +407,18 @@ class Corpus:
         for text in noise_texts():
             yield Example(text, frozenset(), ALL_KNOWN, "noise", hash_split(text))
 
+    def _rot13_noise(self) -> Iterator[Example]:
+        # The engine reads a ROT13 text through its decoded view (gateway.safety.normalize);
+        # the raw letters mean nothing and no head may flag them. Without these a
+        # fine-tuned encoder flagged about one ROT13 text in six as harm. Every
+        # ROT13_EVERY-th own example, kept in its original's split, so the held-out
+        # examples' readings stay held out.
+        own = (example for path in self.own_files for example in own_examples(path))
+        for index, example in enumerate(own):
+            if index % ROT13_EVERY == 0:
+                text = codecs.encode(example.text, "rot13")
+                yield Example(text, frozenset(), ALL_KNOWN, "noise", example.split)
+
     def _indirect_attacks(self) -> Iterator[Example]:
         # Indirect attacks: injection sentences from deepset's training split, embedded in
         # benign documents as retrieved text would carry them. Carriers are MT-Bench and
@@ -484,7 +485,25 @@ class Corpus:
         return passages + pages
 
 
+def own_examples(path: Path) -> Iterator[Example]:
+    """The labelled rows of one of the project's own JSONL files, with their splits:
+    the held-out rows are the test split, the rest fall into train and dev by hash."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}: {error}") from error
+            split = (
+                Split.TEST if row["split"] == "heldout" else hash_split(row["text"], dev=20, test=0)
+            )
+            yield Example(row["text"], with_parents(row["labels"]), ALL_KNOWN, "own", split)
+
+
 NOISE_EXAMPLES = 900
+ROT13_EVERY = 8
 _KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm", "1234567890")
 
 
