@@ -30,6 +30,7 @@ from rich.table import Table
 from gateway.access.cli import announce_local_key
 from gateway.access.cli import keys as keys_app
 from gateway.config import Settings, get_settings
+from gateway.safety.settings import SHIPPED_WEIGHTS
 from safegate.offline import offline_defaults
 from safegate.output import table_console
 
@@ -339,6 +340,18 @@ def safety_train(
     benign_budget: Annotated[
         float, typer.Option(help="Max share of benign prompts flagged.")
     ] = 0.04,
+    benign_reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights folder whose flag rate on each benign tuning set the new "
+            "thresholds may not exceed [default: the shipped weights].",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    no_benign_reference: Annotated[
+        bool, typer.Option(help="Bound the benign flag rates by --benign-budget alone.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     tune_encoder: Annotated[
         bool, typer.Option(help="Also fine-tune the encoder (engine v2).")
@@ -364,6 +377,7 @@ def safety_train(
         output_dir=output_dir,
         cache_dir=settings.home_dir / "cache",
         benign_flag_budget=benign_budget,
+        benign_reference=None if no_benign_reference else benign_reference or SHIPPED_WEIGHTS,
         seed=seed,
         tune_encoder=tune_encoder,
         tune_method=tune_method.value,

@@ -62,6 +62,7 @@ class Example:
     known: frozenset[str]
     source: str
     split: Split
+    direction: str = "prompt"  # or "reply": what an assistant says
 
     def __post_init__(self) -> None:
         if not self.positives <= self.known:
@@ -499,7 +500,11 @@ def own_examples(path: Path) -> Iterator[Example]:
             split = (
                 Split.TEST if row["split"] == "heldout" else hash_split(row["text"], dev=20, test=0)
             )
-            yield Example(row["text"], with_parents(row["labels"]), ALL_KNOWN, "own", split)
+            direction = row.get("direction", "prompt")
+            if direction not in {"prompt", "reply"}:
+                raise ValueError(f"{path}: line {number}: unknown direction {direction!r}")
+            labels = with_parents(row["labels"])
+            yield Example(row["text"], labels, ALL_KNOWN, "own", split, direction)
 
 
 NOISE_EXAMPLES = 900

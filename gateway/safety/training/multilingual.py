@@ -122,7 +122,7 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
         dev.x[[not r.example.positives and r.language == language for r in dev_rows]]
         for language in ("en", *config.languages)
     ]
-    heads = _tune_thresholds(heads, dev, benign, config.benign_flag_budget)
+    heads = _tune_thresholds(heads, dev, benign, [config.benign_flag_budget] * len(benign))
     test_rows = [r for r in rows if r.example.split == Split.TEST]
     metrics: dict[str, object] = {
         "test": _label_metrics(heads, matrices[Split.TEST]),

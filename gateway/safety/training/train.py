@@ -15,8 +15,10 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
    records every candidate's score, overall and on the own examples' dev rows.
 4. Calibrate each label with Platt scaling on the dev split.
 5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
-   benign prompts (refusal-direction harmless validation split plus the benign part of
-   the project's own dev examples) are flagged at most ``benign_flag_budget`` of the time.
+   every benign tuning set (refusal-direction's harmless validation split; the benign dev
+   rows of the own prompts, of the own replies, of the public sets, and of the noise) is
+   flagged at most ``benign_flag_budget`` of the time and, with ``benign_reference``, no
+   more often than the reference model (the one that ships) flags it.
 6. Measure on the test split and the benign test sets; write heads.safetensors and
    model_card.json.
 """
@@ -44,7 +46,14 @@ from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.normalize import normalize
 from gateway.safety.training import top_layers
-from gateway.safety.training.corpus import HEAD_LABELS, Corpus, Example, Split, file_sha256
+from gateway.safety.training.corpus import (
+    ALL_KNOWN,
+    HEAD_LABELS,
+    Corpus,
+    Example,
+    Split,
+    file_sha256,
+)
 from gateway.safety.training.encoder_tuning import TunedEncoder, TuningConfig, TuningData, tune
 
 FloatArray = npt.NDArray[np.float32]
@@ -73,6 +82,13 @@ class TrainConfig:
     max_pos_weight: float = field(default=10.0, metadata={"help": "cap on positive re-weighting"})
     benign_flag_budget: float = field(
         default=0.04, metadata={"help": "max share of benign prompts flagged"}
+    )
+    benign_reference: Path | None = field(
+        default=None,
+        metadata={
+            "help": "weights folder whose flag rate on each benign tuning set the new "
+            "thresholds may not exceed"
+        },
     )
     seed: int = field(default=0, metadata={"help": "random seed"})
     tune_encoder: bool = field(
@@ -176,8 +192,12 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
         delta_path = tuned.delta_path
     heads = _calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
+    budgets = _benign_budgets(config, benign_tune, progress)
     heads = _tune_thresholds(
-        heads, matrices[Split.DEV], list(benign_tune_x.values()), config.benign_flag_budget
+        heads,
+        matrices[Split.DEV],
+        [benign_tune_x[name] for name in budgets],
+        list(budgets.values()),
     )
 
     card: dict[str, object] = {
@@ -218,6 +238,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
                 **{f"tuning: {name}": _flag_rate(heads, x) for name, x in benign_tune_x.items()},
                 **{f"test: {name}": _flag_rate(heads, x) for name, x in benign_test_x.items()},
             },
+            "benign_flag_budget": {name: round(value, 4) for name, value in budgets.items()},
         },
         "data": {
             "files": [asdict(source) for source in corpus.files],
@@ -301,25 +322,59 @@ def _tune_encoder(config: TrainConfig, data: TuningData, progress: Progress | No
 def _benign_sets(
     config: TrainConfig, examples: Sequence[Example]
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Benign prompts for threshold tuning and for the benign test, by source.
+    """Benign texts for threshold tuning and for the benign test, by kind.
 
     refusal-direction's harmless prompts are measurement-only data: they constrain the
-    thresholds and are never fitted. The project's own benign examples are tuned on their
-    dev split and tested on their held-out split, never on what the heads were fitted on.
+    thresholds and are never fitted. Every other set is the benign rows (no label
+    positive, every label known) of one kind: tuned on their dev split and tested on their
+    test split, never on what the heads were fitted on.
     """
     folder = config.data_dir / "refusal-direction"
     val = [row["instruction"] for row in json.loads((folder / "harmless_val.json").read_text())]
     test = [row["instruction"] for row in json.loads((folder / "harmless_test.json").read_text())]
-    own_benign = [e for e in examples if e.source == "own" and not e.positives]
-    tune = {
-        "refusal-direction harmless val": val[:2000],
-        "own benign dev": [e.text for e in own_benign if e.split == Split.DEV],
+    benign = [e for e in examples if not e.positives and e.known == ALL_KNOWN]
+    kinds: dict[str, Callable[[Example], bool]] = {
+        "own benign prompts": lambda e: e.source == "own" and e.direction == "prompt",
+        "own benign replies": lambda e: e.source == "own" and e.direction == "reply",
+        "public benign": lambda e: e.source not in {"own", "noise"},
+        "noise": lambda e: e.source == "noise",
     }
-    held = {
-        "refusal-direction harmless test": test[:2000],
-        "own benign held-out": [e.text for e in own_benign if e.split == Split.TEST],
-    }
+
+    def of(split: Split) -> dict[str, list[str]]:
+        return {
+            name: [e.text for e in benign if e.split == split and kind(e)]
+            for name, kind in kinds.items()
+        }
+
+    tune = {"refusal-direction harmless val": val[:2000]}
+    tune.update({f"{name} dev": texts for name, texts in of(Split.DEV).items()})
+    held = {"refusal-direction harmless test": test[:2000]}
+    held.update({f"{name} held-out": texts for name, texts in of(Split.TEST).items()})
     return tune, held
+
+
+def _benign_budgets(
+    config: TrainConfig, benign_tune: dict[str, list[str]], progress: Progress | None
+) -> dict[str, float]:
+    """The share of each benign tuning set the new thresholds may flag: the budget, and
+    with a reference no more than the reference's own rate on that set."""
+    budgets = dict.fromkeys(benign_tune, config.benign_flag_budget)
+    if config.benign_reference is None:
+        return budgets
+    folder = config.benign_reference
+    card = json.loads((folder / "model_card.json").read_text())
+    for name, digest in card["files"].items():
+        if file_sha256(folder / name) != digest:
+            raise ValueError(f"benign reference {folder}: {name} does not match its model card")
+    if card["encoder"] != config.encoder:
+        raise ValueError(f"benign reference {folder} uses {card['encoder']}, not {config.encoder}")
+    delta = folder / card["encoder_delta"] if card.get("encoder_delta") else None
+    embed = _embedder(SentenceEncoder(config.encoder, delta=delta), config.cache_dir, progress)
+    reference = Heads.load(folder / "heads.safetensors")
+    for name, texts in benign_tune.items():
+        if texts:
+            budgets[name] = min(budgets[name], _flag_rate(reference, embed(texts)))
+    return budgets
 
 
 def _embedder(
@@ -491,7 +546,7 @@ def _calibrate(model: torch.nn.Module, dev: Matrix, *, encoder: str) -> Heads:
 
 
 def _tune_thresholds(
-    heads: Heads, dev: Matrix, benign_sets: Sequence[FloatArray], budget: float
+    heads: Heads, dev: Matrix, benign_sets: Sequence[FloatArray], budgets: Sequence[float]
 ) -> Heads:
     probabilities = heads.probabilities(dev.x)
     thresholds = np.full(len(heads.labels), 0.5, np.float32)
@@ -504,13 +559,17 @@ def _tune_thresholds(
         f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-9, None)
         # Never below 0.3: a calibrated score under that is more likely benign than not.
         thresholds[i] = float(np.clip(cuts[int(np.argmax(f1))], 0.3, 0.95))
-    # Raise, one step at a time, the threshold of the label that flags the most prompts
-    # in the benign set furthest over budget, until every set is within budget.
-    benign_p = [heads.probabilities(x) for x in benign_sets if len(x)]
+    # Raise, one step at a time, the threshold of the label that flags the most texts in
+    # the benign set furthest over its budget, until every set is within its budget.
+    sets = [(x, b) for x, b in zip(benign_sets, budgets, strict=True) if len(x)]
+    benign_p = [heads.probabilities(x) for x, _ in sets]
     for _ in range(1000):
-        rates = [(p >= thresholds).any(axis=1).mean() for p in benign_p]
-        worst = int(np.argmax(rates))
-        if rates[worst] <= budget:
+        excess = [
+            (p >= thresholds).any(axis=1).mean() - budget
+            for p, (_, budget) in zip(benign_p, sets, strict=True)
+        ]
+        worst = int(np.argmax(excess))
+        if excess[worst] <= 1e-9:
             break
         culprit = int(np.argmax((benign_p[worst] >= thresholds).sum(axis=0)))
         thresholds[culprit] = min(0.99, thresholds[culprit] + 0.01)

@@ -6,18 +6,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 
 from gateway.safety.delta import merge_into
 from gateway.safety.encoder import SentenceEncoder
+from gateway.safety.heads import Heads
 from gateway.safety.training.encoder_tuning import TuningConfig, TuningData, fingerprint, tune
 from gateway.safety.training.own_set import (
     HELDOUT_STYLES,
@@ -33,6 +37,12 @@ from gateway.safety.training.top_layers import (
     lower_states,
 )
 from gateway.safety.training.top_layers import tune as tune_top_layers
+from gateway.safety.training.train import (
+    Matrix,
+    TrainConfig,
+    _benign_budgets,
+    _tune_thresholds,
+)
 
 TEXTS = [
     ("how do i kill a python process that hangs", 0),
@@ -339,3 +349,64 @@ def test_rot13_readings_are_benign_noise_in_their_originals_split(tmp_path: Path
     assert readings[0].split != Split.TEST
     assert readings[1].split == Split.TEST
     assert corpus.files == []  # reading them records no source file a second time
+
+
+def _one_label_heads() -> Heads:
+    """A head whose probability of its one label is sigmoid of the embedding's only value."""
+    return Heads(
+        labels=("violence",),
+        encoder="bundled:all-MiniLM-L6-v2",
+        out_weight=np.ones((1, 1), np.float32),
+        out_bias=np.zeros(1, np.float32),
+        calib_scale=np.ones(1, np.float32),
+        calib_shift=np.zeros(1, np.float32),
+        threshold=np.full(1, 0.5, np.float32),
+    )
+
+
+def _logit(p: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    q = np.asarray(p, np.float32)
+    return np.log(q / (1 - q)).reshape(-1, 1).astype(np.float32)
+
+
+def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> None:
+    # Dev: positives score 0.6-0.95, negatives 0.05-0.3, so the best-F1 cut is ~0.6.
+    scores = np.concatenate([np.linspace(0.6, 0.95, 20), np.linspace(0.05, 0.3, 20)])
+    y = np.array([[1.0]] * 20 + [[0.0]] * 20, np.float32)
+    dev = Matrix(_logit(scores), y, np.ones_like(y), np.ones(40, np.float32), [])
+    loose = _logit(np.linspace(0.5, 0.69, 100))
+    strict = _logit(np.linspace(0.5, 0.8, 100))  # two thirds of it score 0.6 or more
+    heads = _tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
+    assert 0.55 <= heads.threshold[0] <= 0.62  # both within a loose budget: best F1 stands
+    heads = _tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
+    flagged = (heads.probabilities(strict) >= heads.threshold).mean()
+    assert 0.04 <= flagged <= 0.05  # raised just until the strict set is within its budget
+    assert 0.78 <= heads.threshold[0] <= 0.8
+
+
+def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path: Path) -> None:
+    from gateway.safety.settings import SHIPPED_WEIGHTS
+
+    config = TrainConfig(
+        data_dir=tmp_path,
+        own_examples=(),
+        output_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        benign_flag_budget=0.3,
+        benign_reference=SHIPPED_WEIGHTS,
+    )
+    sets = {
+        "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
+        "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
+    }
+    budgets = _benign_budgets(config, sets, None)
+    # The shipped heads flag the threat but not the soup: half the set, above the 0.3
+    # budget, which stands; they flag nothing of the plain set, so nothing may be flagged.
+    assert budgets == {"threats": 0.3, "plain": 0.0}
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(SHIPPED_WEIGHTS, tampered)
+    heads = tampered / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(ValueError, match="heads.safetensors does not match its model card"):
+        _benign_budgets(replace(config, benign_reference=tampered), sets, None)
