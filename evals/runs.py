@@ -27,7 +27,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,13 +48,13 @@ from evals.errors import RunError
 from evals.records import SCHEMA_VERSION, Output, Sample
 from evals.settings import get_settings
 from safegate.lifecycle import (
-    FINISH,
-    START,
     Lifecycle,
     LifecycleStore,
     Move,
+    RecordStatus,
     StatusColumns,
     process_alive,
+    record_lifecycle,
 )
 
 if TYPE_CHECKING:
@@ -90,7 +89,7 @@ SAMPLE_COLUMNS = (
 )
 
 
-class RunStatus(StrEnum):
+class RunStatus(RecordStatus):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -244,20 +243,15 @@ class Run:
 
 # A run that has not succeeded may run again (a resume); a succeeded one never does. Runs
 # are not cancelled. Any run may be finished, from whatever state it was left in.
-RUNS: Lifecycle[RunStatus, RunRow, Run] = Lifecycle(
-    noun="run",
-    statuses=RunStatus,
+RUNS: Lifecycle[RunStatus, RunRow, Run] = record_lifecycle(
+    "run",
+    RunStatus,
     row=RunRow,
     record=Run.from_row,
-    running=RunStatus.RUNNING,
-    final=[status for status in RunStatus if status.finished],
-    moves={
-        START: Move(
-            frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED}),
-            "{noun} {id} already {status}; start a new run instead",
-        ),
-        FINISH: Move(frozenset(RunStatus)),
-    },
+    start=Move(
+        frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.FAILED}),
+        "{noun} {id} already {status}; start a new run instead",
+    ),
     error=RunError,
     missing="no run {id!r}; 'safegate eval list' shows the runs",
 )

@@ -15,7 +15,6 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Boolean, String, Text
@@ -24,17 +23,17 @@ from sqlalchemy.orm import Mapped, mapped_column
 from finetune.db import Base, Database
 from finetune.errors import JobError
 from safegate.lifecycle import (
-    FINISH,
-    START,
     Lifecycle,
     LifecycleStore,
     Move,
+    RecordStatus,
     StatusColumns,
     process_alive,
+    record_lifecycle,
 )
 
 
-class JobStatus(StrEnum):
+class JobStatus(RecordStatus):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -117,18 +116,13 @@ _LIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 # A failed job runs again (``--resume``); a succeeded or cancelled one never does. A cancel
 # is refused once the job has ended. Any job may be finished: a final state is written over
 # by whichever process ends the job last (``reconcile`` and the training loop may race).
-JOBS: Lifecycle[JobStatus, JobRow, Job] = Lifecycle(
-    noun="job",
-    statuses=JobStatus,
+JOBS: Lifecycle[JobStatus, JobRow, Job] = record_lifecycle(
+    "job",
+    JobStatus,
     row=JobRow,
     record=Job.from_row,
-    running=JobStatus.RUNNING,
-    final=[status for status in JobStatus if status.finished],
-    moves={
-        START: Move(_LIVE | {JobStatus.FAILED}, "{noun} {id} is {status}; it cannot run again"),
-        CANCEL: Move(_LIVE, "{noun} {id} already {status}; nothing to cancel"),
-        FINISH: Move(frozenset(JobStatus)),
-    },
+    start=Move(_LIVE | {JobStatus.FAILED}, "{noun} {id} is {status}; it cannot run again"),
+    moves={CANCEL: Move(_LIVE, "{noun} {id} already {status}; nothing to cancel")},
     error=JobError,
     missing="no job {id!r}; 'safegate finetune jobs' lists them",
 )

@@ -1,12 +1,20 @@
-"""What the running service holds: built once in the lifespan, read by dependencies."""
+"""What the running service holds: built once in the lifespan, read by dependencies.
+
+``AppState`` is complete once the engine has loaded (``app_state``, 503 until then). The
+key store, the quota guard and the audit store are made first and work while the engine
+loads (review and usage need no engine): each has its own dependency, typed for routes
+as ``Keys``, ``Quotas`` and ``Audit``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from opentelemetry.trace import Tracer
 
+from gateway.access.keys import KeyStore
 from gateway.access.policies import PolicyCatalog
 from gateway.access.quotas import QuotaGuard
 from gateway.allowlists import AllowlistStore
@@ -49,3 +57,36 @@ def app_state(request: Request) -> AppState:
         )
         raise ServiceUnavailable(message, code="engine_not_ready")
     return state
+
+
+def key_store(request: Request) -> KeyStore:
+    """The running key store (made in the lifespan, before the engine loads)."""
+    keys: KeyStore | None = getattr(request.app.state, "keys", None)
+    if keys is None:
+        raise _usage_not_running()
+    return keys
+
+
+def quota_guard(request: Request) -> QuotaGuard:
+    """The running quota guard: its database and clock (made with the key store)."""
+    quotas: QuotaGuard | None = getattr(request.app.state, "quotas", None)
+    if quotas is None:
+        raise _usage_not_running()
+    return quotas
+
+
+def _usage_not_running() -> ServiceUnavailable:
+    return ServiceUnavailable("the key store is not running yet", code="usage_unavailable")
+
+
+def audit_store(request: Request) -> AuditStore:
+    """The running audit store (made in the lifespan, before the engine loads)."""
+    store: AuditStore | None = getattr(request.app.state, "audit", None)
+    if store is None:
+        raise ServiceUnavailable("the audit store is not running yet", code="audit_unavailable")
+    return store
+
+
+Keys = Annotated[KeyStore, Depends(key_store)]
+Quotas = Annotated[QuotaGuard, Depends(quota_guard)]
+Audit = Annotated[AuditStore, Depends(audit_store)]

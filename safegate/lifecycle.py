@@ -8,6 +8,10 @@ declares its own statuses and a ``Lifecycle``: the moves it allows (``start`` an
 the statuses each may happen from, and what a refusal says. This module is the mechanism
 they share:
 
+- ``record_lifecycle`` builds the table both packages declare the same way: statuses that
+  subclass ``RecordStatus`` (a ``running`` one, and each says whether it is ``finished``),
+  a record that may be finished from any status, and the package's own ``start`` rule and
+  other moves;
 - ``Lifecycle.update`` reads the row under a lock (``SELECT ... FOR UPDATE`` where the
   database has it), refuses a move its current status does not allow with the package's
   own error, applies the change and returns the package's record;
@@ -51,7 +55,17 @@ class StatusColumns:
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
+class RecordStatus(StrEnum):
+    """The statuses of a ``record_lifecycle``'s records: a package's enum subclasses this,
+    with a member ``running``, and says which of its members are ``finished``."""
+
+    @property
+    def finished(self) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} says which statuses are finished")
+
+
 S = TypeVar("S", bound=StrEnum)
+F = TypeVar("F", bound=RecordStatus)
 R = TypeVar("R", bound=StatusColumns)
 T = TypeVar("T")
 
@@ -192,6 +206,39 @@ class Lifecycle(Generic[S, R, T]):
                 change(row)
 
         return self.update(database, record_id, move=FINISH, change=end)
+
+
+def record_lifecycle(
+    noun: str,
+    statuses: type[F],
+    *,
+    row: type[R],
+    record: Callable[[R], T],
+    start: Move[F],
+    error: Callable[[str], Exception],
+    missing: str,
+    moves: Mapping[str, Move[F]] | None = None,
+) -> Lifecycle[F, R, T]:
+    """The lifecycle of a job-like record: it runs in ``statuses("running")``, ends in the
+    statuses that are ``finished``, and may be finished from any status (a final status is
+    written over by whichever process ends the record last: a crashed run's reaper and the
+    run itself may race). ``start`` says which statuses it may start from, ``moves`` adds
+    the package's own (a job's ``cancel``); the rest is ``Lifecycle``'s."""
+    own = dict(moves or {})
+    for reserved in (START, FINISH):
+        if reserved in own:
+            raise ValueError(f"a {noun}'s {reserved!r} move is record_lifecycle's own")
+    return Lifecycle(
+        noun=noun,
+        statuses=statuses,
+        row=row,
+        record=record,
+        running=statuses("running"),
+        final=[status for status in statuses if status.finished],
+        moves={START: start, **own, FINISH: Move(frozenset(statuses))},
+        error=error,
+        missing=missing,
+    )
 
 
 class LifecycleStore(Generic[S, R, T]):

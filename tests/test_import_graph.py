@@ -1,6 +1,7 @@
-"""The project's import graph, read from the source (``ast``), nothing imported.
+"""The project's import graph, read from the source (``ast``), nothing imported; and what
+importing the settings really loads, in a fresh interpreter.
 
-Two properties ARCHITECTURE.md states:
+Three properties ARCHITECTURE.md states:
 
 - no cycle among the modules of ``gateway``, ``finetune``, ``evals``, ``dashboard`` and
   ``safegate``. Only module-level imports are edges: an import inside a function (or a
@@ -13,12 +14,18 @@ Two properties ARCHITECTURE.md states:
   first, but a package whose ``__init__`` imports its own submodules is the usual layout,
   not a cycle;
 - the dependency direction between the packages, where every import counts (lazy ones
-  and those for type checking too: a dependency is one whenever it runs).
+  and those for type checking too: a dependency is one whenever it runs);
+- ``gateway.config`` is a leaf at run time: importing it loads the settings modules it
+  composes and the packages above them, whose ``__init__`` imports nothing
+  (``gateway.lazy_exports``), and no store, engine, route or model library.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -280,3 +287,43 @@ def test_only_the_train_command_imports_the_offline_training_code() -> None:
         and found.imported.startswith(training)
         and found.module_level
     ]
+
+
+def _loaded_by(module: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after importing ``module``."""
+    script = f"import json, sys\nimport {module}\nprint(json.dumps(sorted(sys.modules)))\n"
+    done = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_the_settings_loads_only_settings() -> None:
+    """``gateway.config`` composes the domains' ``settings.py``; importing it runs their
+    packages' ``__init__`` files too, which must import none of their modules."""
+    loaded = _loaded_by("gateway.config")
+    assert {name for name in loaded if _package(name) in PACKAGES} == {
+        "gateway",
+        "gateway.config",
+        "gateway.lazy_exports",
+        "gateway.access",
+        "gateway.access.settings",
+        "gateway.audit",
+        "gateway.audit.settings",
+        "gateway.blocklists",
+        "gateway.blocklists.settings",
+        "gateway.chat",
+        "gateway.chat.settings",
+        "gateway.safety",
+        "gateway.safety.settings",
+        "safegate",
+        "safegate.settings",
+        "safegate.database",  # StorageSettings, under SharedSettings
+    }
+    heavy = {"fastapi", "starlette", "litellm", "torch", "transformers", "onnxruntime", "numpy"}
+    assert {name.partition(".")[0] for name in loaded} & heavy == set()

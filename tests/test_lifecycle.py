@@ -1,6 +1,6 @@
 """The shared mechanism of job-like records (``safegate.lifecycle``) on a real SQLite table:
 a move the table allows is stored, one it refuses raises the package's error and stores
-nothing."""
+nothing; ``record_lifecycle`` builds the table jobs and runs share."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from safegate.database import Database
-from safegate.lifecycle import FINISH, START, Lifecycle, Move, StatusColumns
+from safegate.lifecycle import (
+    FINISH,
+    START,
+    Lifecycle,
+    Move,
+    RecordStatus,
+    StatusColumns,
+    record_lifecycle,
+)
 
 
 class Status(StrEnum):
@@ -127,3 +135,38 @@ def test_mistakes_in_the_calls_and_the_table_are_clear(database: Database) -> No
             error=TaskError,
             missing="no task {id!r}",
         )
+
+
+class Step(RecordStatus):
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+    DROPPED = "dropped"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Step.DONE, Step.DROPPED)
+
+
+def _steps(**moves: Move[Step]) -> Lifecycle[Step, TaskRow, Task]:
+    return record_lifecycle(
+        "step",
+        Step,
+        row=TaskRow,
+        record=Task.from_row,
+        start=Move(frozenset({Step.WAITING}), "{noun} {id} is {status}; it ran"),
+        error=TaskError,
+        missing="no step {id!r}",
+        moves=moves,
+    )
+
+
+def test_a_record_lifecycle_derives_running_final_and_finish() -> None:
+    steps = _steps(drop=Move(frozenset({Step.WAITING})))
+    assert steps.running is Step.RUNNING
+    assert steps.final == {Step.DONE, Step.DROPPED}
+    assert list(steps.moves) == [START, "drop", FINISH]
+    assert steps.moves[START].refusal == "{noun} {id} is {status}; it ran"
+    assert steps.moves[FINISH].sources == frozenset(Step)
+    with pytest.raises(ValueError, match="a step's 'finish' move is record_lifecycle's own"):
+        _steps(finish=Move(frozenset({Step.RUNNING})))

@@ -78,43 +78,46 @@ developer key in a private file), ``dependencies`` (``require``, ``require_by_me
 Redis), ``policies`` (a key's policy file), ``quotas`` and ``usage`` (token quotas and
 budgets, and the usage report), ``cli`` (``safegate keys``), ``settings`` (the auth, rate
 limit and quota settings and their defaults). The names of ``keys``, ``local_key`` and
-``dependencies`` are importable from ``gateway.access``.
+``dependencies`` are importable from ``gateway.access``, which imports each one's module
+when it is first asked for (``gateway.lazy_exports``): importing ``gateway.access.settings``
+loads no key store, and importing the key store loads no FastAPI.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.access.keys import (
-    ANONYMOUS,
-    ANONYMOUS_KEY_ID,
-    DEFAULT_CACHE_MAX_ENTRIES,
-    DEFAULT_TOUCH_INTERVAL_S,
-    DISPLAY_PREFIX_CHARS,
-    KEY_PATTERN,
-    KEY_PREFIX,
-    KEY_RANDOM_BYTES,
-    KEY_STORE_RETRY_AFTER_S,
-    NAME_PATTERN,
-    POLICY_PATTERN,
-    ApiKey,
-    ApiKeyRow,
-    IssuedKey,
-    KeyStore,
-    Principal,
-    Role,
-)
-from gateway.access.local_key import (
-    LOCAL_KEY_FILE,
-    LOCAL_KEY_NAME,
-    ensure_local_key,
-    local_key_path,
-    write_private,
-)
-from gateway.access.settings import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
+from gateway.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from gateway.access.dependencies import checks_key, presented_key, require, require_by_method
+    from gateway.access.keys import (
+        ANONYMOUS,
+        ANONYMOUS_KEY_ID,
+        DEFAULT_CACHE_MAX_ENTRIES,
+        DEFAULT_TOUCH_INTERVAL_S,
+        DISPLAY_PREFIX_CHARS,
+        KEY_PATTERN,
+        KEY_PREFIX,
+        KEY_RANDOM_BYTES,
+        KEY_STORE_RETRY_AFTER_S,
+        NAME_PATTERN,
+        POLICY_PATTERN,
+        ApiKey,
+        ApiKeyRow,
+        IssuedKey,
+        KeyStore,
+        Principal,
+        Role,
+    )
+    from gateway.access.local_key import (
+        LOCAL_KEY_FILE,
+        LOCAL_KEY_NAME,
+        ensure_local_key,
+        local_key_path,
+        write_private,
+    )
+    from gateway.access.settings import DEFAULT_CACHE_TTL_S, DEFAULT_OUTAGE_GRACE_S
 
 __all__ = [
     "ANONYMOUS",
@@ -147,14 +150,38 @@ __all__ = [
     "write_private",
 ]
 
-# The route dependencies import FastAPI: they load when first asked for, so that importing
-# the key store (``safegate keys``, the migrations) does not load the web stack.
-_DEPENDENCIES = frozenset({"checks_key", "presented_key", "require", "require_by_method"})
-
-
-def __getattr__(name: str) -> object:
-    if name in _DEPENDENCIES:
-        from gateway.access import dependencies
-
-        return getattr(dependencies, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "keys": (
+                "ANONYMOUS",
+                "ANONYMOUS_KEY_ID",
+                "DEFAULT_CACHE_MAX_ENTRIES",
+                "DEFAULT_TOUCH_INTERVAL_S",
+                "DISPLAY_PREFIX_CHARS",
+                "KEY_PATTERN",
+                "KEY_PREFIX",
+                "KEY_RANDOM_BYTES",
+                "KEY_STORE_RETRY_AFTER_S",
+                "NAME_PATTERN",
+                "POLICY_PATTERN",
+                "ApiKey",
+                "ApiKeyRow",
+                "IssuedKey",
+                "KeyStore",
+                "Principal",
+                "Role",
+            ),
+            "local_key": (
+                "LOCAL_KEY_FILE",
+                "LOCAL_KEY_NAME",
+                "ensure_local_key",
+                "local_key_path",
+                "write_private",
+            ),
+            "settings": ("DEFAULT_CACHE_TTL_S", "DEFAULT_OUTAGE_GRACE_S"),
+            "dependencies": ("checks_key", "presented_key", "require", "require_by_method"),
+        },
+        exported=__all__,
+    )

@@ -49,15 +49,22 @@ Nothing here logs a term or a pattern. The package: ``matching`` (the snapshot a
 hits; no database) and ``store`` (the table, the records, ``AllowlistStore``).
 """
 
-from gateway.allowlists.matching import AllowlistHit, AllowlistSnapshot, Exempts
-from gateway.allowlists.store import (
-    MAX_TERM_CHARS,
-    MAX_TERMS_PER_LIST,
-    Allowlist,
-    AllowlistChange,
-    AllowlistRow,
-    AllowlistStore,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from gateway.allowlists.matching import AllowlistHit, AllowlistSnapshot, Exempts
+    from gateway.allowlists.store import (
+        MAX_TERM_CHARS,
+        MAX_TERMS_PER_LIST,
+        Allowlist,
+        AllowlistChange,
+        AllowlistRow,
+        AllowlistStore,
+    )
 
 __all__ = [
     "MAX_TERMS_PER_LIST",
@@ -70,3 +77,20 @@ __all__ = [
     "AllowlistStore",
     "Exempts",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "matching": ("AllowlistHit", "AllowlistSnapshot", "Exempts"),
+            "store": (
+                "MAX_TERM_CHARS",
+                "MAX_TERMS_PER_LIST",
+                "Allowlist",
+                "AllowlistChange",
+                "AllowlistRow",
+                "AllowlistStore",
+            ),
+        },
+        exported=__all__,
+    )

@@ -61,28 +61,33 @@ SQLAlchemy tables), ``store`` (:class:`AuditStore`: writes, the spool, draining,
 
 from __future__ import annotations
 
-from gateway.audit.queries import ItemFilter, ItemPage, ReviewStats, StoredItem, not_eval
-from gateway.audit.records import (
-    DEFAULT_PAGE_SIZE,
-    EXPORT_PAGE_SIZE,
-    KEY_ID_CHARS,
-    MAX_BULK_IDS,
-    MAX_NOTE_CHARS,
-    MAX_PAGE_SIZE,
-    MODEL_CHARS,
-    SPOOL_DIRNAME,
-    FlaggedItem,
-    RequestRecord,
-    ReviewLabel,
-    ReviewState,
-    TokenUsage,
-    UsageSource,
-    flagged_item,
-    request_record,
-)
-from gateway.audit.settings import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
-from gateway.audit.store import AuditStore
-from gateway.audit.tables import FlaggedItemCategoryRow, FlaggedItemRow, RequestLogRow
+from typing import TYPE_CHECKING
+
+from gateway.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from gateway.audit.queries import ItemFilter, ItemPage, ReviewStats, StoredItem, not_eval
+    from gateway.audit.records import (
+        DEFAULT_PAGE_SIZE,
+        EXPORT_PAGE_SIZE,
+        KEY_ID_CHARS,
+        MAX_BULK_IDS,
+        MAX_NOTE_CHARS,
+        MAX_PAGE_SIZE,
+        MODEL_CHARS,
+        SPOOL_DIRNAME,
+        FlaggedItem,
+        RequestRecord,
+        ReviewLabel,
+        ReviewState,
+        TokenUsage,
+        UsageSource,
+        flagged_item,
+        request_record,
+    )
+    from gateway.audit.settings import DEFAULT_DRAIN_INTERVAL_S, DEFAULT_WRITE_TIMEOUT_S
+    from gateway.audit.store import AuditStore
+    from gateway.audit.tables import FlaggedItemCategoryRow, FlaggedItemRow, RequestLogRow
 
 __all__ = [
     "DEFAULT_DRAIN_INTERVAL_S",
@@ -113,3 +118,33 @@ __all__ = [
     "not_eval",
     "request_record",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "queries": ("ItemFilter", "ItemPage", "ReviewStats", "StoredItem", "not_eval"),
+            "records": (
+                "DEFAULT_PAGE_SIZE",
+                "EXPORT_PAGE_SIZE",
+                "KEY_ID_CHARS",
+                "MAX_BULK_IDS",
+                "MAX_NOTE_CHARS",
+                "MAX_PAGE_SIZE",
+                "MODEL_CHARS",
+                "SPOOL_DIRNAME",
+                "FlaggedItem",
+                "RequestRecord",
+                "ReviewLabel",
+                "ReviewState",
+                "TokenUsage",
+                "UsageSource",
+                "flagged_item",
+                "request_record",
+            ),
+            "settings": ("DEFAULT_DRAIN_INTERVAL_S", "DEFAULT_WRITE_TIMEOUT_S"),
+            "store": ("AuditStore",),
+            "tables": ("FlaggedItemCategoryRow", "FlaggedItemRow", "RequestLogRow"),
+        },
+        exported=__all__,
+    )

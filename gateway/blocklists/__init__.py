@@ -69,42 +69,49 @@ no database), ``store`` (the tables, the records, ``BlocklistStore`` and its lim
 Every public name is importable from ``gateway.blocklists``.
 """
 
-from gateway.blocklists.matching import (
-    MAX_HITS_PER_REGEX,
-    REGEX_MAX_MEM_BYTES,
-    BlocklistHit,
-    BlocklistSnapshot,
-    CompiledRegex,
-    RegexMatch,
-    RegexPattern,
-    TermTrie,
-    UnsupportedRegex,
-    compile_regex,
-    regex_spans,
-    term_tokens,
-)
-from gateway.blocklists.settings import DEFAULT_REFRESH_S
-from gateway.blocklists.store import (
-    MAX_DESCRIPTION_CHARS,
-    MAX_ITEMS_PER_LIST,
-    MAX_ITEMS_PER_REQUEST,
-    MAX_NAME_CHARS,
-    MAX_REGEX_CHARS,
-    MAX_REGEXES_PER_LIST,
-    MAX_VALUE_BYTES,
-    MAX_VALUE_CHARS,
-    NAME_PATTERN,
-    Blocklist,
-    BlocklistDetail,
-    BlocklistItem,
-    BlocklistItemRow,
-    BlocklistRow,
-    BlocklistStore,
-    ItemKind,
-    NewItem,
-    check_name,
-    checked_regex,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from gateway.blocklists.matching import (
+        MAX_HITS_PER_REGEX,
+        REGEX_MAX_MEM_BYTES,
+        BlocklistHit,
+        BlocklistSnapshot,
+        CompiledRegex,
+        RegexMatch,
+        RegexPattern,
+        TermTrie,
+        UnsupportedRegex,
+        compile_regex,
+        regex_spans,
+        term_tokens,
+    )
+    from gateway.blocklists.settings import DEFAULT_REFRESH_S
+    from gateway.blocklists.store import (
+        MAX_DESCRIPTION_CHARS,
+        MAX_ITEMS_PER_LIST,
+        MAX_ITEMS_PER_REQUEST,
+        MAX_NAME_CHARS,
+        MAX_REGEX_CHARS,
+        MAX_REGEXES_PER_LIST,
+        MAX_VALUE_BYTES,
+        MAX_VALUE_CHARS,
+        NAME_PATTERN,
+        Blocklist,
+        BlocklistDetail,
+        BlocklistItem,
+        BlocklistItemRow,
+        BlocklistRow,
+        BlocklistStore,
+        ItemKind,
+        NewItem,
+        check_name,
+        checked_regex,
+    )
 
 __all__ = [
     "DEFAULT_REFRESH_S",
@@ -140,3 +147,47 @@ __all__ = [
     "regex_spans",
     "term_tokens",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "matching": (
+                "MAX_HITS_PER_REGEX",
+                "REGEX_MAX_MEM_BYTES",
+                "BlocklistHit",
+                "BlocklistSnapshot",
+                "CompiledRegex",
+                "RegexMatch",
+                "RegexPattern",
+                "TermTrie",
+                "UnsupportedRegex",
+                "compile_regex",
+                "regex_spans",
+                "term_tokens",
+            ),
+            "settings": ("DEFAULT_REFRESH_S",),
+            "store": (
+                "MAX_DESCRIPTION_CHARS",
+                "MAX_ITEMS_PER_LIST",
+                "MAX_ITEMS_PER_REQUEST",
+                "MAX_NAME_CHARS",
+                "MAX_REGEX_CHARS",
+                "MAX_REGEXES_PER_LIST",
+                "MAX_VALUE_BYTES",
+                "MAX_VALUE_CHARS",
+                "NAME_PATTERN",
+                "Blocklist",
+                "BlocklistDetail",
+                "BlocklistItem",
+                "BlocklistItemRow",
+                "BlocklistRow",
+                "BlocklistStore",
+                "ItemKind",
+                "NewItem",
+                "check_name",
+                "checked_regex",
+            ),
+        },
+        exported=__all__,
+    )

@@ -13,20 +13,27 @@
 - ``settings``: the chat and upstream settings and their defaults.
 """
 
-from gateway.chat.prompt import PromptText, json_text, prompt_texts
-from gateway.chat.schemas import ChatCompletionRequest
-from gateway.chat.settings import (
-    DEFAULT_MAX_CHOICES,
-    DEFAULT_MAX_MESSAGE_CHARS,
-    DEFAULT_MAX_MESSAGES,
-    DEFAULT_MAX_PROMPT_CHARS,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_MAX_TOOLS,
-    DEFAULT_STREAM_INCREMENT_CHARS,
-    DEFAULT_STREAM_OVERLAP_CHARS,
-    DEFAULT_STREAM_WINDOW_CHARS,
-)
-from gateway.chat.stream_guard import StreamGuard
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from gateway.chat.prompt import PromptText, json_text, prompt_texts
+    from gateway.chat.schemas import ChatCompletionRequest
+    from gateway.chat.settings import (
+        DEFAULT_MAX_CHOICES,
+        DEFAULT_MAX_MESSAGE_CHARS,
+        DEFAULT_MAX_MESSAGES,
+        DEFAULT_MAX_PROMPT_CHARS,
+        DEFAULT_MAX_TOKENS,
+        DEFAULT_MAX_TOOLS,
+        DEFAULT_STREAM_INCREMENT_CHARS,
+        DEFAULT_STREAM_OVERLAP_CHARS,
+        DEFAULT_STREAM_WINDOW_CHARS,
+    )
+    from gateway.chat.stream_guard import StreamGuard
 
 __all__ = [
     "DEFAULT_MAX_CHOICES",
@@ -44,3 +51,25 @@ __all__ = [
     "json_text",
     "prompt_texts",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(
+        __name__,
+        {
+            "prompt": ("PromptText", "json_text", "prompt_texts"),
+            "schemas": ("ChatCompletionRequest",),
+            "settings": (
+                "DEFAULT_MAX_CHOICES",
+                "DEFAULT_MAX_MESSAGE_CHARS",
+                "DEFAULT_MAX_MESSAGES",
+                "DEFAULT_MAX_PROMPT_CHARS",
+                "DEFAULT_MAX_TOKENS",
+                "DEFAULT_MAX_TOOLS",
+                "DEFAULT_STREAM_INCREMENT_CHARS",
+                "DEFAULT_STREAM_OVERLAP_CHARS",
+                "DEFAULT_STREAM_WINDOW_CHARS",
+            ),
+            "stream_guard": ("StreamGuard",),
+        },
+        exported=__all__,
+    )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import gateway.access  # noqa: F401 - registers the tables on Base.metadata
-import gateway.allowlists  # noqa: F401 - registers the tables on Base.metadata
-import gateway.audit  # noqa: F401 - registers the tables on Base.metadata
-import gateway.blocklists  # noqa: F401 - registers the tables on Base.metadata
+import gateway.access.keys  # noqa: F401 - registers the tables on Base.metadata
+import gateway.allowlists.store  # noqa: F401 - registers the tables on Base.metadata
+import gateway.audit.tables  # noqa: F401 - registers the tables on Base.metadata
+import gateway.blocklists.store  # noqa: F401 - registers the tables on Base.metadata
 from gateway.db import Base
 from safegate.database import run_migrations
 

@@ -30,14 +30,13 @@ import json
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, status
+from fastapi import APIRouter, Depends, Query, status
 from fastapi.responses import StreamingResponse
 
 from gateway.access import Principal, Role, require
 from gateway.audit import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
-    AuditStore,
     ItemFilter,
     ReviewLabel,
     ReviewState,
@@ -47,7 +46,7 @@ from gateway.blocklists import (
     ItemKind,
     NewItem,
 )
-from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.errors import InvalidRequest
 from gateway.origin import ORIGIN_CHARS
 from gateway.review.actions import check_term_occurs, ensure_blocklist, eval_example
 from gateway.review.schemas import (
@@ -64,7 +63,7 @@ from gateway.review.schemas import (
 )
 from gateway.routes.blocklists import BlocklistItemObject
 from gateway.safety.taxonomy import Direction
-from gateway.state import AppState, app_state
+from gateway.state import AppState, Audit, app_state
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -72,15 +71,6 @@ MAX_UNIX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 NDJSON = "application/x-ndjson"
 
 
-def audit_store(request: Request) -> AuditStore:
-    """The running audit store (made in the lifespan, before the engine loads)."""
-    store: AuditStore | None = getattr(request.app.state, "audit", None)
-    if store is None:
-        raise ServiceUnavailable("the audit store is not running yet", code="audit_unavailable")
-    return store
-
-
-Store = Annotated[AuditStore, Depends(audit_store)]
 Reviewer = Annotated[Principal, Depends(require(Role.REVIEWER))]
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 UnixSeconds = Annotated[int | None, Query(ge=0, le=MAX_UNIX_SECONDS)]
@@ -94,7 +84,7 @@ IncludeEval = Annotated[
 @router.get("/items")
 def list_items(
     principal: Reviewer,
-    store: Store,
+    store: Audit,
     category: str | None = None,
     severity_min: int | None = None,
     model: Annotated[str | None, Query(max_length=200)] = None,
@@ -129,12 +119,12 @@ def list_items(
 
 
 @router.get("/items/{item_id}")
-def get_item(item_id: str, principal: Reviewer, store: Store) -> ReviewItemObject:
+def get_item(item_id: str, principal: Reviewer, store: Audit) -> ReviewItemObject:
     return ReviewItemObject.of(store.get_item(item_id))
 
 
 @router.post("/items/{item_id}/label")
-def label_item(item_id: str, body: LabelIn, principal: Reviewer, store: Store) -> ReviewItemObject:
+def label_item(item_id: str, body: LabelIn, principal: Reviewer, store: Audit) -> ReviewItemObject:
     stored = store.label(
         item_id, label=body.label, note=body.note, reviewer_key_id=principal.key_id
     )
@@ -142,7 +132,7 @@ def label_item(item_id: str, body: LabelIn, principal: Reviewer, store: Store) -
 
 
 @router.post("/labels")
-def label_items(body: BulkLabelIn, principal: Reviewer, store: Store) -> BulkLabelResult:
+def label_items(body: BulkLabelIn, principal: Reviewer, store: Audit) -> BulkLabelResult:
     updated = store.label_many(
         body.ids, label=body.label, note=body.note, reviewer_key_id=principal.key_id
     )
@@ -151,7 +141,7 @@ def label_items(body: BulkLabelIn, principal: Reviewer, store: Store) -> BulkLab
 
 @router.get("/export", response_class=StreamingResponse)
 def export_items(
-    principal: Reviewer, store: Store, label: ReviewLabel | None = None
+    principal: Reviewer, store: Audit, label: ReviewLabel | None = None
 ) -> StreamingResponse:
     """Labelled items as an eval set, one JSON object per line, oldest first."""
     items = store.export(label)
@@ -173,7 +163,7 @@ def add_to_blocklist(
     item_id: str,
     body: BlocklistTermIn,
     principal: Admin,
-    store: Store,
+    store: Audit,
     state: Annotated[AppState, Depends(app_state)],
 ) -> BlocklistAddition:
     stored = store.get_item(item_id)
@@ -196,7 +186,7 @@ def add_to_blocklist(
 @router.get("/stats")
 def review_stats(
     principal: Reviewer,
-    store: Store,
+    store: Audit,
     key_id: KeyId = None,
     origin: OriginQuery = None,
     include_eval: IncludeEval = False,

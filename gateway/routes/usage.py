@@ -12,13 +12,12 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from gateway.access import KeyStore
-from gateway.access.quotas import QuotaGuard, next_day, next_month
+from gateway.access.quotas import next_day, next_month
 from gateway.access.usage import usage_report
-from gateway.errors import ServiceUnavailable
+from gateway.state import Keys, Quotas
 
 router = APIRouter(prefix="/v1/admin", tags=["usage"])
 
@@ -56,30 +55,6 @@ class UsageList(BaseModel):
     until: date
     data: list[UsageObject]
     quotas: list[QuotaObject]
-
-
-def key_store(request: Request) -> KeyStore:
-    """The running key store (made in the lifespan, before the engine loads)."""
-    keys: KeyStore | None = getattr(request.app.state, "keys", None)
-    if keys is None:
-        raise _not_running()
-    return keys
-
-
-def quota_guard(request: Request) -> QuotaGuard:
-    """The running quota guard: its database and clock (made with the key store)."""
-    quotas: QuotaGuard | None = getattr(request.app.state, "quotas", None)
-    if quotas is None:
-        raise _not_running()
-    return quotas
-
-
-def _not_running() -> ServiceUnavailable:
-    return ServiceUnavailable("the key store is not running yet", code="usage_unavailable")
-
-
-Keys = Annotated[KeyStore, Depends(key_store)]
-Quotas = Annotated[QuotaGuard, Depends(quota_guard)]
 
 
 @router.get("/usage")
