@@ -4,7 +4,7 @@ its own SAFEGATE_HOME, database and app.
 ``client`` (and ``ready_client``) send an admin key with a rate limit too high to matter;
 ``issue_key(client, role, ...)`` makes another key through the app's own ``KeyStore``.
 ``postgres_url`` gives a PostgreSQL URL whose connections live in a fresh schema;
-``named(url, name)`` tags its connections, ``backend_pid`` finds one at work and
+``tagged(url)`` names its connections, ``backend_pid`` finds one at work and
 ``frozen(pid)`` stops that server process (SIGSTOP) for a block.
 """
 
@@ -41,6 +41,7 @@ from gateway.engine_factory import build_members
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy
+from safegate.database import DatabaseTimeouts
 
 READY_TIMEOUT_S = 60.0
 POSTGRES_URL = os.environ.get(
@@ -48,6 +49,9 @@ POSTGRES_URL = os.environ.get(
 )
 POSTGRES_CONNECT_TIMEOUT_S = 3
 BACKEND_WAIT_S = 10.0
+# A frozen server in a test would cancel a statement after 1 s; the client gives up at 2 s.
+FROZEN_TIMEOUTS = DatabaseTimeouts(connect_s=2.0, statement_s=1.0, deadline_s=2.0)
+FREEZE_MARGIN_S = 3.0  # what a busy two-core machine may add to a deadline
 
 
 @pytest.fixture(scope="session")
@@ -186,10 +190,12 @@ def fresh_schema(postgres_admin: Engine) -> Iterator[str]:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
-def named(url: str, application_name: str) -> str:
-    """``url`` whose connections carry ``application_name`` (``pg_stat_activity`` shows it)."""
-    tagged = make_url(url).update_query_dict({"application_name": application_name})
-    return tagged.render_as_string(hide_password=False)
+def tagged(url: str) -> tuple[str, str]:
+    """``url`` whose connections carry a fresh ``application_name`` (``pg_stat_activity``
+    shows it), and that name."""
+    name = f"safegate-test-{uuid.uuid4().hex[:8]}"
+    named = make_url(url).update_query_dict({"application_name": name})
+    return named.render_as_string(hide_password=False), name
 
 
 def backend_pid(postgres_admin: Engine, application_name: str, *, waiting_on: str) -> int:

@@ -18,7 +18,6 @@ import re
 import sqlite3
 import stat
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -56,8 +55,15 @@ from gateway.logs import JsonFormatter
 from gateway.safety.engine import SafetyEngine
 from gateway.safety.taxonomy import Category, Direction, Shield
 from gateway.spool import DRAINING_SUFFIX, SET_ASIDE_SUFFIX, SPOOL_FILE
-from safegate.database import DatabaseTimeouts, make_engine
-from tests.gateway.conftest import alembic_config, backend_pid, frozen, named
+from safegate.database import make_engine
+from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
+    alembic_config,
+    backend_pid,
+    frozen,
+    tagged,
+)
 
 TABLES = {"flagged_items", "flagged_item_categories", "request_log"}
 # Nothing listens on the discard port: connecting is refused at once.
@@ -583,9 +589,8 @@ def test_a_write_to_a_frozen_database_is_spooled_and_stored_once(
     the write timeout, the stuck write is cut at the database deadline (so closing the
     store does not wait for the server), and the drain stores the record once, on a
     fresh connection, while that process is still stopped."""
-    name = f"safegate-test-{uuid.uuid4().hex[:8]}"
-    timeouts = DatabaseTimeouts(connect_s=2.0, statement_s=1.0, deadline_s=2.0)
-    database = Database(named(postgres_url, name), timeouts=timeouts)
+    url, name = tagged(postgres_url)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
     database.migrate()
     audit = AuditStore(database, spool_dir=spool_dir, write_timeout_s=0.5)
     locker = make_engine(postgres_url)
@@ -618,7 +623,8 @@ def test_a_write_to_a_frozen_database_is_spooled_and_stored_once(
         locker.dispose()
         database.dispose()
     assert recorded < 0.5 + 2.0  # the write timeout: the request never waits for the server
-    assert timeouts.call_deadline_s <= closed < timeouts.call_deadline_s + 3.0
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= closed < cutoff + FREEZE_MARGIN_S
     assert audit.spooled_pending() == 0
 
 

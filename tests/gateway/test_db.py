@@ -17,7 +17,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +37,13 @@ from safegate.database import (
     StorageSettings,
     make_engine,
 )
-from tests.gateway.conftest import backend_pid, frozen, named
+from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
+    backend_pid,
+    frozen,
+    tagged,
+)
 
 SHORT = DatabaseTimeouts(connect_s=1.0, statement_s=0.5)
 
@@ -290,14 +295,6 @@ def test_replicas_migrating_at_the_same_moment_take_turns(postgres_url: str) -> 
 
 # -- PostgreSQL: a frozen server ------------------------------------------------------------
 
-FROZEN = DatabaseTimeouts(connect_s=2.0, statement_s=1.0, deadline_s=2.0)
-MARGIN_S = 3.0  # what a busy two-core machine may add to a deadline
-
-
-def tagged(postgres_url: str) -> tuple[str, str]:
-    name = f"safegate-test-{uuid.uuid4().hex[:8]}"
-    return named(postgres_url, name), name
-
 
 def own_pid(database: Database) -> int:
     with database.engine.connect() as connection:
@@ -312,7 +309,7 @@ def test_a_statement_on_a_frozen_server_is_cut_at_the_deadline(
     timeout never fires); the client gives up at its 2 s deadline, drops the connection,
     and the next call gets a fresh one while the old server process is still stopped."""
     url, name = tagged(postgres_url)
-    database = Database(url, timeouts=FROZEN)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
 
     def sleep_long() -> None:
         with database.session() as session:
@@ -325,7 +322,7 @@ def test_a_statement_on_a_frozen_server_is_cut_at_the_deadline(
             pid = backend_pid(postgres_admin, name, waiting_on="Timeout")
             with frozen(pid):
                 with pytest.raises(OperationalError) as cut:
-                    sleeping.result(timeout=FROZEN.call_deadline_s + 30)
+                    sleeping.result(timeout=FROZEN_TIMEOUTS.call_deadline_s + 30)
                 waited = time.monotonic() - started
                 assert own_pid(database) != pid
                 pool_size = database.engine.pool.checkedin()  # type: ignore[attr-defined]
@@ -334,7 +331,8 @@ def test_a_statement_on_a_frozen_server_is_cut_at_the_deadline(
     assert "did not answer within 2 s (client-side deadline)" in str(cut.value)
     assert cut.value.connection_invalidated
     assert not isinstance(cut.value.orig, psycopg.errors.QueryCanceled)
-    assert FROZEN.call_deadline_s <= waited < FROZEN.call_deadline_s + MARGIN_S
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= waited < cutoff + FREEZE_MARGIN_S
     assert pool_size == 1  # the fresh connection; the cut one never went back
 
 
@@ -345,7 +343,7 @@ def test_an_idle_connection_to_a_frozen_server_fails_its_pre_ping_and_is_replace
     """The pool's pre-ping on a connection whose server froze while it sat in the pool is
     cut at the deadline; the pool connects afresh and the caller's statement succeeds."""
     url, _ = tagged(postgres_url)
-    database = Database(url, timeouts=FROZEN)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
     try:
         pid = own_pid(database)  # the connection now waits in the pool
         with frozen(pid):
@@ -355,7 +353,8 @@ def test_an_idle_connection_to_a_frozen_server_fails_its_pre_ping_and_is_replace
     finally:
         database.dispose()
     assert replaced != pid
-    assert FROZEN.call_deadline_s <= waited < FROZEN.call_deadline_s + MARGIN_S
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= waited < cutoff + FREEZE_MARGIN_S
 
 
 @pytest.mark.postgres

@@ -9,7 +9,6 @@ import asyncio
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -31,14 +30,16 @@ from gateway.audit import AuditStore, RequestLogRow, RequestRecord, UsageSource
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.errors import Forbidden, QuotaExceeded, ServiceUnavailable
-from safegate.database import DatabaseTimeouts, make_engine
+from safegate.database import make_engine
 from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
     EngineFactory,
     backend_pid,
     chat_record,
     frozen,
-    named,
     ready_client,
+    tagged,
 )
 
 QUESTION = "How do I reset my console?"
@@ -636,9 +637,8 @@ def test_quotas_fail_closed_within_the_deadline_when_the_server_is_frozen(
 ) -> None:
     """The totals' read is stopped mid-statement with its server process: the check gives
     up at the 2 s client-side deadline with the outage's 503, not when the server wakes."""
-    name = f"safegate-test-{uuid.uuid4().hex[:8]}"
-    timeouts = DatabaseTimeouts(connect_s=2.0, statement_s=1.0, deadline_s=2.0)
-    database = Database(named(postgres_url, name), timeouts=timeouts)
+    url, name = tagged(postgres_url)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
     database.migrate()
     locker = make_engine(postgres_url)
     guard = QuotaGuard(database, now=lambda: EVENING)
@@ -664,4 +664,5 @@ def test_quotas_fail_closed_within_the_deadline_when_the_server_is_frozen(
     finally:
         locker.dispose()
         database.dispose()
-    assert timeouts.call_deadline_s <= waited < timeouts.call_deadline_s + 3.0
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= waited < cutoff + FREEZE_MARGIN_S
