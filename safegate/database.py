@@ -103,9 +103,7 @@ class DatabaseTimeouts:
     def __post_init__(self) -> None:
         for name in ("connect_s", "statement_s", "deadline_s"):
             value = getattr(self, name)
-            if value is None and name == "deadline_s":
-                continue
-            if not (math.isfinite(value) and value > 0):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
 
     @property
@@ -308,9 +306,9 @@ class Database:
 
         On PostgreSQL each statement of the upgrade may run for ``statement_timeout_s``
         (its own transaction only, with the client-side deadline lifted to match; requests
-        keep the engine's timeouts), and
-        replicas starting together take turns: a transaction-scoped advisory lock per
-        package (gateway, finetune), so the second finds the tables at head and changes nothing.
+        keep the engine's timeouts), and replicas starting together take turns: a
+        transaction-scoped advisory lock per package (gateway, finetune), so the second
+        finds the tables at head and changes nothing.
         """
         if not (math.isfinite(statement_timeout_s) and statement_timeout_s > 0):
             raise ValueError(

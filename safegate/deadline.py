@@ -48,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -95,7 +95,7 @@ class Call:
     due: float  # monotonic
     seconds: float
     what: str
-    cut: bool = field(default=False)
+    cut: bool = False
 
 
 class Watchdog:
