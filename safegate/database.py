@@ -33,9 +33,16 @@ Timeouts
     ``DEFAULT_MIGRATION_STATEMENT_TIMEOUT_S`` for the upgrade's own transaction: a schema
     change on a large table may rightly take longer than any request should.
 
-    Not bounded: a server process frozen mid-statement (stopped, paused container) on a
-    host whose kernel still acknowledges packets: no server-side timeout runs and TCP sees
-    nothing wrong. Only a client-side deadline would end that wait.
+    A server process frozen mid-statement (stopped, a paused container) on a host whose
+    kernel still acknowledges packets runs no timeout and TCP sees nothing wrong, so on
+    PostgreSQL every call that waits for the server also has a client-side deadline
+    (``SAFEGATE_DATABASE_DEADLINE_S``; unset, the statement timeout plus
+    ``DEFAULT_DEADLINE_MARGIN_S``, 2 s, so a statement the server would cancel is left to
+    the server). Past it the connection is cut and closed, never returned to the pool, and
+    the call raises ``sqlalchemy.exc.OperationalError`` as a lost connection does;
+    ``safegate.deadline`` says how. ``Database.migrate`` lifts the deadline with the
+    statement timeout. SQLite runs in-process: no server can freeze, and its lock waits
+    end at the busy timeout.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from safegate import deadline
+
 log = logging.getLogger("safegate.storage")
 
 DATABASE_FILE = "safegate.db"
@@ -74,22 +83,35 @@ _GROUP_AND_OTHERS = 0o077
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_STATEMENT_TIMEOUT_S = 10.0
+# A call's client-side deadline is the statement timeout plus this, unless set: time for
+# the server's own cancel to arrive, so only a server that stopped answering meets it.
+DEFAULT_DEADLINE_MARGIN_S = 2.0
 DEFAULT_MIGRATION_STATEMENT_TIMEOUT_S = 600.0
 LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
 
 
 @dataclass(frozen=True, slots=True)
 class DatabaseTimeouts:
-    """How long to wait for a connection (``connect_s``) and for one statement (``statement_s``)."""
+    """How long to wait for a connection (``connect_s``), for one statement on the server
+    (``statement_s``) and, on the client, for any one answer from the server (``deadline_s``;
+    ``None``: ``statement_s`` plus ``DEFAULT_DEADLINE_MARGIN_S``)."""
 
     connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
     statement_s: float = DEFAULT_STATEMENT_TIMEOUT_S
+    deadline_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("connect_s", "statement_s"):
+        for name in ("connect_s", "statement_s", "deadline_s"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+    @property
+    def call_deadline_s(self) -> float:
+        """The client-side deadline in force: ``deadline_s``, or the statement timeout's."""
+        if self.deadline_s is not None:
+            return self.deadline_s
+        return self.statement_s + DEFAULT_DEADLINE_MARGIN_S
 
 
 DEFAULT_TIMEOUTS = DatabaseTimeouts()
@@ -114,6 +136,13 @@ class StorageSettings(BaseSettings):
         allow_inf_nan=False,
         description="most seconds one PostgreSQL statement may run before the server cancels it",
     )
+    database_deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="most seconds to wait for any one answer from a PostgreSQL server before "
+        "the connection is cut (a frozen server); unset: the statement timeout plus 2 s",
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -129,6 +158,7 @@ class StorageSettings(BaseSettings):
         return DatabaseTimeouts(
             connect_s=self.database_connect_timeout_s,
             statement_s=self.database_statement_timeout_s,
+            deadline_s=self.database_deadline_s,
         )
 
     def ensure_home(self) -> Path:
@@ -177,11 +207,14 @@ def make_engine(url: str, *, timeouts: DatabaseTimeouts = DEFAULT_TIMEOUTS) -> E
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in LIBPQ_DRIVERS:
+            # The same driver through a dialect whose calls have a client-side deadline.
+            driver = deadline.DEADLINE_DRIVERS[parsed.get_driver_name()]
             return create_engine(
-                url,
+                parsed.set(drivername=f"postgresql+{driver}"),
                 pool_pre_ping=True,
                 pool_timeout=timeouts.connect_s,
                 connect_args=libpq_timeouts(parsed.query, timeouts),
+                safegate_deadline_s=timeouts.call_deadline_s,
             )
         return create_engine(url, pool_pre_ping=True, pool_timeout=timeouts.connect_s)
     connect_args = {"check_same_thread": False, "timeout": timeouts.connect_s}
@@ -272,9 +305,10 @@ class Database:
         """Upgrade the owner's tables to their newest Alembic revision.
 
         On PostgreSQL each statement of the upgrade may run for ``statement_timeout_s``
-        (its own transaction only; requests keep the engine's statement timeout), and
-        replicas starting together take turns: a transaction-scoped advisory lock per
-        package (gateway, finetune), so the second finds the tables at head and changes nothing.
+        (its own transaction only, with the client-side deadline lifted to match; requests
+        keep the engine's timeouts), and replicas starting together take turns: a
+        transaction-scoped advisory lock per package (gateway, finetune), so the second
+        finds the tables at head and changes nothing.
         """
         if not (math.isfinite(statement_timeout_s) and statement_timeout_s > 0):
             raise ValueError(
@@ -283,7 +317,8 @@ class Database:
             )
         config = Config()
         config.set_main_option("script_location", str(self.migrations))
-        with self.engine.begin() as connection:
+        lifted = deadline.lifted(statement_timeout_s + DEFAULT_DEADLINE_MARGIN_S)
+        with lifted, self.engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 milliseconds = max(1, math.ceil(statement_timeout_s * 1000))
                 connection.exec_driver_sql(f"SET LOCAL statement_timeout = {milliseconds}")

@@ -3,13 +3,16 @@ its own SAFEGATE_HOME, database and app.
 
 ``client`` (and ``ready_client``) send an admin key with a rate limit too high to matter;
 ``issue_key(client, role, ...)`` makes another key through the app's own ``KeyStore``.
-``postgres_url`` gives a PostgreSQL URL whose connections live in a fresh schema.
+``postgres_url`` gives a PostgreSQL URL whose connections live in a fresh schema;
+``tagged(url)`` names its connections, ``backend_pid`` finds one at work and
+``frozen(pid)`` stops that server process (SIGSTOP) for a block.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import threading
 import time
@@ -23,7 +26,7 @@ import pytest
 from alembic.config import Config
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace.export import SpanExporter
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
 from gateway.access import KeyStore, Role
@@ -38,12 +41,17 @@ from gateway.engine_factory import build_members
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy
+from safegate.database import DatabaseTimeouts
 
 READY_TIMEOUT_S = 60.0
 POSTGRES_URL = os.environ.get(
     "SAFEGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 POSTGRES_CONNECT_TIMEOUT_S = 3
+BACKEND_WAIT_S = 10.0
+# A frozen server in a test would cancel a statement after 1 s; the client gives up at 2 s.
+FROZEN_TIMEOUTS = DatabaseTimeouts(connect_s=2.0, statement_s=1.0, deadline_s=2.0)
+FREEZE_MARGIN_S = 3.0  # what a busy two-core machine may add to a deadline
 
 
 @pytest.fixture(scope="session")
@@ -180,6 +188,55 @@ def fresh_schema(postgres_admin: Engine) -> Iterator[str]:
     finally:
         with postgres_admin.connect() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def tagged(url: str) -> tuple[str, str]:
+    """``url`` whose connections carry a fresh ``application_name`` (``pg_stat_activity``
+    shows it), and that name."""
+    name = f"safegate-test-{uuid.uuid4().hex[:8]}"
+    named = make_url(url).update_query_dict({"application_name": name})
+    return named.render_as_string(hide_password=False), name
+
+
+def backend_pid(postgres_admin: Engine, application_name: str, *, waiting_on: str) -> int:
+    """The server process of an ``application_name`` connection once it waits on
+    ``waiting_on`` (a ``wait_event_type``: ``Lock``, ``Timeout`` for ``pg_sleep``)."""
+    deadline = time.monotonic() + BACKEND_WAIT_S
+    while True:
+        with postgres_admin.connect() as connection:
+            pid = connection.execute(
+                text(
+                    "SELECT pid FROM pg_stat_activity "
+                    "WHERE application_name = :name AND wait_event_type = :waiting"
+                ),
+                {"name": application_name, "waiting": waiting_on},
+            ).scalar()
+        if pid is not None:
+            return int(pid)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {application_name} backend waited on {waiting_on}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The PostgreSQL server process ``pid`` stopped (SIGSTOP) until the block ends: it
+    keeps its socket, so its host still acknowledges packets, but it answers nothing and
+    runs no timer. Skips when ``pid`` is not a PostgreSQL process this test may signal (a
+    server on another host or in a container: the number would name some other process)."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        title = cmdline.read_bytes()
+        os.kill(pid, 0)
+    except (FileNotFoundError, ProcessLookupError, PermissionError) as error:
+        pytest.skip(f"cannot signal PostgreSQL backend {pid} ({error.strerror})")
+    if not title.startswith(b"postgres"):
+        pytest.skip(f"process {pid} is not this machine's PostgreSQL backend")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -1,8 +1,9 @@
 """The audit store on real SQLite and PostgreSQL: records, the spool, draining, queries.
 
 "The database is down" is a real one: a PostgreSQL URL on a port nothing listens on
-(connection refused), swapped in for the store's database and back. Texts are marked
-with ``SECRET`` so the tests can check that no log line ever carries one.
+(connection refused), swapped in for the store's database and back; "frozen" is the real
+server process of the store's connection, stopped (``frozen`` in the conftest). Texts are
+marked with ``SECRET`` so the tests can check that no log line ever carries one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -29,7 +31,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, inspect, select
+from sqlalchemy import Engine, func, inspect, select, text
 
 import gateway.spool
 from gateway.audit import (
@@ -53,7 +55,15 @@ from gateway.logs import JsonFormatter
 from gateway.safety.engine import SafetyEngine
 from gateway.safety.taxonomy import Category, Direction, Shield
 from gateway.spool import DRAINING_SUFFIX, SET_ASIDE_SUFFIX, SPOOL_FILE
-from tests.gateway.conftest import alembic_config
+from safegate.database import make_engine
+from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
+    alembic_config,
+    backend_pid,
+    frozen,
+    tagged,
+)
 
 TABLES = {"flagged_items", "flagged_item_categories", "request_log"}
 # Nothing listens on the discard port: connecting is refused at once.
@@ -568,6 +578,53 @@ def test_a_write_that_overruns_is_spooled_and_still_stored_once(
     assert elapsed < 1.5
     assert item_ids(sqlite_database) == sorted([slow.id, next_one.id])
     assert count(sqlite_database, FlaggedItemCategoryRow) == 4
+    assert audit.spooled_pending() == 0
+
+
+@pytest.mark.postgres
+def test_a_write_to_a_frozen_database_is_spooled_and_stored_once(
+    postgres_admin: Engine, postgres_url: str, spool_dir: Path
+) -> None:
+    """The insert's server process is stopped mid-statement: the record is spooled after
+    the write timeout, the stuck write is cut at the database deadline (so closing the
+    store does not wait for the server), and the drain stores the record once, on a
+    fresh connection, while that process is still stopped."""
+    url, name = tagged(postgres_url)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
+    database.migrate()
+    audit = AuditStore(database, spool_dir=spool_dir, write_timeout_s=0.5)
+    locker = make_engine(postgres_url)
+    kept = item(1)
+
+    async def scenario(stack: ExitStack) -> tuple[float, float]:
+        with locker.begin() as connection:  # holds the insert until its server is stopped
+            connection.execute(
+                text(
+                    "LOCK TABLE flagged_items, flagged_item_categories, request_log "
+                    "IN ACCESS EXCLUSIVE MODE"
+                )
+            )
+            started = time.monotonic()
+            writing = asyncio.create_task(audit.record([kept], request=request_record(1)))
+            pid = await asyncio.to_thread(backend_pid, postgres_admin, name, waiting_on="Lock")
+            stack.enter_context(frozen(pid))
+        await writing
+        recorded = time.monotonic() - started
+        assert audit.spooled_pending() >= 1
+        await audit.close()  # waits for the cut write, then drains on a fresh connection
+        return recorded, time.monotonic() - started
+
+    try:
+        with ExitStack() as stack:  # the stopped process resumes when the checks are done
+            recorded, closed = asyncio.run(scenario(stack))
+            assert item_ids(database) == [kept.id]
+            assert count(database, RequestLogRow) == 1
+    finally:
+        locker.dispose()
+        database.dispose()
+    assert recorded < 0.5 + 2.0  # the write timeout: the request never waits for the server
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= closed < cutoff + FREEZE_MARGIN_S
     assert audit.spooled_pending() == 0
 
 

@@ -19,7 +19,8 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -32,7 +33,7 @@ from alembic.migration import MigrationContext
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from sqlalchemy import event, inspect, text
+from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from gateway import errors
@@ -62,7 +63,16 @@ from gateway.safety.policy import Policy
 from gateway.safety.taxonomy import Category
 from gateway.safety.verdict import Detection
 from safegate.database import make_engine
-from tests.gateway.conftest import alembic_config, issue_key, ready_client
+from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
+    alembic_config,
+    backend_pid,
+    frozen,
+    issue_key,
+    ready_client,
+    tagged,
+)
 
 REDIS_URL = os.environ.get("SAFEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -1032,6 +1042,54 @@ def test_a_hung_key_store_answers_503_within_the_statement_timeout(
     assert 0.9 <= refused_s < 5.0  # waited for the statement timeout, not for the lock
     assert admitted.status_code == 200, admitted.text
     assert admitted_s < 5.0
+
+
+@pytest.mark.postgres
+def test_a_frozen_key_store_answers_503_within_the_deadline(
+    tmp_path: Path, postgres_admin: Engine, postgres_url: str
+) -> None:
+    """The server process of the key lookup's connection is stopped mid-statement: its
+    1 s statement timeout never fires, and the request waits for the gateway's 2 s
+    client-side deadline, not for the server. The key gets the outage's 503; the cut
+    connection is dropped, so the next lookup, on a fresh one, succeeds while the stopped
+    process is still stopped."""
+    url, name = tagged(postgres_url)
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=url,
+        database_statement_timeout_s=FROZEN_TIMEOUTS.statement_s,
+        database_deadline_s=FROZEN_TIMEOUTS.deadline_s,
+        auth=AuthSettings(cache_ttl_s=0.2),
+    )
+    client = ready_client(settings, calm_engine)
+    locker = make_engine(postgres_url)
+    moderation = {"input": "What time does the museum open?"}
+    try:
+        unseen = issue_key(client, Role.DEVELOPER)
+        with ExitStack() as stack:  # unwinds in reverse: the stopped process resumes first
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+            with locker.begin() as connection:  # holds the lookup until its server is stopped
+                connection.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))
+                started = time.monotonic()
+                request = pool.submit(
+                    client.post, "/v1/moderations", json=moderation, headers=bearer(unseen)
+                )
+                stack.enter_context(frozen(backend_pid(postgres_admin, name, waiting_on="Lock")))
+            refused = request.result(timeout=30)
+            refused_s = time.monotonic() - started
+            started = time.monotonic()
+            admitted = client.post("/v1/moderations", json=moderation, headers=bearer(unseen))
+            admitted_s = time.monotonic() - started
+    finally:
+        locker.dispose()
+        client.__exit__(None, None, None)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "key_store_unavailable"
+    assert refused.headers["retry-after"] == "5"
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s  # not the statement timeout, and no hang
+    assert cutoff <= refused_s < cutoff + FREEZE_MARGIN_S
+    assert admitted.status_code == 200, admitted.text
+    assert admitted_s < cutoff  # a fresh connection: no wait on the stopped process
 
 
 def test_keys_work_while_the_engine_loads(settings: Settings) -> None:

@@ -3,7 +3,9 @@
 PostgreSQL tests run on the local server in a fresh schema (``postgres_url``), whose URL
 carries ``options=-csearch_path=...``: the statement timeout must join it, not replace it.
 "A server that never answers" is a real listening socket that never accepts: the kernel
-completes the TCP handshake and nothing ever replies.
+completes the TCP handshake and nothing ever replies. "A frozen server" is the real
+PostgreSQL backend of a connection stopped with SIGSTOP (``frozen`` in the conftest): it
+keeps its socket and runs no timer, so only the client-side deadline ends the wait.
 """
 
 from __future__ import annotations
@@ -16,21 +18,31 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from gateway.db import Database
+from safegate import deadline
 from safegate.database import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_DEADLINE_MARGIN_S,
     DEFAULT_STATEMENT_TIMEOUT_S,
     DatabaseTimeouts,
     StorageSettings,
     make_engine,
+)
+from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
+    backend_pid,
+    frozen,
+    tagged,
 )
 
 SHORT = DatabaseTimeouts(connect_s=1.0, statement_s=0.5)
@@ -67,6 +79,18 @@ def test_timeouts_have_named_defaults_and_come_from_the_environment(
     monkeypatch.setenv("SAFEGATE_DATABASE_CONNECT_TIMEOUT_S", "2")
     monkeypatch.setenv("SAFEGATE_DATABASE_STATEMENT_TIMEOUT_S", "2.5")
     assert StorageSettings().database_timeouts == DatabaseTimeouts(connect_s=2.0, statement_s=2.5)
+    monkeypatch.setenv("SAFEGATE_DATABASE_DEADLINE_S", "4")
+    assert StorageSettings().database_timeouts == DatabaseTimeouts(
+        connect_s=2.0, statement_s=2.5, deadline_s=4.0
+    )
+
+
+def test_the_deadline_leaves_a_slow_statement_to_the_server_unless_set() -> None:
+    assert DatabaseTimeouts().call_deadline_s == (
+        DEFAULT_STATEMENT_TIMEOUT_S + DEFAULT_DEADLINE_MARGIN_S
+    )
+    assert DatabaseTimeouts(statement_s=30.0).call_deadline_s == 30.0 + DEFAULT_DEADLINE_MARGIN_S
+    assert DatabaseTimeouts(statement_s=30.0, deadline_s=3.0).call_deadline_s == 3.0
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
@@ -75,8 +99,12 @@ def test_a_timeout_must_be_a_positive_number_of_seconds(value: float) -> None:
         DatabaseTimeouts(connect_s=value)
     with pytest.raises(ValueError, match="statement_s"):
         DatabaseTimeouts(statement_s=value)
+    with pytest.raises(ValueError, match="deadline_s"):
+        DatabaseTimeouts(deadline_s=value)
     with pytest.raises(ValidationError):
         StorageSettings(database_statement_timeout_s=value)
+    with pytest.raises(ValidationError):
+        StorageSettings(database_deadline_s=value)
 
 
 def test_waiting_for_a_pooled_connection_is_bounded(tmp_path: Path) -> None:
@@ -89,6 +117,20 @@ def test_waiting_for_a_pooled_connection_is_bounded(tmp_path: Path) -> None:
             assert engine.pool.timeout() == SHORT.connect_s  # type: ignore[attr-defined]
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_postgresql_engines_bound_every_call_with_the_deadline(driver: str) -> None:
+    pytest.importorskip(driver)  # psycopg2 is not among the dependencies
+    engine = make_engine(f"postgresql+{driver}://postgres@127.0.0.1:9/x", timeouts=SHORT)
+    try:
+        assert isinstance(
+            engine.dialect, (deadline.PsycopgWithDeadline, deadline.Psycopg2WithDeadline)
+        )
+        assert engine.dialect.driver == driver
+        assert engine.dialect.safegate_deadline_s == SHORT.call_deadline_s
+    finally:
+        engine.dispose()
 
 
 # -- SQLite --------------------------------------------------------------------------------
@@ -249,3 +291,93 @@ def test_replicas_migrating_at_the_same_moment_take_turns(postgres_url: str) -> 
     finally:
         engine.dispose()
     assert len(heads) == 1
+
+
+# -- PostgreSQL: a frozen server ------------------------------------------------------------
+
+
+def own_pid(database: Database) -> int:
+    with database.engine.connect() as connection:
+        return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+@pytest.mark.postgres
+def test_a_statement_on_a_frozen_server_is_cut_at_the_deadline(
+    postgres_admin: Engine, postgres_url: str
+) -> None:
+    """Frozen while it runs a statement, the server cancels nothing (its 1 s statement
+    timeout never fires); the client gives up at its 2 s deadline, drops the connection,
+    and the next call gets a fresh one while the old server process is still stopped."""
+    url, name = tagged(postgres_url)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
+
+    def sleep_long() -> None:
+        with database.session() as session:
+            session.execute(text("SELECT pg_sleep(30)"))
+
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            started = time.monotonic()
+            sleeping = pool.submit(sleep_long)
+            pid = backend_pid(postgres_admin, name, waiting_on="Timeout")
+            with frozen(pid):
+                with pytest.raises(OperationalError) as cut:
+                    sleeping.result(timeout=FROZEN_TIMEOUTS.call_deadline_s + 30)
+                waited = time.monotonic() - started
+                assert own_pid(database) != pid
+                pool_size = database.engine.pool.checkedin()  # type: ignore[attr-defined]
+    finally:
+        database.dispose()
+    assert "did not answer within 2 s (client-side deadline)" in str(cut.value)
+    assert cut.value.connection_invalidated
+    assert not isinstance(cut.value.orig, psycopg.errors.QueryCanceled)
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= waited < cutoff + FREEZE_MARGIN_S
+    assert pool_size == 1  # the fresh connection; the cut one never went back
+
+
+@pytest.mark.postgres
+def test_an_idle_connection_to_a_frozen_server_fails_its_pre_ping_and_is_replaced(
+    postgres_url: str,
+) -> None:
+    """The pool's pre-ping on a connection whose server froze while it sat in the pool is
+    cut at the deadline; the pool connects afresh and the caller's statement succeeds."""
+    url, _ = tagged(postgres_url)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
+    try:
+        pid = own_pid(database)  # the connection now waits in the pool
+        with frozen(pid):
+            started = time.monotonic()
+            replaced = own_pid(database)
+            waited = time.monotonic() - started
+    finally:
+        database.dispose()
+    assert replaced != pid
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= waited < cutoff + FREEZE_MARGIN_S
+
+
+@pytest.mark.postgres
+def test_a_migration_lifts_the_deadline_with_its_statement_timeout(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    armed: list[float] = []
+
+    class Recording(deadline.Watchdog):
+        def arm(self, fileno: int, *, seconds: float, what: str) -> deadline.Call:
+            armed.append(seconds)
+            return super().arm(fileno, seconds=seconds, what=what)
+
+    monkeypatch.setattr(deadline, "WATCHDOG", Recording(name="test-deadline-recording"))
+    database = Database(postgres_url, timeouts=SHORT)
+    try:
+        database.migrate(statement_timeout_s=42.0)
+        assert armed
+        assert set(armed) == {42.0 + DEFAULT_DEADLINE_MARGIN_S}
+        armed.clear()
+        with database.session() as session:
+            assert session.execute(text("SELECT count(*) FROM api_keys")).scalar() == 0
+        assert armed
+        assert set(armed) == {SHORT.call_deadline_s}
+    finally:
+        database.dispose()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +21,7 @@ import litellm
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 
 from gateway.access import KeyStore, Role
 from gateway.access.quotas import Quota, QuotaGuard, spent_by_key
@@ -28,7 +30,17 @@ from gateway.audit import AuditStore, RequestLogRow, RequestRecord, UsageSource
 from gateway.config import Settings
 from gateway.db import Database
 from gateway.errors import Forbidden, QuotaExceeded, ServiceUnavailable
-from tests.gateway.conftest import EngineFactory, chat_record, ready_client
+from safegate.database import make_engine
+from tests.gateway.conftest import (
+    FREEZE_MARGIN_S,
+    FROZEN_TIMEOUTS,
+    EngineFactory,
+    backend_pid,
+    chat_record,
+    frozen,
+    ready_client,
+    tagged,
+)
 
 QUESTION = "How do I reset my console?"
 ANSWER = "Hold the power button for ten seconds, then wait for the start screen."
@@ -617,3 +629,40 @@ def test_quotas_fail_closed_when_their_totals_cannot_be_read(
     with pytest.raises(ServiceUnavailable, match="SAFEGATE_AUDIT__RECORD_REQUESTS=false"):
         asyncio.run(unrecorded.check(key_id="key_a", name="a", quota=quota, priced=True))
     asyncio.run(unrecorded.check(key_id="key_a", name="a", quota=Quota(), priced=True))
+
+
+@pytest.mark.postgres
+def test_quotas_fail_closed_within_the_deadline_when_the_server_is_frozen(
+    postgres_admin: Engine, postgres_url: str
+) -> None:
+    """The totals' read is stopped mid-statement with its server process: the check gives
+    up at the 2 s client-side deadline with the outage's 503, not when the server wakes."""
+    url, name = tagged(postgres_url)
+    database = Database(url, timeouts=FROZEN_TIMEOUTS)
+    database.migrate()
+    locker = make_engine(postgres_url)
+    guard = QuotaGuard(database, now=lambda: EVENING)
+    quota = Quota(daily_tokens=100)
+
+    async def scenario(stack: ExitStack) -> float:
+        with locker.begin() as connection:  # holds the read until its server is stopped
+            connection.execute(text("LOCK TABLE request_log IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            checking = asyncio.create_task(
+                guard.check(key_id="key_a", name="a", quota=quota, priced=True)
+            )
+            pid = await asyncio.to_thread(backend_pid, postgres_admin, name, waiting_on="Lock")
+            stack.enter_context(frozen(pid))
+        with pytest.raises(ServiceUnavailable) as raised:
+            await checking
+        assert raised.value.code == "quota_unavailable"
+        return time.monotonic() - started
+
+    try:
+        with ExitStack() as stack:
+            waited = asyncio.run(scenario(stack))
+    finally:
+        locker.dispose()
+        database.dispose()
+    cutoff = FROZEN_TIMEOUTS.call_deadline_s
+    assert cutoff <= waited < cutoff + FREEZE_MARGIN_S
