@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from safegate.database import StorageSettings
+from safegate.settings import StorageSettings
 
 
 class EvalSettings(StorageSettings):

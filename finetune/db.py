@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import DeclarativeBase
 
-from safegate import database
+from safegate import database, settings
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 VERSION_TABLE = "alembic_version_finetune"
@@ -25,6 +25,6 @@ class Base(DeclarativeBase):
 
 class Database(database.Database):
     def __init__(
-        self, url: str, *, timeouts: database.DatabaseTimeouts = database.DEFAULT_TIMEOUTS
+        self, url: str, *, timeouts: settings.DatabaseTimeouts = settings.DEFAULT_TIMEOUTS
     ) -> None:
         super().__init__(url, migrations=MIGRATIONS, timeouts=timeouts)

@@ -15,7 +15,7 @@ from sqlalchemy import DateTime, Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
-from safegate import database
+from safegate import database, settings
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -45,6 +45,6 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 class Database(database.Database):
     def __init__(
-        self, url: str, *, timeouts: database.DatabaseTimeouts = database.DEFAULT_TIMEOUTS
+        self, url: str, *, timeouts: settings.DatabaseTimeouts = settings.DEFAULT_TIMEOUTS
     ) -> None:
         super().__init__(url, migrations=MIGRATIONS, timeouts=timeouts)

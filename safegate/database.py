@@ -7,12 +7,12 @@ readers (the dashboard) never block the gateway's writes; any other SQLAlchemy U
 (PostgreSQL) gets a pre-pinging pool.
 
 The state is private to the user who runs safegate: the database holds raw flagged text.
-``StorageSettings.ensure_home()`` creates ``SAFEGATE_HOME`` mode 0700, and tightens an
-existing one that group or others may enter (logging that it did; if it cannot, it
-raises). A SQLite database file is created mode 0600 before SQLite opens it, and every new
-connection tightens it and its ``-wal``, ``-shm`` and ``-journal`` files to 0600 if they
-are looser (SQLite gives the files it creates the database file's mode, so a 0600 database
-gets 0600 side files). The process umask is never changed.
+``StorageSettings.ensure_home()`` (``safegate.settings``) creates ``SAFEGATE_HOME`` mode
+0700, and tightens an existing one that group or others may enter (logging that it did; if
+it cannot, it raises). A SQLite database file is created mode 0600 before SQLite opens it,
+and every new connection tightens it and its ``-wal``, ``-shm`` and ``-journal`` files to
+0600 if they are looser (SQLite gives the files it creates the database file's mode, so a
+0600 database gets 0600 side files). The process umask is never changed.
 
 Timeouts
     Waits on the database are bounded (``DatabaseTimeouts``; settings
@@ -53,22 +53,23 @@ import os
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from safegate import deadline
+from safegate.settings import (
+    DEFAULT_DEADLINE_MARGIN_S,
+    DEFAULT_TIMEOUTS,
+    DatabaseTimeouts,
+)
 
 log = logging.getLogger("safegate.storage")
 
-DATABASE_FILE = "safegate.db"
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 # What SQLite writes beside a database file in WAL (and rollback-journal) mode.
@@ -81,89 +82,8 @@ SQLITE_SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
 SQLITE_SYNCHRONOUS = "NORMAL"
 _GROUP_AND_OTHERS = 0o077
 
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
-DEFAULT_STATEMENT_TIMEOUT_S = 10.0
-# A call's client-side deadline is the statement timeout plus this, unless set: time for
-# the server's own cancel to arrive, so only a server that stopped answering meets it.
-DEFAULT_DEADLINE_MARGIN_S = 2.0
 DEFAULT_MIGRATION_STATEMENT_TIMEOUT_S = 600.0
 LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg2"})
-
-
-@dataclass(frozen=True, slots=True)
-class DatabaseTimeouts:
-    """How long to wait for a connection (``connect_s``), for one statement on the server
-    (``statement_s``) and, on the client, for any one answer from the server (``deadline_s``;
-    ``None``: ``statement_s`` plus ``DEFAULT_DEADLINE_MARGIN_S``)."""
-
-    connect_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    statement_s: float = DEFAULT_STATEMENT_TIMEOUT_S
-    deadline_s: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("connect_s", "statement_s", "deadline_s"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-
-    @property
-    def call_deadline_s(self) -> float:
-        """The client-side deadline in force: ``deadline_s``, or the statement timeout's."""
-        if self.deadline_s is not None:
-            return self.deadline_s
-        return self.statement_s + DEFAULT_DEADLINE_MARGIN_S
-
-
-DEFAULT_TIMEOUTS = DatabaseTimeouts()
-
-
-class StorageSettings(BaseSettings):
-    """Where state lives, read by every package: ``SAFEGATE_HOME`` and ``SAFEGATE_DATABASE_URL``."""
-
-    model_config = SettingsConfigDict(env_prefix="SAFEGATE_", extra="ignore")
-
-    home: Path = Field(default=Path("~/.safegate"))
-    database_url: str | None = None
-    database_connect_timeout_s: float = Field(
-        default=DEFAULT_CONNECT_TIMEOUT_S,
-        gt=0,
-        allow_inf_nan=False,
-        description="most seconds to wait for a database connection (SQLite: for a lock)",
-    )
-    database_statement_timeout_s: float = Field(
-        default=DEFAULT_STATEMENT_TIMEOUT_S,
-        gt=0,
-        allow_inf_nan=False,
-        description="most seconds one PostgreSQL statement may run before the server cancels it",
-    )
-    database_deadline_s: float | None = Field(
-        default=None,
-        gt=0,
-        allow_inf_nan=False,
-        description="most seconds to wait for any one answer from a PostgreSQL server before "
-        "the connection is cut (a frozen server); unset: the statement timeout plus 2 s",
-    )
-
-    @property
-    def home_dir(self) -> Path:
-        return self.home.expanduser()
-
-    @property
-    def database(self) -> str:
-        """The configured SQLAlchemy URL, or the SQLite file every package shares."""
-        return self.database_url or f"sqlite:///{self.home_dir / DATABASE_FILE}"
-
-    @property
-    def database_timeouts(self) -> DatabaseTimeouts:
-        return DatabaseTimeouts(
-            connect_s=self.database_connect_timeout_s,
-            statement_s=self.database_statement_timeout_s,
-            deadline_s=self.database_deadline_s,
-        )
-
-    def ensure_home(self) -> Path:
-        """Create ``SAFEGATE_HOME`` private (0700), or tighten it; return it."""
-        return private_directory(self.home_dir, what="SAFEGATE_HOME")
 
 
 def private_directory(path: Path, *, what: str = "state directory") -> Path:

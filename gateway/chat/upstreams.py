@@ -42,9 +42,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ApiError, InvalidRequest, NotFound
-from safegate.database import DEFAULT_TIMEOUTS, DatabaseTimeouts
 from safegate.offline import offline_defaults
-from safegate.settings import local_models_api_base
+from safegate.settings import DEFAULT_TIMEOUTS, DatabaseTimeouts, local_models_api_base
 
 log = logging.getLogger("safegate.upstreams")
 

@@ -41,7 +41,7 @@ from gateway.engine_factory import build_members
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy
-from safegate.database import DatabaseTimeouts
+from safegate.settings import DatabaseTimeouts
 
 READY_TIMEOUT_S = 60.0
 POSTGRES_URL = os.environ.get(

@@ -29,13 +29,13 @@ from sqlalchemy.exc import OperationalError
 
 from gateway.db import Database
 from safegate import deadline
-from safegate.database import (
+from safegate.database import make_engine
+from safegate.settings import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_DEADLINE_MARGIN_S,
     DEFAULT_STATEMENT_TIMEOUT_S,
     DatabaseTimeouts,
     StorageSettings,
-    make_engine,
 )
 from tests.gateway.conftest import (
     FREEZE_MARGIN_S,

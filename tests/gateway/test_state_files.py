@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy import text
 
 from gateway.config import Settings
-from safegate.database import DATABASE_FILE, SQLITE_SIDE_SUFFIXES, make_engine, private_directory
+from safegate.database import SQLITE_SIDE_SUFFIXES, make_engine, private_directory
+from safegate.settings import DATABASE_FILE
 from tests.gateway.conftest import EngineFactory, ready_client
 
 FLAGGED = "All Muslims are terrorists and should be thrown out of this country."
