@@ -54,7 +54,8 @@ from gateway.safety.training.corpus import (
     Split,
     file_sha256,
 )
-from gateway.safety.training.encoder_tuning import TunedEncoder, TuningConfig, TuningData, tune
+from gateway.safety.training.encoder_tuning import TuningConfig, tune
+from gateway.safety.training.loop import TunedEncoder, TuningData
 
 FloatArray = npt.NDArray[np.float32]
 Progress = Callable[[str, int, int], None]

@@ -22,7 +22,8 @@ import torch
 from gateway.safety.delta import merge_into
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads
-from gateway.safety.training.encoder_tuning import TuningConfig, TuningData, fingerprint, tune
+from gateway.safety.training.encoder_tuning import TuningConfig, tune
+from gateway.safety.training.loop import TuningData, fingerprint
 from gateway.safety.training.own_set import (
     HELDOUT_STYLES,
     OwnSetError,
