@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from gateway.safety.delta import merge_into
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.training.encoder_tuning import TuningConfig, tune
-from gateway.safety.training.loop import TuningData, fingerprint
+from gateway.safety.training.loop import TunedEncoder, TuningData, fingerprint
 from gateway.safety.training.own_set import (
     HELDOUT_STYLES,
     OwnSetError,
@@ -82,21 +83,24 @@ def _config(work: Path, **overrides: object) -> TuningConfig:
     return TuningConfig(**options)  # type: ignore[arg-type]
 
 
-def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path: Path) -> None:
-    # First run, in its own process, killed with SIGKILL right after its second checkpoint.
+def _killed_run(
+    tune: Callable[..., TunedEncoder], config: Callable[[Path], object], work: Path
+) -> str:
+    """Run ``tune(_data(), config(work))`` in a process of its own, killed with SIGKILL
+    right after its second checkpoint (fine-tuning step 4); return what it printed."""
     script = textwrap.dedent(
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path.cwd())!r})
-        from tests.gateway.safety.test_training import _config, _data
-        from gateway.safety.training.encoder_tuning import tune
+        from tests.gateway.safety.test_training import _data, {config.__name__} as config
+        from {tune.__module__} import {tune.__name__} as tune
 
         def progress(stage, done, total):
             print(stage, done, total, flush=True)
-            if done >= 4:
+            if stage.startswith("fine-tuning") and done >= 4:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        tune(_data(), _config(__import__("pathlib").Path({str(tmp_path)!r})), progress=progress)
+        tune(_data(), config(__import__("pathlib").Path({str(work)!r})), progress=progress)
         """
     )
     killed = subprocess.run(  # noqa: S603 - this interpreter, a script of this test
@@ -107,8 +111,14 @@ def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path:
         timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "fine-tuning" in killed.stdout
-    assert " 4 6" in killed.stdout
+    return killed.stdout
+
+
+def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path: Path) -> None:
+    # First run, in its own process, killed with SIGKILL right after its second checkpoint.
+    printed = _killed_run(tune, _config, tmp_path)
+    assert "fine-tuning" in printed
+    assert " 4 6" in printed
     folder = tmp_path / f"tuning-{fingerprint(_data(), _config(tmp_path))}"
     assert (folder / "checkpoint.pt").exists()
     assert not (folder / "encoder_delta.safetensors").exists()
@@ -151,7 +161,7 @@ def test_the_top_blocks_over_cached_lower_states_compute_what_the_whole_encoder_
 ) -> None:
     tokenizer, model = load_encoder("bundled:all-MiniLM-L6-v2")
     texts = [text for text, _ in TEXTS]
-    ids = tokenizer(texts, max_length=128, truncation=True)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(texts, max_length=128, truncation=True)["input_ids"]
     cache = lower_states(model, ids, frozen=4, folder=tmp_path / "lower")
     assert len(list((tmp_path / "lower").glob("chunk-*.npy"))) == 1  # kept for the next run
     top = TopBlocks(model, top_layers=2, labels=1).eval()
@@ -166,30 +176,8 @@ def test_the_top_blocks_over_cached_lower_states_compute_what_the_whole_encoder_
 def test_top_layers_tuning_resumes_after_kill_9_and_ships_parameter_differences(
     tmp_path: Path,
 ) -> None:
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(Path.cwd())!r})
-        from tests.gateway.safety.test_training import _top_config, _data
-        from gateway.safety.training.top_layers import tune
-
-        def progress(stage, done, total):
-            print(stage, done, total, flush=True)
-            if stage.startswith("fine-tuning") and done >= 4:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        tune(_data(), _top_config(__import__("pathlib").Path({str(tmp_path)!r})), progress=progress)
-        """
-    )
-    killed = subprocess.run(  # noqa: S603 - this interpreter, a script of this test
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=600,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "caching frozen layers 8 8" in killed.stdout
+    printed = _killed_run(tune_top_layers, _top_config, tmp_path)
+    assert "caching frozen layers 8 8" in printed
     folder = tmp_path / f"top-layers-{fingerprint(_data(), _top_config(tmp_path))}"
     assert (folder / "checkpoint.pt").exists()
     assert not (folder / "encoder_delta.safetensors").exists()
