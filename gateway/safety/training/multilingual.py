@@ -9,7 +9,7 @@ a C engine), so nothing downloads.
 
 Top to bottom: read the own examples (their ``heldout`` rows are the test split, never
 fitted or tuned on; one train row in five, by hash, is the dev split); embed each text's
-light view (accents kept) once, cached by hash; fit an MLP head (``train._fit``, the
+light view (accents kept) once, cached by hash; fit an MLP head (``heads_fit.fit``, the
 English heads' recipe); calibrate per label on dev (Platt); tune thresholds on dev under
 the benign budget; measure on the test split and, when given, on the multilingual
 evaluation file (measurement only); write ``heads.safetensors`` and a model card with the
@@ -44,15 +44,15 @@ from gateway.safety.training.corpus import (
     hash_split,
     with_parents,
 )
-from gateway.safety.training.train import (
+from gateway.safety.training.heads_fit import (
     Matrix,
-    TrainConfig,
-    _calibrate,
-    _calibration_error,
-    _fit,
-    _label_metrics,
-    _tune_thresholds,
+    calibrate,
+    calibration_error,
+    fit,
+    label_metrics,
+    tune_thresholds,
 )
+from gateway.safety.training.train import TrainConfig
 
 FloatArray = npt.NDArray[np.float32]
 Progress = Callable[[str, int, int], None]
@@ -101,7 +101,7 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
     rows = [row for path in config.own_examples for row in _read(path)]
     encoder = E5Encoder()
     embed = _embedder(encoder, config.cache_dir, progress)
-    # The English heads' recipe, with this config's sizes (``_fit`` reads these fields).
+    # The English heads' recipe, with this config's sizes (``fit`` reads these fields).
     recipe = TrainConfig(
         data_dir=Path("."),
         own_examples=config.own_examples,
@@ -114,21 +114,21 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
     matrices = {
         split: _matrix([r for r in rows if r.example.split == split], embed) for split in Split
     }
-    model = _fit(matrices[Split.TRAIN], config.hidden, recipe)
-    heads = _calibrate(model, matrices[Split.DEV], encoder=ENCODER_NAME)
+    model = fit(matrices[Split.TRAIN], config.hidden, recipe)
+    heads = calibrate(model, matrices[Split.DEV], encoder=ENCODER_NAME)
     dev = matrices[Split.DEV]
     dev_rows = [r for r in rows if r.example.split == Split.DEV]
     benign = [
         dev.x[[not r.example.positives and r.language == language for r in dev_rows]]
         for language in ("en", *config.languages)
     ]
-    heads = _tune_thresholds(heads, dev, benign, [config.benign_flag_budget] * len(benign))
+    heads = tune_thresholds(heads, dev, benign, [config.benign_flag_budget] * len(benign))
     test_rows = [r for r in rows if r.example.split == Split.TEST]
     metrics: dict[str, object] = {
-        "test": _label_metrics(heads, matrices[Split.TEST]),
+        "test": label_metrics(heads, matrices[Split.TEST]),
         "test_by_language": _by_language(heads, matrices[Split.TEST], test_rows),
         "calibration": {
-            "expected_calibration_error_test": _calibration_error(heads, matrices[Split.TEST])
+            "expected_calibration_error_test": calibration_error(heads, matrices[Split.TEST])
         },
     }
     if config.evaluation is not None:

@@ -24,6 +24,7 @@ from gateway.safety.delta import merge_into
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.training.encoder_tuning import TuningConfig, tune
+from gateway.safety.training.heads_fit import Matrix, tune_thresholds
 from gateway.safety.training.loop import TunedEncoder, TuningData, fingerprint
 from gateway.safety.training.own_set import (
     HELDOUT_STYLES,
@@ -39,12 +40,7 @@ from gateway.safety.training.top_layers import (
     lower_states,
 )
 from gateway.safety.training.top_layers import tune as tune_top_layers
-from gateway.safety.training.train import (
-    Matrix,
-    TrainConfig,
-    _benign_budgets,
-    _tune_thresholds,
-)
+from gateway.safety.training.train import TrainConfig, _benign_budgets
 
 TEXTS = [
     ("how do i kill a python process that hangs", 0),
@@ -365,9 +361,9 @@ def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> No
     dev = Matrix(_logit(scores), y, np.ones_like(y), np.ones(40, np.float32), [])
     loose = _logit(np.linspace(0.5, 0.69, 100))
     strict = _logit(np.linspace(0.5, 0.8, 100))  # two thirds of it score 0.6 or more
-    heads = _tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
+    heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
     assert 0.55 <= heads.threshold[0] <= 0.62  # both within a loose budget: best F1 stands
-    heads = _tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
+    heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
     flagged = (heads.probabilities(strict) >= heads.threshold).mean()
     assert 0.04 <= flagged <= 0.05  # raised just until the strict set is within its budget
     assert 0.78 <= heads.threshold[0] <= 0.8
