@@ -44,6 +44,7 @@ from gateway.safety.training.corpus import (
     hash_split,
     with_parents,
 )
+from gateway.safety.training.embedding_cache import Embed, cached_embedder
 from gateway.safety.training.heads_fit import (
     Matrix,
     calibrate,
@@ -195,7 +196,7 @@ def _read(path: Path, *, split: Split | None = None) -> list[_Row]:
     return rows
 
 
-def _matrix(rows: Sequence[_Row], embed: Callable[[Sequence[str]], FloatArray]) -> Matrix:
+def _matrix(rows: Sequence[_Row], embed: Embed) -> Matrix:
     index = {label: i for i, label in enumerate(HEAD_LABELS)}
     y = np.zeros((len(rows), len(HEAD_LABELS)), np.float32)
     for row, item in enumerate(rows):
@@ -229,31 +230,17 @@ def _by_language(heads: Heads, matrix: Matrix, rows: Sequence[_Row]) -> dict[str
     return out
 
 
-def _embedder(
-    encoder: E5Encoder, cache_dir: Path, progress: Progress | None
-) -> Callable[[Sequence[str]], FloatArray]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"embeddings-{hashlib.sha256(ENCODER_NAME.encode()).hexdigest()[:12]}.npz"
-    cache: dict[str, FloatArray] = {}
-    if path.exists():
-        with np.load(path) as stored:
-            cache = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
-
-    def embed(texts: Sequence[str]) -> FloatArray:
-        light = [normalize(text).light for text in texts]
-        keys = [hashlib.sha256(text.encode()).hexdigest() for text in light]
-        missing = [(k, t) for k, t in dict(zip(keys, light, strict=True)).items() if k not in cache]
-        chunk = 256
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            cache.update(
-                zip([k for k, _ in part], encoder.embed([t for _, t in part]), strict=True)
-            )
-            np.savez(path, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
-            if progress:
-                progress("embedding (multilingual)", start + len(part), len(missing))
-        if not keys:
-            return np.zeros((0, encoder.dimension), np.float32)
-        return np.stack([cache[key] for key in keys])
-
-    return embed
+def _embedder(encoder: E5Encoder, cache_dir: Path, progress: Progress | None) -> Embed:
+    """Embeddings of the light view (accents kept), in their own cache file."""
+    name = hashlib.sha256(ENCODER_NAME.encode()).hexdigest()[:12]
+    return cached_embedder(
+        cache_dir / f"embeddings-{name}.npz",
+        encoder.embed,
+        view=lambda text: normalize(text).light,
+        dimension=encoder.dimension,
+        progress=progress,
+        stage="embedding (multilingual)",
+        chunk=256,
+        save_every=1,
+        longest_first=False,
+    )

@@ -54,10 +54,10 @@ from gateway.safety.training.corpus import (
     Split,
     file_sha256,
 )
+from gateway.safety.training.embedding_cache import Embed, cached_embedder
 from gateway.safety.training.encoder_tuning import TuningConfig, tune
 from gateway.safety.training.heads_fit import (
     CALIBRATION_BINS,
-    FloatArray,
     Matrix,
     calibrate,
     calibration_error,
@@ -376,53 +376,20 @@ def _benign_budgets(
     return budgets
 
 
-def _embedder(
-    encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None
-) -> Callable[[Sequence[str]], FloatArray]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
+def _embedder(encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None) -> Embed:
+    """Embeddings of the folded view, cached per encoder, window length and delta."""
     delta = "" if encoder.delta is None else file_sha256(encoder.delta)
     tag = hashlib.sha256(f"{encoder.name}|{encoder.max_tokens}|{delta}".encode()).hexdigest()[:12]
-    path = cache_dir / f"embeddings-{tag}.npz"
-    cache: dict[str, FloatArray] = {}
-    if path.exists():
-        with np.load(path) as stored:
-            cache = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
-
-    def save() -> None:
-        np.savez(path, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
-
-    def embed(texts: Sequence[str]) -> FloatArray:
-        folded = [normalize(text).folded for text in texts]
-        keys = [hashlib.sha256(text.encode()).hexdigest() for text in folded]
-        pending = {key: text for key, text in zip(keys, folded, strict=True) if key not in cache}
-        # Longest first, so each batch pads little; saved every few thousand texts so an
-        # interrupted run resumes where it stopped.
-        missing = sorted(pending.items(), key=lambda item: -len(item[1]))
-        chunk = 512
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            vectors = encoder.embed(
-                [text for _, text in part], batch_size=32, first_window_only=True
-            ).vectors
-            cache.update(zip([key for key, _ in part], vectors, strict=True))
-            if progress:
-                progress("embedding", min(start + chunk, len(missing)), len(missing))
-            if (start // chunk) % 8 == 7:
-                save()
-        if missing:
-            save()
-        return (
-            np.stack([cache[key] for key in keys])
-            if keys
-            else np.zeros((0, encoder.dimension), np.float32)
-        )
-
-    return embed
+    return cached_embedder(
+        cache_dir / f"embeddings-{tag}.npz",
+        lambda texts: encoder.embed(texts, batch_size=32, first_window_only=True).vectors,
+        view=lambda text: normalize(text).folded,
+        dimension=encoder.dimension,
+        progress=progress,
+    )
 
 
-def _matrix(
-    examples: list[Example], embed: Callable[[Sequence[str]], FloatArray], config: TrainConfig
-) -> Matrix:
+def _matrix(examples: list[Example], embed: Embed, config: TrainConfig) -> Matrix:
     index = {label: i for i, label in enumerate(HEAD_LABELS)}
     y = np.zeros((len(examples), len(HEAD_LABELS)), np.float32)
     known = np.zeros_like(y)

@@ -336,6 +336,34 @@ def test_rot13_readings_are_benign_noise_in_their_originals_split(tmp_path: Path
     assert corpus.files == []  # reading them records no source file a second time
 
 
+def test_embeddings_are_cached_by_the_hash_of_the_view_and_reused_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety.training.embedding_cache import cached_embedder
+
+    calls: list[list[str]] = []
+
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        calls.append(texts)
+        return np.array([[len(text), text.count("o")] for text in texts], np.float32)
+
+    path = tmp_path / "cache" / "embeddings-test.npz"
+    embed = cached_embedder(path, encode, view=str.lower, dimension=2)
+    vectors = embed(["Soup", "A bowl of soup", "SOUP"])
+    assert calls == [["a bowl of soup", "soup"]]  # each view once, the longest first
+    assert vectors.tolist() == [[4.0, 1.0], [14.0, 3.0], [4.0, 1.0]]
+    with np.load(path) as stored:
+        assert stored["keys"].tolist() == [
+            hashlib.sha256(b"a bowl of soup").hexdigest(),
+            hashlib.sha256(b"soup").hexdigest(),
+        ]
+    # The next run reads the file: nothing is embedded again.
+    again = cached_embedder(path, encode, view=str.lower, dimension=2)
+    assert again(["soup", "sOuP"]).tolist() == [[4.0, 1.0], [4.0, 1.0]]
+    assert len(calls) == 1
+    assert again([]).shape == (0, 2)
+
+
 def _one_label_heads() -> Heads:
     """A head whose probability of its one label is sigmoid of the embedding's only value."""
     return Heads(
