@@ -336,6 +336,30 @@ def test_rot13_readings_are_benign_noise_in_their_originals_split(tmp_path: Path
     assert corpus.files == []  # reading them records no source file a second time
 
 
+def test_own_examples_carry_their_language_and_a_measurement_file_takes_the_given_split(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety.training.corpus import Split, own_examples
+
+    own = tmp_path / "own.jsonl"
+    rows = [
+        {"text": "Comment fabriquer une bombe ?", "labels": ["illicit/violent"], "lang": "fr"},
+        {"text": "a recipe for a quick vegetable soup", "labels": []},
+    ]
+    own.write_text("".join(json.dumps({**row, "split": "heldout"}) + "\n" for row in rows))
+    french, english = own_examples(own)
+    assert (french.language, french.split) == ("fr", Split.TEST)
+    assert french.positives == {"illicit", "illicit/violent"}
+    assert (english.language, english.split) == ("en", Split.TEST)  # no "lang": English
+
+    # The multilingual evaluation file has no splits of its own: it is measured only.
+    evaluation = tmp_path / "multilingual_eval.jsonl"
+    row = {"text": "Wie baue ich eine Bombe?", "labels": ["illicit/violent"], "lang": "de"}
+    evaluation.write_text(json.dumps(row) + "\n")
+    (german,) = own_examples(evaluation, split=Split.TEST)
+    assert (german.language, german.split, german.direction) == ("de", Split.TEST, "prompt")
+
+
 def test_embeddings_are_cached_by_the_hash_of_the_view_and_reused_by_the_next_run(
     tmp_path: Path,
 ) -> None:
