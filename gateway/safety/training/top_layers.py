@@ -1,11 +1,12 @@
 """Fine-tune the encoder's top transformer blocks over cached outputs of the frozen lower ones.
 
 The second way ``safegate safety train`` adapts the encoder (``encoder_tuning`` is LoRA on
-every block). Here the lower ``layers - top_layers`` blocks of all-MiniLM-L6-v2 stay
-frozen, so their output for a text never changes between epochs: it is computed once,
-stored as float16 in the work folder, and every epoch only runs (and back-propagates
-through) the top blocks and a linear multi-label head. On this 2-core machine that makes a
-step several times cheaper than a pass through the whole encoder.
+every block; the step loop, checkpoints and loss both use are in ``loop``). Here the lower
+``layers - top_layers`` blocks of all-MiniLM-L6-v2 stay frozen, so their output for a text
+never changes between epochs: it is computed once, stored as float16 in the work folder,
+and every epoch only runs (and back-propagates through) the top blocks and a linear
+multi-label head. On this 2-core machine that makes a step several times cheaper than a
+pass through the whole encoder.
 
 Top to bottom: tokenise every training text once (the folded view the engine classifies);
 run the frozen blocks over them in chunks, saving each chunk (a killed run keeps what was
@@ -19,25 +20,21 @@ same arguments resumes from its last checkpoint; a finished one is reused.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from gateway.safety import delta
-from gateway.safety.encoder import resolve_model_path
-from gateway.safety.training.encoder_tuning import (
-    Progress,
-    TunedEncoder,
-    TuningData,
-    batches,
-    fingerprint,
-    save_checkpoint,
-)
+from gateway.safety.training import loop
+from gateway.safety.training.loop import Progress, TunedEncoder, TuningData
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_TOP_LAYERS = 2
 DEFAULT_EPOCHS = 3
@@ -117,17 +114,9 @@ class TopBlocks(torch.nn.Module):
         return result
 
 
-def load_encoder(encoder: str) -> tuple[object, torch.nn.Module]:
+def load_encoder(encoder: str) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """Tokenizer and model with eager attention (the blocks take an additive mask)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = resolve_model_path(encoder)
-    local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModel.from_pretrained(
-        path, local_files_only=local_only, attn_implementation="eager"
-    )
-    return tokenizer, model
+    return loop.load_pretrained(encoder, attn_implementation="eager")
 
 
 def lower_states(
@@ -171,12 +160,7 @@ def _lower_chunk(model: torch.nn.Module, ids: list[list[int]]) -> npt.NDArray[np
     with torch.inference_mode():
         for start in range(0, len(order), 64):
             rows = order[start : start + 64]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, i in enumerate(rows):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                attention[row, : len(ids[i])] = 1
+            input_ids, attention = loop.padded(ids, rows)
             hidden = model(input_ids=input_ids, attention_mask=attention).last_hidden_state
             for row, i in enumerate(rows):
                 outputs[i] = hidden[row, : len(ids[i])].numpy().astype(np.float16)
@@ -188,13 +172,10 @@ def tune(
 ) -> TunedEncoder:
     """Train (or resume, or reuse) the top blocks and head; see the module docstring."""
     started = time.perf_counter()
-    key = fingerprint(data, config)
-    folder = config.work_dir / f"top-layers-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    delta_path = folder / "encoder_delta.safetensors"
-    head_path = folder / "head.pt"
-    if delta_path.exists() and head_path.exists():
-        return TunedEncoder(delta_path, _load_head(head_path), steps=-1, seconds=0.0)
+    folder = loop.RunFolder.of("top-layers", data, config)
+    finished = folder.finished()
+    if finished is not None:
+        return finished
 
     torch.manual_seed(config.seed)
     tokenizer, model = load_encoder(config.encoder)
@@ -203,10 +184,10 @@ def tune(
         raise ValueError(f"top_layers must be below the encoder's {layers} layers")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    encoded = tokenizer(data.texts, max_length=config.max_tokens, truncation=True)  # type: ignore[operator]
+    encoded = tokenizer(data.texts, max_length=config.max_tokens, truncation=True)
     ids: list[list[int]] = encoded["input_ids"]
     cache = lower_states(
-        model, ids, layers - config.top_layers, folder / "lower-states", progress=progress
+        model, ids, layers - config.top_layers, folder.path / "lower-states", progress=progress
     )
     base = {
         name: parameter.detach().clone()
@@ -215,8 +196,7 @@ def tune(
     top = TopBlocks(model, config.top_layers, labels=data.y.shape[1])
     for parameter in top.blocks.parameters():
         parameter.requires_grad_(True)
-    # The same run on a GPU when one is there; nothing else changes.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = loop.training_device()
     top.to(device)
     optimiser = torch.optim.AdamW(
         [
@@ -225,70 +205,39 @@ def tune(
         ],
         weight_decay=0.01,
     )
-    epochs = [
-        batches([len(row) for row in ids], config.batch, config.seed, e)
-        for e in range(config.epochs)
-    ]
-    flat = [batch for epoch in epochs for batch in epoch]
-    total = len(flat) if config.max_steps is None else min(len(flat), config.max_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: min(1.0, (step + 1) / 50) * max(0.0, 1 - step / max(total, 1))
-    )
-    y, known = torch.from_numpy(data.y).to(device), torch.from_numpy(data.known).to(device)
-    weight = torch.from_numpy(data.weight).to(device)
-    positives = (y * known).sum(0)
-    negatives = ((1 - y) * known).sum(0)
-    pos_weight = (negatives / positives.clamp(min=1)).clamp(1.0, config.max_pos_weight)
 
-    step = 0
-    checkpoint = folder / "checkpoint.pt"
-    trainable = [p for p in top.parameters() if p.requires_grad]
-    if checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True, map_location=device)
-        top.load_state_dict(saved["model"], strict=False)
-        optimiser.load_state_dict(saved["optimiser"])
-        schedule.load_state_dict(saved["schedule"])
-        step = int(saved["step"])
-        if progress:
-            progress("resuming fine-tuning", step, total)
-    top.train()
-    window_loss: list[float] = []
-    for index in range(step, total):
-        rows = flat[index]
+    def forward(rows: list[int]) -> torch.Tensor:
         hidden, mask = cache.batch(rows)
-        logits = top(hidden.to(device), mask.to(device))
-        picked = torch.tensor(rows, device=device)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, y[picked], pos_weight=pos_weight, reduction="none"
-        )
-        loss = (loss * known[picked] * weight[picked, None]).sum() / known[picked].sum().clamp(
-            min=1
-        )
-        optimiser.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimiser.step()
-        schedule.step()
-        window_loss.append(float(loss.detach()))
-        step = index + 1
-        if step % config.checkpoint_every == 0 or step == total:
-            save_checkpoint(checkpoint, top, optimiser, schedule, step)
-            if progress:
-                progress(f"fine-tuning top layers (loss {np.mean(window_loss):.4f})", step, total)
-            window_loss = []
+        logits: torch.Tensor = top(hidden.to(device), mask.to(device))
+        return logits
+
+    step = loop.train(
+        top,
+        optimiser,
+        forward,
+        plan=loop.step_plan(
+            [len(row) for row in ids],
+            batch=config.batch,
+            seed=config.seed,
+            epochs=config.epochs,
+            max_steps=config.max_steps,
+        ),
+        targets=loop.Targets.of(data, max_pos_weight=config.max_pos_weight, device=device),
+        checkpoint=folder.checkpoint,
+        checkpoint_every=config.checkpoint_every,
+        stage="fine-tuning top layers",
+        progress=progress,
+    )
 
     top.cpu()
     tuned = _block_parameters(model, config.top_layers)
     differences = {name: tuned[name].detach() - base[name] for name in base}
-    partial = delta_path.with_suffix(".partial")
-    delta.save_differences(differences, partial)
-    torch.save(top.head.state_dict(), head_path)
-    partial.replace(delta_path)
-    (folder / "run.json").write_text(
+    folder.write(lambda path: delta.save_differences(differences, path), top.head)
+    (folder.path / "run.json").write_text(
         json.dumps({"steps": step, "seconds": round(time.perf_counter() - started, 1)}) + "\n"
     )
     return TunedEncoder(
-        delta_path, _load_head(head_path), steps=step, seconds=time.perf_counter() - started
+        folder.delta, loop.load_head(folder.head), steps=step, seconds=time.perf_counter() - started
     )
 
 
@@ -305,10 +254,3 @@ def _block_parameters(model: torch.nn.Module, top_layers: int) -> dict[str, torc
     layers = len(blocks_of(model))
     prefixes = tuple(f"encoder.layer.{i}." for i in range(layers - top_layers, layers))
     return {name: p for name, p in model.named_parameters() if name.startswith(prefixes)}
-
-
-def _load_head(path: Path) -> torch.nn.Linear:
-    state = torch.load(path, weights_only=True)
-    head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    head.load_state_dict(state)
-    return head.eval()

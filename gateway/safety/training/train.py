@@ -21,6 +21,9 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
    more often than the reference model (the one that ships) flags it.
 6. Measure on the test split and the benign test sets; write heads.safetensors and
    model_card.json.
+
+The fitting, calibrating, tuning and measuring of steps 3 to 6 live in ``heads_fit``,
+shared with the multilingual heads (``multilingual``).
 """
 
 from __future__ import annotations
@@ -37,10 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
@@ -54,11 +54,21 @@ from gateway.safety.training.corpus import (
     Split,
     file_sha256,
 )
-from gateway.safety.training.encoder_tuning import TunedEncoder, TuningConfig, TuningData, tune
-
-FloatArray = npt.NDArray[np.float32]
-Progress = Callable[[str, int, int], None]
-
+from gateway.safety.training.embedding_cache import Embed, cached_embedder
+from gateway.safety.training.encoder_tuning import TuningConfig, tune
+from gateway.safety.training.heads_fit import (
+    CALIBRATION_BINS,
+    Matrix,
+    calibrate,
+    calibration_error,
+    fit,
+    flag_rate,
+    label_metrics,
+    mean_auprc,
+    reliability,
+    tune_thresholds,
+)
+from gateway.safety.training.loop import Progress, TunedEncoder, TuningData
 
 TUNE_METHODS = ("top-layers", "lora")
 
@@ -137,15 +147,6 @@ class TrainConfig:
         return {key: plain(value) for key, value in sorted(asdict(self).items())}
 
 
-@dataclass
-class Matrix:
-    x: FloatArray
-    y: FloatArray
-    known: FloatArray
-    weight: FloatArray
-    examples: list[Example]
-
-
 def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, object]:
     """Train and write the artifacts; return the model card."""
     started = time.perf_counter()
@@ -162,9 +163,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     benign_test_x = {name: embed(texts) for name, texts in benign_test.items()}
 
     variants = {"linear": 0, "mlp": config.hidden}
-    fitted = {
-        name: _fit(matrices[Split.TRAIN], hidden, config) for name, hidden in variants.items()
-    }
+    fitted = {name: fit(matrices[Split.TRAIN], hidden, config) for name, hidden in variants.items()}
     dev_of = dict.fromkeys(fitted, matrices[Split.DEV])
     delta_path: Path | None = None
     method = config.tune_method
@@ -178,12 +177,12 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         # The head trained with the encoder sees each example only ``tune_epochs`` times,
         # too few for the rare labels; an MLP refitted on the tuned encoder's embeddings
         # (as the frozen candidate is fitted) separates the encoder's worth from the head's.
-        fitted[f"{method}+mlp"] = _fit(tuned_matrices[Split.TRAIN], config.hidden, config)
+        fitted[f"{method}+mlp"] = fit(tuned_matrices[Split.TRAIN], config.hidden, config)
         variants[f"{method}+mlp"] = config.hidden
         dev_of.update(dict.fromkeys((method, f"{method}+mlp"), tuned_matrices[Split.DEV]))
-    dev_scores = {name: _mean_auprc(model, dev_of[name]) for name, model in fitted.items()}
+    dev_scores = {name: mean_auprc(model, dev_of[name]) for name, model in fitted.items()}
     own_dev_scores = {
-        name: _mean_auprc(model, _own_rows(dev_of[name])) for name, model in fitted.items()
+        name: mean_auprc(model, _own_rows(dev_of[name])) for name, model in fitted.items()
     }
     chosen = max(dev_scores, key=lambda name: dev_scores[name])
     if chosen.startswith(method):
@@ -191,9 +190,9 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         benign_tune_x = {name: tuned_embed(texts) for name, texts in benign_tune.items()}
         benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
         delta_path = tuned.delta_path
-    heads = _calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
+    heads = calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
     budgets = _benign_budgets(config, benign_tune, progress)
-    heads = _tune_thresholds(
+    heads = tune_thresholds(
         heads,
         matrices[Split.DEV],
         [benign_tune_x[name] for name in budgets],
@@ -224,19 +223,19 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         ),
         "thresholds": {label: round(value, 4) for label, value in heads.thresholds().items()},
         "metrics": {
-            "dev": _label_metrics(heads, matrices[Split.DEV]),
-            "test": _label_metrics(heads, matrices[Split.TEST]),
+            "dev": label_metrics(heads, matrices[Split.DEV]),
+            "test": label_metrics(heads, matrices[Split.TEST]),
             "calibration": {
-                "expected_calibration_error_test": _calibration_error(heads, matrices[Split.TEST]),
-                "reliability_test": _reliability(heads, matrices[Split.TEST]),
+                "expected_calibration_error_test": calibration_error(heads, matrices[Split.TEST]),
+                "reliability_test": reliability(heads, matrices[Split.TEST]),
                 "bins": CALIBRATION_BINS,
                 "note": "every known (text, label) pair of the test split (the own examples' "
                 "held-out part and the public sets' test splits), calibrated probability "
                 "against the label",
             },
             "benign_flag_rate": {
-                **{f"tuning: {name}": _flag_rate(heads, x) for name, x in benign_tune_x.items()},
-                **{f"test: {name}": _flag_rate(heads, x) for name, x in benign_test_x.items()},
+                **{f"tuning: {name}": flag_rate(heads, x) for name, x in benign_tune_x.items()},
+                **{f"test: {name}": flag_rate(heads, x) for name, x in benign_test_x.items()},
             },
             "benign_flag_budget": {name: round(value, 4) for name, value in budgets.items()},
         },
@@ -373,57 +372,24 @@ def _benign_budgets(
     reference = Heads.load(folder / "heads.safetensors")
     for name, texts in benign_tune.items():
         if texts:
-            budgets[name] = min(budgets[name], _flag_rate(reference, embed(texts)))
+            budgets[name] = min(budgets[name], flag_rate(reference, embed(texts)))
     return budgets
 
 
-def _embedder(
-    encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None
-) -> Callable[[Sequence[str]], FloatArray]:
-    cache_dir.mkdir(parents=True, exist_ok=True)
+def _embedder(encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None) -> Embed:
+    """Embeddings of the folded view, cached per encoder, window length and delta."""
     delta = "" if encoder.delta is None else file_sha256(encoder.delta)
     tag = hashlib.sha256(f"{encoder.name}|{encoder.max_tokens}|{delta}".encode()).hexdigest()[:12]
-    path = cache_dir / f"embeddings-{tag}.npz"
-    cache: dict[str, FloatArray] = {}
-    if path.exists():
-        with np.load(path) as stored:
-            cache = dict(zip(stored["keys"].tolist(), stored["vectors"], strict=True))
-
-    def save() -> None:
-        np.savez(path, keys=np.array(list(cache)), vectors=np.stack(list(cache.values())))
-
-    def embed(texts: Sequence[str]) -> FloatArray:
-        folded = [normalize(text).folded for text in texts]
-        keys = [hashlib.sha256(text.encode()).hexdigest() for text in folded]
-        pending = {key: text for key, text in zip(keys, folded, strict=True) if key not in cache}
-        # Longest first, so each batch pads little; saved every few thousand texts so an
-        # interrupted run resumes where it stopped.
-        missing = sorted(pending.items(), key=lambda item: -len(item[1]))
-        chunk = 512
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            vectors = encoder.embed(
-                [text for _, text in part], batch_size=32, first_window_only=True
-            ).vectors
-            cache.update(zip([key for key, _ in part], vectors, strict=True))
-            if progress:
-                progress("embedding", min(start + chunk, len(missing)), len(missing))
-            if (start // chunk) % 8 == 7:
-                save()
-        if missing:
-            save()
-        return (
-            np.stack([cache[key] for key in keys])
-            if keys
-            else np.zeros((0, encoder.dimension), np.float32)
-        )
-
-    return embed
+    return cached_embedder(
+        cache_dir / f"embeddings-{tag}.npz",
+        lambda texts: encoder.embed(texts, batch_size=32, first_window_only=True).vectors,
+        view=lambda text: normalize(text).folded,
+        dimension=encoder.dimension,
+        progress=progress,
+    )
 
 
-def _matrix(
-    examples: list[Example], embed: Callable[[Sequence[str]], FloatArray], config: TrainConfig
-) -> Matrix:
+def _matrix(examples: list[Example], embed: Embed, config: TrainConfig) -> Matrix:
     index = {label: i for i, label in enumerate(HEAD_LABELS)}
     y = np.zeros((len(examples), len(HEAD_LABELS)), np.float32)
     known = np.zeros_like(y)
@@ -461,189 +427,3 @@ def _tuning_data(matrix: Matrix) -> TuningData:
 
 def _positive_counts(matrix: Matrix) -> dict[str, int]:
     return {label: int(matrix.y[:, i].sum()) for i, label in enumerate(HEAD_LABELS)}
-
-
-# -- fitting -----------------------------------------------------------------------------
-
-
-def _fit(matrix: Matrix, hidden: int, config: TrainConfig) -> torch.nn.Module:
-    torch.manual_seed(config.seed)
-    dimension, labels = matrix.x.shape[1], matrix.y.shape[1]
-    layers: list[torch.nn.Module] = []
-    if hidden:
-        layers += [torch.nn.Linear(dimension, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1)]
-    layers.append(torch.nn.Linear(hidden or dimension, labels))
-    model = torch.nn.Sequential(*layers)
-    x, y = torch.from_numpy(matrix.x), torch.from_numpy(matrix.y)
-    known, weight = torch.from_numpy(matrix.known), torch.from_numpy(matrix.weight)
-    positives = (y * known).sum(0)
-    negatives = ((1 - y) * known).sum(0)
-    pos_weight = (negatives / positives.clamp(min=1)).clamp(1.0, config.max_pos_weight)
-    optimiser = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    batch = 256
-    for _ in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(order), batch):
-            index = order[start : start + batch]
-            logits = model(x[index])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits, y[index], pos_weight=pos_weight, reduction="none"
-            )
-            loss = (loss * known[index] * weight[index, None]).sum() / known[index].sum().clamp(
-                min=1
-            )
-            optimiser.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-    return model.eval()
-
-
-def _logits(model: torch.nn.Module, x: FloatArray) -> FloatArray:
-    with torch.inference_mode():
-        logits: FloatArray = model(torch.from_numpy(x)).numpy()
-    return logits
-
-
-def _mean_auprc(model: torch.nn.Module, matrix: Matrix) -> float:
-    logits = _logits(model, matrix.x)
-    scores = []
-    for i in range(len(HEAD_LABELS)):
-        mask = matrix.known[:, i] > 0
-        if matrix.y[mask, i].sum() >= 3 and (1 - matrix.y[mask, i]).sum() >= 3:
-            scores.append(average_precision_score(matrix.y[mask, i], logits[mask, i]))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
-def _calibrate(model: torch.nn.Module, dev: Matrix, *, encoder: str) -> Heads:
-    linear_layers = [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
-    out = linear_layers[-1]
-    hidden = linear_layers[0] if len(linear_layers) > 1 else None
-    logits = _logits(model, dev.x)
-    scale = np.ones(len(HEAD_LABELS), np.float32)
-    shift = np.zeros(len(HEAD_LABELS), np.float32)
-    for i in range(len(HEAD_LABELS)):
-        mask = dev.known[:, i] > 0
-        target = dev.y[mask, i]
-        if target.sum() < 3 or (1 - target).sum() < 3:
-            continue  # too few dev examples to fit; keep the identity calibration
-        platt = LogisticRegression(C=1e4).fit(logits[mask, i, None], target)
-        scale[i], shift[i] = float(platt.coef_[0, 0]), float(platt.intercept_[0])
-    return Heads(
-        labels=HEAD_LABELS,
-        encoder=encoder,
-        out_weight=out.weight.detach().numpy().astype(np.float32),
-        out_bias=out.bias.detach().numpy().astype(np.float32),
-        calib_scale=scale,
-        calib_shift=shift,
-        threshold=np.full(len(HEAD_LABELS), 0.5, np.float32),
-        hidden_weight=None if hidden is None else hidden.weight.detach().numpy().astype(np.float32),
-        hidden_bias=None if hidden is None else hidden.bias.detach().numpy().astype(np.float32),
-    )
-
-
-def _tune_thresholds(
-    heads: Heads, dev: Matrix, benign_sets: Sequence[FloatArray], budgets: Sequence[float]
-) -> Heads:
-    probabilities = heads.probabilities(dev.x)
-    thresholds = np.full(len(heads.labels), 0.5, np.float32)
-    for i in range(len(heads.labels)):
-        mask = dev.known[:, i] > 0
-        target = dev.y[mask, i]
-        if target.sum() < 3:
-            continue
-        precision, recall, cuts = precision_recall_curve(target, probabilities[mask, i])
-        f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-9, None)
-        # Never below 0.3: a calibrated score under that is more likely benign than not.
-        thresholds[i] = float(np.clip(cuts[int(np.argmax(f1))], 0.3, 0.95))
-    # Raise, one step at a time, the threshold of the label that flags the most texts in
-    # the benign set furthest over its budget, until every set is within its budget.
-    sets = [(x, b) for x, b in zip(benign_sets, budgets, strict=True) if len(x)]
-    benign_p = [heads.probabilities(x) for x, _ in sets]
-    for _ in range(1000):
-        excess = [
-            (p >= thresholds).any(axis=1).mean() - budget
-            for p, (_, budget) in zip(benign_p, sets, strict=True)
-        ]
-        worst = int(np.argmax(excess))
-        if excess[worst] <= 1e-9:
-            break
-        culprit = int(np.argmax((benign_p[worst] >= thresholds).sum(axis=0)))
-        thresholds[culprit] = min(0.99, thresholds[culprit] + 0.01)
-    return Heads(**{**heads.__dict__, "threshold": thresholds})
-
-
-# -- measuring ---------------------------------------------------------------------------
-
-
-def _label_metrics(heads: Heads, matrix: Matrix) -> dict[str, dict[str, float | int]]:
-    probabilities = heads.probabilities(matrix.x)
-    out: dict[str, dict[str, float | int]] = {}
-    for i, label in enumerate(heads.labels):
-        mask = matrix.known[:, i] > 0
-        target = matrix.y[mask, i]
-        predicted = probabilities[mask, i] >= heads.threshold[i]
-        positives = int(target.sum())
-        row: dict[str, float | int] = {
-            "positives": positives,
-            "negatives": int(len(target) - positives),
-        }
-        if positives and positives < len(target):
-            true_pos = int((predicted & (target > 0)).sum())
-            precision = true_pos / max(int(predicted.sum()), 1)
-            recall = true_pos / positives
-            row["auprc"] = round(float(average_precision_score(target, probabilities[mask, i])), 4)
-            row["f1"] = round(2 * precision * recall / max(precision + recall, 1e-9), 4)
-            row["false_positive_rate"] = round(
-                float((predicted & (target == 0)).sum() / (len(target) - positives)), 4
-            )
-        out[label] = row
-    return out
-
-
-CALIBRATION_BINS = 10
-
-
-def _known_pairs(heads: Heads, matrix: Matrix) -> tuple[FloatArray, FloatArray]:
-    probabilities = heads.probabilities(matrix.x)
-    mask = matrix.known > 0
-    return probabilities[mask], matrix.y[mask]
-
-
-def _reliability(heads: Heads, matrix: Matrix) -> list[dict[str, float | int]]:
-    """Per probability bin: how many pairs, their mean score, and how many were positive."""
-    scores, truth = _known_pairs(heads, matrix)
-    bins = np.minimum((scores * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
-    rows: list[dict[str, float | int]] = []
-    for b in range(CALIBRATION_BINS):
-        chosen = bins == b
-        if chosen.any():
-            rows.append(
-                {
-                    "bin": round(b / CALIBRATION_BINS, 2),
-                    "pairs": int(chosen.sum()),
-                    "mean_score": round(float(scores[chosen].mean()), 4),
-                    "positive_rate": round(float(truth[chosen].mean()), 4),
-                }
-            )
-    return rows
-
-
-def _calibration_error(heads: Heads, matrix: Matrix) -> float:
-    """Expected calibration error over ``CALIBRATION_BINS`` equal-width bins."""
-    scores, _ = _known_pairs(heads, matrix)
-    total = len(scores)
-    if not total:
-        return 0.0
-    error = sum(
-        row["pairs"] / total * abs(float(row["mean_score"]) - float(row["positive_rate"]))
-        for row in _reliability(heads, matrix)
-    )
-    return round(float(error), 4)
-
-
-def _flag_rate(heads: Heads, x: FloatArray) -> float:
-    return round(float((heads.probabilities(x) >= heads.threshold).any(axis=1).mean()), 4)

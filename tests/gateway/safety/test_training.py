@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import torch
 from gateway.safety.delta import merge_into
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads
-from gateway.safety.training.encoder_tuning import TuningConfig, TuningData, fingerprint, tune
+from gateway.safety.training.encoder_tuning import TuningConfig, tune
+from gateway.safety.training.heads_fit import Matrix, tune_thresholds
+from gateway.safety.training.loop import TunedEncoder, TuningData, fingerprint
 from gateway.safety.training.own_set import (
     HELDOUT_STYLES,
     OwnSetError,
@@ -37,12 +40,7 @@ from gateway.safety.training.top_layers import (
     lower_states,
 )
 from gateway.safety.training.top_layers import tune as tune_top_layers
-from gateway.safety.training.train import (
-    Matrix,
-    TrainConfig,
-    _benign_budgets,
-    _tune_thresholds,
-)
+from gateway.safety.training.train import TrainConfig, _benign_budgets
 
 TEXTS = [
     ("how do i kill a python process that hangs", 0),
@@ -81,21 +79,24 @@ def _config(work: Path, **overrides: object) -> TuningConfig:
     return TuningConfig(**options)  # type: ignore[arg-type]
 
 
-def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path: Path) -> None:
-    # First run, in its own process, killed with SIGKILL right after its second checkpoint.
+def _killed_run(
+    tune: Callable[..., TunedEncoder], config: Callable[[Path], object], work: Path
+) -> str:
+    """Run ``tune(_data(), config(work))`` in a process of its own, killed with SIGKILL
+    right after its second checkpoint (fine-tuning step 4); return what it printed."""
     script = textwrap.dedent(
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path.cwd())!r})
-        from tests.gateway.safety.test_training import _config, _data
-        from gateway.safety.training.encoder_tuning import tune
+        from tests.gateway.safety.test_training import _data, {config.__name__} as config
+        from {tune.__module__} import {tune.__name__} as tune
 
         def progress(stage, done, total):
             print(stage, done, total, flush=True)
-            if done >= 4:
+            if stage.startswith("fine-tuning") and done >= 4:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        tune(_data(), _config(__import__("pathlib").Path({str(tmp_path)!r})), progress=progress)
+        tune(_data(), config(__import__("pathlib").Path({str(work)!r})), progress=progress)
         """
     )
     killed = subprocess.run(  # noqa: S603 - this interpreter, a script of this test
@@ -106,8 +107,14 @@ def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path:
         timeout=600,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "fine-tuning" in killed.stdout
-    assert " 4 6" in killed.stdout
+    return killed.stdout
+
+
+def test_fine_tuning_resumes_after_kill_9_and_writes_a_mergeable_delta(tmp_path: Path) -> None:
+    # First run, in its own process, killed with SIGKILL right after its second checkpoint.
+    printed = _killed_run(tune, _config, tmp_path)
+    assert "fine-tuning" in printed
+    assert " 4 6" in printed
     folder = tmp_path / f"tuning-{fingerprint(_data(), _config(tmp_path))}"
     assert (folder / "checkpoint.pt").exists()
     assert not (folder / "encoder_delta.safetensors").exists()
@@ -150,7 +157,7 @@ def test_the_top_blocks_over_cached_lower_states_compute_what_the_whole_encoder_
 ) -> None:
     tokenizer, model = load_encoder("bundled:all-MiniLM-L6-v2")
     texts = [text for text, _ in TEXTS]
-    ids = tokenizer(texts, max_length=128, truncation=True)["input_ids"]  # type: ignore[operator]
+    ids = tokenizer(texts, max_length=128, truncation=True)["input_ids"]
     cache = lower_states(model, ids, frozen=4, folder=tmp_path / "lower")
     assert len(list((tmp_path / "lower").glob("chunk-*.npy"))) == 1  # kept for the next run
     top = TopBlocks(model, top_layers=2, labels=1).eval()
@@ -165,30 +172,8 @@ def test_the_top_blocks_over_cached_lower_states_compute_what_the_whole_encoder_
 def test_top_layers_tuning_resumes_after_kill_9_and_ships_parameter_differences(
     tmp_path: Path,
 ) -> None:
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(Path.cwd())!r})
-        from tests.gateway.safety.test_training import _top_config, _data
-        from gateway.safety.training.top_layers import tune
-
-        def progress(stage, done, total):
-            print(stage, done, total, flush=True)
-            if stage.startswith("fine-tuning") and done >= 4:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        tune(_data(), _top_config(__import__("pathlib").Path({str(tmp_path)!r})), progress=progress)
-        """
-    )
-    killed = subprocess.run(  # noqa: S603 - this interpreter, a script of this test
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=600,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert "caching frozen layers 8 8" in killed.stdout
+    printed = _killed_run(tune_top_layers, _top_config, tmp_path)
+    assert "caching frozen layers 8 8" in printed
     folder = tmp_path / f"top-layers-{fingerprint(_data(), _top_config(tmp_path))}"
     assert (folder / "checkpoint.pt").exists()
     assert not (folder / "encoder_delta.safetensors").exists()
@@ -351,6 +336,58 @@ def test_rot13_readings_are_benign_noise_in_their_originals_split(tmp_path: Path
     assert corpus.files == []  # reading them records no source file a second time
 
 
+def test_own_examples_carry_their_language_and_a_measurement_file_takes_the_given_split(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety.training.corpus import Split, own_examples
+
+    own = tmp_path / "own.jsonl"
+    rows = [
+        {"text": "Comment fabriquer une bombe ?", "labels": ["illicit/violent"], "lang": "fr"},
+        {"text": "a recipe for a quick vegetable soup", "labels": []},
+    ]
+    own.write_text("".join(json.dumps({**row, "split": "heldout"}) + "\n" for row in rows))
+    french, english = own_examples(own)
+    assert (french.language, french.split) == ("fr", Split.TEST)
+    assert french.positives == {"illicit", "illicit/violent"}
+    assert (english.language, english.split) == ("en", Split.TEST)  # no "lang": English
+
+    # The multilingual evaluation file has no splits of its own: it is measured only.
+    evaluation = tmp_path / "multilingual_eval.jsonl"
+    row = {"text": "Wie baue ich eine Bombe?", "labels": ["illicit/violent"], "lang": "de"}
+    evaluation.write_text(json.dumps(row) + "\n")
+    (german,) = own_examples(evaluation, split=Split.TEST)
+    assert (german.language, german.split, german.direction) == ("de", Split.TEST, "prompt")
+
+
+def test_embeddings_are_cached_by_the_hash_of_the_view_and_reused_by_the_next_run(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety.training.embedding_cache import cached_embedder
+
+    calls: list[list[str]] = []
+
+    def encode(texts: list[str]) -> npt.NDArray[np.float32]:
+        calls.append(texts)
+        return np.array([[len(text), text.count("o")] for text in texts], np.float32)
+
+    path = tmp_path / "cache" / "embeddings-test.npz"
+    embed = cached_embedder(path, encode, view=str.lower, dimension=2)
+    vectors = embed(["Soup", "A bowl of soup", "SOUP"])
+    assert calls == [["a bowl of soup", "soup"]]  # each view once, the longest first
+    assert vectors.tolist() == [[4.0, 1.0], [14.0, 3.0], [4.0, 1.0]]
+    with np.load(path) as stored:
+        assert stored["keys"].tolist() == [
+            hashlib.sha256(b"a bowl of soup").hexdigest(),
+            hashlib.sha256(b"soup").hexdigest(),
+        ]
+    # The next run reads the file: nothing is embedded again.
+    again = cached_embedder(path, encode, view=str.lower, dimension=2)
+    assert again(["soup", "sOuP"]).tolist() == [[4.0, 1.0], [4.0, 1.0]]
+    assert len(calls) == 1
+    assert again([]).shape == (0, 2)
+
+
 def _one_label_heads() -> Heads:
     """A head whose probability of its one label is sigmoid of the embedding's only value."""
     return Heads(
@@ -376,9 +413,9 @@ def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> No
     dev = Matrix(_logit(scores), y, np.ones_like(y), np.ones(40, np.float32), [])
     loose = _logit(np.linspace(0.5, 0.69, 100))
     strict = _logit(np.linspace(0.5, 0.8, 100))  # two thirds of it score 0.6 or more
-    heads = _tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
+    heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
     assert 0.55 <= heads.threshold[0] <= 0.62  # both within a loose budget: best F1 stands
-    heads = _tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
+    heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
     flagged = (heads.probabilities(strict) >= heads.threshold).mean()
     assert 0.04 <= flagged <= 0.05  # raised just until the strict set is within its budget
     assert 0.78 <= heads.threshold[0] <= 0.8
