@@ -9,9 +9,10 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
    the engine classifies at run time. Embeddings are cached by text hash.
 3. Candidates, all fitted with a masked, weighted binary cross-entropy: a linear head and
    a one-hidden-layer MLP on the frozen embeddings, and (``tune_encoder``) the encoder
-   itself fine-tuned end to end with LoRA together with a linear head
-   (``gateway.safety.training.encoder_tuning``), and an MLP refitted on that tuned
-   encoder's embeddings. Keep whichever has the best mean dev AUPRC; the model card
+   itself fine-tuned together with a linear head (``tune_method``: its top blocks in full
+   over cached outputs of the frozen lower ones, ``gateway.safety.training.top_layers``,
+   the default; or LoRA on every block, ``gateway.safety.training.encoder_tuning``), and
+   an MLP refitted on that tuned encoder's embeddings. Keep whichever has the best mean dev AUPRC; the model card
    records every candidate's score, overall and on the own examples' dev rows.
 4. Calibrate each label with Platt scaling on the dev split.
 5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
