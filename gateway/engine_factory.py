@@ -11,6 +11,7 @@ import importlib
 from dataclasses import replace
 
 from gateway.config import Settings
+from gateway.safety.allocator import fix_mmap_threshold
 from gateway.safety.allowlist import AllowlistSource
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members import MEMBERS, MemberFactory, MemberKind
@@ -102,6 +103,7 @@ def build_engine(
     allowlists: AllowlistSource | None = None,
 ) -> SafetyEngine:
     """The engine ``safegate serve`` runs; without an allowlist source nothing is exempt."""
+    fix_mmap_threshold()  # or the heap grows with every new batch shape (allocator.py)
     policy = Policy.load(settings.policy_file)
     return SafetyEngine(
         build_members(settings, blocklists=blocklists),
