@@ -2,7 +2,8 @@
 
 Both engines are the full default ensemble under the shipped policy; they differ only in
 their models (``--baseline-ref``: the weights folder at a git ref, extracted to a
-temporary folder; ``--candidate``: a weights folder): the encoder heads, and the
+temporary folder; ``--candidate``: a weights folder, repeated to measure several in the
+same run): the encoder heads, and the
 multilingual heads where the folder has them (``multilingual/``). Every set here is one
 the candidate was never fitted, calibrated or tuned on:
 
@@ -23,7 +24,7 @@ the candidate was never fitted, calibrated or tuned on:
 - robustness: random strings, single words and short benign replies flagged.
 
 Usage: .venv/bin/python bench/engine_compare.py --candidate gateway/safety/weights
-       [--baseline-ref 71354db] [--data-dir ../shared/data] [--limit N]
+       [--candidate OTHER ...] [--baseline-ref 71354db] [--data-dir ../shared/data] [--limit N]
 """
 
 from __future__ import annotations
@@ -378,21 +379,28 @@ def evaluate(engine: SafetyEngine, data: Path, cap: int | None) -> dict[str, obj
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--candidate", type=Path, default=ROOT / WEIGHTS)
+    parser.add_argument(
+        "--candidate",
+        type=Path,
+        action="append",
+        help="weights folder to measure (repeat for several; default: the shipped weights)",
+    )
     parser.add_argument("--baseline-ref", default="71354db")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args()
+    candidates: list[Path] = args.candidate or [ROOT / WEIGHTS]
     started = time.perf_counter()
     result: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="minutes"),
         "baseline": f"{WEIGHTS} at {args.baseline_ref}",
-        "candidate": str(args.candidate),
+        "candidates": [str(path) for path in candidates],
     }
-    for name, weights in (
-        ("baseline", weights_at(args.baseline_ref)),
-        ("candidate", args.candidate),
-    ):
+    runs = [("baseline", weights_at(args.baseline_ref))]
+    runs += [
+        ("candidate" if i == 0 else f"candidate_{i + 1}", path) for i, path in enumerate(candidates)
+    ]
+    for name, weights in runs:
         engine = engine_for(weights)
         result[name + "_results"] = evaluate(engine, args.data_dir, args.limit)
         engine.close()
