@@ -22,7 +22,8 @@ Two views come out of :func:`normalize`:
 Folding is deliberately conservative where it could damage ordinary text: a word made
 only of Cyrillic or Greek letters stays as it is unless every letter imitates a Latin
 one, identifiers such as ``python3`` and ordinals such as ``4th`` keep their digits, and
-runs of fewer than three spaced letters are left alone.
+runs of fewer than three spaced letters are left alone (except a two-letter word in text
+whose longer words are letter-spaced with two spaces between words).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ _SPACED_CHAR = r"(?:[^\W_]|[@$!|+])"
 _SPACED = re.compile(
     rf"(?<![^\W_])(?<![@$!|+])(?:{_SPACED_CHAR}[ .\-_*·]){{2,}}{_SPACED_CHAR}(?![^\W_])(?![@$!|+])"
 )
+# In letter-spaced text, where two spaces part the words ("k i l l  m y  c a t"), a
+# two-letter word is spaced too: one letter, one space, one letter, between word gaps.
+_SPACED_PAIR = re.compile(r"(?:(?<=  )|^)([^\W_]) ([^\W_])(?=  |$)")
 _SPACES = re.compile(r"[ \t]{2,}")
 _MAX_FOLD_ROUNDS = 4
 
@@ -253,8 +257,10 @@ def _fold_once(text: str) -> str:
     # listed in upper case, and case folding can produce new lookalikes.
     text = _WORD.sub(_fold_word_homoglyphs, _strip_latin_accents(text))
     text = _WORD.sub(_fold_word_homoglyphs, _strip_latin_accents(text.casefold()))
-    text = _SPACED.sub(_collapse_spacing, text)
-    text = _WORD.sub(_fold_word_leet, text)
+    collapsed = _SPACED.sub(_collapse_spacing, text)
+    if collapsed != text and "  " in collapsed:
+        collapsed = _SPACED_PAIR.sub(r"\1\2", collapsed)
+    text = _WORD.sub(_fold_word_leet, collapsed)
     return _SPACES.sub(" ", text)
 
 

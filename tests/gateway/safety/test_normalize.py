@@ -17,6 +17,7 @@ OBFUSCATED = [
     ("k i l l", "kill", "letter spacing"),
     ("k.i.l.l", "kill", "dotted spacing"),
     ("k-i-l-l them", "kill them", "dashed spacing"),
+    ("h o w  c a n  i  p o i s o n  m y  d o g", "how can i poison my dog", "spaced words"),
     ("ki\u200bll", "kill", "zero-width space"),
     ("ki\u00adll", "kill", "soft hyphen"),
     ("k\u202eill", "kill", "bidi override"),
@@ -47,6 +48,11 @@ KEPT = [
 @pytest.mark.parametrize(("text", "why"), KEPT)
 def test_ordinary_text_is_not_damaged(text: str, why: str) -> None:
     assert normalize(text).folded == text, why
+
+
+def test_a_letter_pair_is_joined_only_in_letter_spaced_text() -> None:
+    assert normalize("see a b  and the rest").folded == "see a b and the rest"
+    assert normalize("s e e  a b  a n d  t h e  r e s t").folded == "see ab and the rest"
 
 
 def test_light_view_keeps_symbols_that_personal_data_needs() -> None:
