@@ -12,8 +12,9 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
    itself fine-tuned together with a linear head (``tune_method``: its top blocks in full
    over cached outputs of the frozen lower ones, ``gateway.safety.training.top_layers``,
    the default; or LoRA on every block, ``gateway.safety.training.encoder_tuning``), and
-   an MLP refitted on that tuned encoder's embeddings. Keep whichever has the best mean dev AUPRC; the model card
-   records every candidate's score, overall and on the own examples' dev rows.
+   an MLP refitted on that tuned encoder's embeddings. Keep whichever has the best mean
+   dev AUPRC; the model card records every candidate's score, overall and on the own
+   examples' dev rows.
 4. Calibrate each label with Platt scaling on the dev split.
 5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
    every benign tuning set (refusal-direction's harmless validation split; the benign dev
