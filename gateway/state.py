@@ -5,7 +5,8 @@ as ``app.state.runtime``; the lifespan fills in the rest. ``runtime(request)`` i
 reader of ``app.state``: every dependency below goes through it, and routes take the typed
 ``Annotated`` aliases, never the attribute bag.
 
-``AppState`` is complete once the engine has loaded (``app_state``, 503 until then). The key
+``AppState`` is complete once the engine has loaded (``app_state``, 503 until then); the
+blocklist and allowlist stores come with it (``Blocklists``, ``Allowlists``). The key
 store, the quota guard and the audit store are made first and work while the engine
 loads (review and usage need no engine): each has its own dependency, typed for routes
 as ``Keys``, ``Quotas`` and ``Audit``.
@@ -124,6 +125,18 @@ def audit_store(request: Request) -> AuditStore:
     return store
 
 
+def blocklist_store(state: Annotated[AppState, Depends(app_state)]) -> BlocklistStore:
+    """The blocklist store (it comes with the engine, so 503 until that has loaded)."""
+    return state.blocklists
+
+
+def allowlist_store(state: Annotated[AppState, Depends(app_state)]) -> AllowlistStore:
+    """The allowlist store (it comes with the engine, so 503 until that has loaded)."""
+    return state.allowlists
+
+
 Keys = Annotated[KeyStore, Depends(key_store)]
 Quotas = Annotated[QuotaGuard, Depends(quota_guard)]
 Audit = Annotated[AuditStore, Depends(audit_store)]
+Blocklists = Annotated[BlocklistStore, Depends(blocklist_store)]
+Allowlists = Annotated[AllowlistStore, Depends(allowlist_store)]
