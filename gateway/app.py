@@ -6,6 +6,8 @@ store attached to whatever engine the factory builds),
 which loads in a worker thread so ``/healthz`` answers at once while ``/readyz`` and
 every filtering route answer 503 until each classifier has loaded. A member that fails
 to load keeps the service unready (fail closed) and ``/readyz`` says which and why.
+What start-up makes lands in the app's one ``gateway.state.Runtime``, which the routes
+read through typed dependencies.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from gateway.routes import (
 )
 from gateway.safety.batcher import MicroBatcher
 from gateway.safety.engine import SafetyEngine
-from gateway.state import AppState
+from gateway.state import AppState, Runtime
 from gateway.tracing import RequestSpans, build_tracing
 from safegate.offline import offline_defaults
 
@@ -76,6 +78,9 @@ def create_app(
     settings = settings or get_settings()
     offline_defaults()
     tracing = build_tracing(settings.tracing, exporter=span_exporter)
+    # What the routes read (``gateway.state``): the lifespan fills in the stores and the
+    # engine's state.
+    held = Runtime(settings=settings, metrics=Metrics(), tracing=tracing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -93,48 +98,56 @@ def create_app(
             write_timeout_s=settings.audit.write_timeout_s,
             record_requests=settings.audit.record_requests,
         )
-        app.state.audit = audit
-        app.state.metrics.track_spool(audit.spooled_pending)
+        held.audit = audit
+        held.metrics.track_spool(audit.spooled_pending)
         await audit.start()
         # Keys and limits work before the engine loads (routes still answer 503 until then).
-        app.state.keys = KeyStore(
+        held.keys = KeyStore(
             database,
             cache_ttl_s=settings.auth.cache_ttl_s,
             outage_grace_s=settings.auth.outage_grace_s,
-            on_stale=app.state.metrics.observe_stale_admission,
+            on_stale=held.metrics.observe_stale_admission,
         )
-        app.state.quotas = QuotaGuard(
+        quotas = QuotaGuard(
             database,
             cache_ttl_s=settings.quota.cache_ttl_s,
             outage_grace_s=settings.auth.outage_grace_s,
             recording=settings.audit.record_requests,
             now=now,
         )
-        app.state.limiter = build_limiter(
+        held.quotas = quotas
+        limiter = build_limiter(
             redis_url=settings.rate_limit.redis_url,
             key_prefix=settings.rate_limit.key_prefix,
             timeout_s=settings.rate_limit.timeout_s,
         )
+        held.limiter = limiter
         upstreams = LitellmUpstreams(
             UpstreamsConfig.load(settings.upstreams.file),
             adapters=registry_adapters(settings.database, timeouts=settings.database_timeouts),
             local_api_base=settings.local_models_api_base,
         )
         await asyncio.to_thread(upstreams.refresh)
-        app.state.upstreams = upstreams
-        app.state.safegate_error = None
+        held.upstreams = upstreams
+        held.error = None
         loader = asyncio.create_task(
-            _load(app, settings, database, (store, allowlist_store), engine_factory)
+            _load(
+                held,
+                database,
+                (store, allowlist_store),
+                engine_factory,
+                services=(audit, upstreams, quotas),
+            )
         )
         try:
             yield
         finally:
             loader.cancel()
-            state: AppState | None = getattr(app.state, "safegate", None)
+            state = held.state
             if state is not None:
                 await state.batcher.close()
                 state.engine.close()
-            await app.state.limiter.close()
+            await limiter.close()
             await audit.close()
             database.dispose()
             await asyncio.to_thread(tracing.shutdown)  # the last spans, flushed
@@ -149,9 +162,7 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.tracing = tracing
+    app.state.runtime = held  # the one attribute; read through ``gateway.state.runtime``
     errors.install(app)
     app.include_router(health.router)
     app.include_router(chat.router)
@@ -174,24 +185,27 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if tracing.enabled:  # off, requests pass no tracing middleware at all
         app.add_middleware(RequestSpans, tracer=tracing.tracer)
-    app.add_middleware(RequestContext, metrics=app.state.metrics, degraded=settings.degraded())
+    app.add_middleware(RequestContext, metrics=held.metrics, degraded=settings.degraded())
     return app
 
 
 async def _load(
-    app: FastAPI,
-    settings: Settings,
+    held: Runtime,
     database: Database,
     stores: tuple[BlocklistStore, AllowlistStore],
     engine_factory: EngineFactory,
+    *,
+    services: tuple[AuditStore, LitellmUpstreams, QuotaGuard],
 ) -> None:
+    settings = held.settings
+    audit, upstreams, quotas = services
     blocklist_store, allowlist_store = stores
     try:
         engine = await asyncio.to_thread(engine_factory, settings, blocklist_store)
         engine.attach_allowlists(allowlist_store)
     except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests fail closed
         # Clients read it without paths (``/readyz`` is open); the log keeps all of it.
-        app.state.safegate_error = errors.public_error(exc)
+        held.error = errors.public_error(exc)
         log.error("safety engine failed to load", extra={"error": f"{type(exc).__name__}: {exc}"})
         return
     batcher = MicroBatcher(
@@ -201,19 +215,19 @@ async def _load(
         queue_capacity_chars=settings.engine.queue_capacity_chars,
         max_wait_s=settings.engine.max_wait_s,
     )
-    app.state.metrics.track_engine_queue(lambda: batcher.pending_chars)
-    app.state.safegate = AppState(
+    held.metrics.track_engine_queue(lambda: batcher.pending_chars)
+    held.state = AppState(
         settings=settings,
         database=database,
         blocklists=blocklist_store,
         allowlists=allowlist_store,
         engine=engine,
         batcher=batcher,
-        audit=app.state.audit,
-        upstreams=app.state.upstreams,
+        audit=audit,
+        upstreams=upstreams,
         policies=PolicyCatalog(default=engine.policy, home_dir=settings.home_dir),
-        metrics=app.state.metrics,
-        quotas=app.state.quotas,
-        tracer=app.state.tracing.tracer,
+        metrics=held.metrics,
+        quotas=quotas,
+        tracer=held.tracing.tracer,
     )
     log.info("safety engine ready", extra={"members": [s.classifier.id for s in engine.members]})

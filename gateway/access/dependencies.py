@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
 
 from fastapi import Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -20,16 +19,13 @@ from gateway.access.keys import (
     ANONYMOUS,
     CHALLENGE,
     KEY_PATTERN,
-    KeyStore,
     Principal,
     Role,
     invalid_key,
 )
-from gateway.access.ratelimit import Limit, RateLimiter
+from gateway.access.ratelimit import Limit
 from gateway.errors import Forbidden, RateLimited, ServiceUnavailable, Unauthorized
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
+from gateway.state import runtime
 
 log = logging.getLogger("safegate.auth")
 
@@ -78,14 +74,12 @@ async def _admit(request: Request, response: Response, roles: Iterable[Role]) ->
     if admitted is not None:  # a router's and a route's ``require``: one key, one token
         _check_roles(admitted, wanted)
         return admitted
-    state = request.app.state
-    settings: Settings | None = getattr(state, "settings", None)
-    keys: KeyStore | None = getattr(state, "keys", None)
-    limiter: RateLimiter | None = getattr(state, "limiter", None)
-    if settings is not None and not settings.auth.enabled:
+    held = runtime(request)
+    settings, keys, limiter = held.settings, held.keys, held.limiter
+    if not settings.auth.enabled:
         request.state.principal = ANONYMOUS
         return ANONYMOUS
-    if settings is None or keys is None or limiter is None:
+    if keys is None or limiter is None:
         raise ServiceUnavailable(
             "authentication is not set up yet, so requests are refused (fail closed); "
             "retry shortly",

@@ -18,19 +18,14 @@ from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.access import Principal, Role, require
-from gateway.allowlists import MAX_TERMS_PER_LIST, Allowlist, AllowlistChange, AllowlistStore
+from gateway.allowlists import MAX_TERMS_PER_LIST, Allowlist, AllowlistChange
 from gateway.blocklists import MAX_REGEXES_PER_LIST
 from gateway.safety.taxonomy import Category, Direction
-from gateway.state import AppState, app_state
+from gateway.state import Allowlists
 
 router = APIRouter(prefix="/v1/allowlists", tags=["allowlists"])
 
 
-def allowlist_store(state: Annotated[AppState, Depends(app_state)]) -> AllowlistStore:
-    return state.allowlists
-
-
-Store = Annotated[AllowlistStore, Depends(allowlist_store)]
 # The principal the router's check admitted (its role is checked again; the key is not
 # looked up and no second rate-limit token is taken), for ``created_by``.
 Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
@@ -121,7 +116,7 @@ class AllowlistDeleted(BaseModel):
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_allowlist(body: CreateAllowlist, principal: Admin, store: Store) -> AllowlistObject:
+def create_allowlist(body: CreateAllowlist, principal: Admin, store: Allowlists) -> AllowlistObject:
     created = store.create(
         body.name,
         terms=body.terms,
@@ -135,17 +130,17 @@ def create_allowlist(body: CreateAllowlist, principal: Admin, store: Store) -> A
 
 
 @router.get("")
-def list_allowlists(store: Store) -> AllowlistList:
+def list_allowlists(store: Allowlists) -> AllowlistList:
     return AllowlistList(data=[AllowlistObject.of(allowlist) for allowlist in store.list()])
 
 
 @router.get("/{name}")
-def get_allowlist(name: str, store: Store) -> AllowlistObject:
+def get_allowlist(name: str, store: Allowlists) -> AllowlistObject:
     return AllowlistObject.of(store.get(name))
 
 
 @router.patch("/{name}")
-def update_allowlist(name: str, body: UpdateAllowlist, store: Store) -> AllowlistObject:
+def update_allowlist(name: str, body: UpdateAllowlist, store: Allowlists) -> AllowlistObject:
     change = AllowlistChange(
         terms=body.terms,
         regexes=body.regexes,
@@ -157,6 +152,6 @@ def update_allowlist(name: str, body: UpdateAllowlist, store: Store) -> Allowlis
 
 
 @router.delete("/{name}")
-def delete_allowlist(name: str, store: Store) -> AllowlistDeleted:
+def delete_allowlist(name: str, store: Allowlists) -> AllowlistDeleted:
     deleted = store.delete(name)
     return AllowlistDeleted(id=deleted.id, name=deleted.name)

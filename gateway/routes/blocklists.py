@@ -10,9 +10,9 @@ errors leave as OpenAI-style bodies through ``gateway.errors``. The routes are p
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.blocklists import (
@@ -20,20 +20,12 @@ from gateway.blocklists import (
     Blocklist,
     BlocklistDetail,
     BlocklistItem,
-    BlocklistStore,
     ItemKind,
     NewItem,
 )
-from gateway.state import AppState, app_state
+from gateway.state import Blocklists
 
 router = APIRouter(prefix="/v1/blocklists", tags=["blocklists"])
-
-
-def blocklist_store(state: Annotated[AppState, Depends(app_state)]) -> BlocklistStore:
-    return state.blocklists
-
-
-Store = Annotated[BlocklistStore, Depends(blocklist_store)]
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -141,28 +133,28 @@ def _seconds(moment: datetime) -> int:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def create_blocklist(body: CreateBlocklist, store: Store) -> BlocklistObject:
+def create_blocklist(body: CreateBlocklist, store: Blocklists) -> BlocklistObject:
     return BlocklistObject.of(store.create(body.name, body.description))
 
 
 @router.get("")
-def list_blocklists(store: Store) -> BlocklistList:
+def list_blocklists(store: Blocklists) -> BlocklistList:
     return BlocklistList(data=[BlocklistObject.of(blocklist) for blocklist in store.list()])
 
 
 @router.get("/{name}")
-def get_blocklist(name: str, store: Store) -> BlocklistWithItems:
+def get_blocklist(name: str, store: Blocklists) -> BlocklistWithItems:
     return BlocklistWithItems.of_detail(store.get(name))
 
 
 @router.delete("/{name}")
-def delete_blocklist(name: str, store: Store) -> BlocklistDeleted:
+def delete_blocklist(name: str, store: Blocklists) -> BlocklistDeleted:
     deleted = store.delete(name)
     return BlocklistDeleted(id=deleted.id, name=deleted.name)
 
 
 @router.post("/{name}/items", status_code=status.HTTP_201_CREATED)
-def add_blocklist_items(name: str, body: AddItems, store: Store) -> BlocklistItemList:
+def add_blocklist_items(name: str, body: AddItems, store: Blocklists) -> BlocklistItemList:
     added = store.add_items(
         name, [NewItem(kind=item.type, value=item.value) for item in body.items]
     )
@@ -170,6 +162,6 @@ def add_blocklist_items(name: str, body: AddItems, store: Store) -> BlocklistIte
 
 
 @router.delete("/{name}/items/{item_id}")
-def remove_blocklist_item(name: str, item_id: int, store: Store) -> BlocklistItemDeleted:
+def remove_blocklist_item(name: str, item_id: int, store: Blocklists) -> BlocklistItemDeleted:
     store.remove_item(name, item_id)
     return BlocklistItemDeleted(id=item_id)

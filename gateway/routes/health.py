@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.metrics import CONTENT_TYPE
+from gateway.state import runtime
 
 router = APIRouter(tags=["health"])
 
@@ -23,9 +24,10 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """Ready only when every configured classifier has loaded."""
-    state = getattr(request.app.state, "safegate", None)
+    held = runtime(request)
+    state = held.state
     if state is None:
-        error = getattr(request.app.state, "safegate_error", None)  # already path-free
+        error = held.error  # already path-free
         body = {"status": "failed", "error": error} if error else {"status": "loading"}
         return JSONResponse(body, status_code=503)
     members = [spec.classifier.id for spec in state.engine.members]
@@ -39,4 +41,4 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (``gateway.metrics``); open like the probes, no content in labels."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+    return Response(runtime(request).metrics.render(), media_type=CONTENT_TYPE)

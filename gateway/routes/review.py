@@ -63,7 +63,7 @@ from gateway.review.schemas import (
 )
 from gateway.routes.blocklists import BlocklistItemObject
 from gateway.safety.taxonomy import Direction
-from gateway.state import AppState, Audit, app_state
+from gateway.state import Audit, Blocklists
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
@@ -164,14 +164,14 @@ def add_to_blocklist(
     body: BlocklistTermIn,
     principal: Admin,
     store: Audit,
-    state: Annotated[AppState, Depends(app_state)],
+    blocklists: Blocklists,
 ) -> BlocklistAddition:
     stored = store.get_item(item_id)
     value = body.term.strip() if body.kind is ItemKind.TERM else body.term
     check_term_occurs(body.kind, value, stored.item.text)
-    created = ensure_blocklist(state.blocklists, body.blocklist)
+    created = ensure_blocklist(blocklists, body.blocklist)
     try:
-        [entry] = state.blocklists.add_items(body.blocklist, [NewItem(kind=body.kind, value=value)])
+        [entry] = blocklists.add_items(body.blocklist, [NewItem(kind=body.kind, value=value)])
     except InvalidRequest as error:
         param = "term" if (error.param or "").startswith("items") else error.param
         raise InvalidRequest(error.message, param=param, code=error.code) from None

@@ -115,7 +115,7 @@ def test_the_gateway_marks_what_the_eval_sends_as_eval_traffic(gateway: TestClie
     )
     assert user.status_code == 400  # the same prompt from a user, without the header
 
-    audit: AuditStore = gateway.app.state.audit  # type: ignore[attr-defined]
+    audit: AuditStore = gateway.app.state.runtime.audit  # type: ignore[attr-defined]
     with audit.database.session() as session:
         requests = Counter(session.execute(select(RequestLogRow.origin, RequestLogRow.blocked)))
         items = Counter(session.execute(select(FlaggedItemRow.origin, FlaggedItemRow.direction)))

@@ -3,6 +3,7 @@ its own SAFEGATE_HOME, database and app.
 
 ``client`` (and ``ready_client``) send an admin key with a rate limit too high to matter;
 ``issue_key(client, role, ...)`` makes another key through the app's own ``KeyStore``.
+``bare_runtime(...)`` is the ``Runtime`` for an app a test builds without ``create_app``.
 ``postgres_url`` gives a PostgreSQL URL whose connections live in a fresh schema;
 ``tagged(url)`` names its connections, ``backend_pid`` finds one at work and
 ``frozen(pid)`` stops that server process (SIGSTOP) for a block.
@@ -38,9 +39,12 @@ from gateway.blocklists import BlocklistStore
 from gateway.config import Settings
 from gateway.db import MIGRATIONS, Database
 from gateway.engine_factory import build_members
+from gateway.metrics import Metrics
 from gateway.safety.engine import MemberSpec, SafetyEngine
 from gateway.safety.members.blocklist import BlocklistClassifier
 from gateway.safety.policy import Policy
+from gateway.state import Runtime
+from gateway.tracing import build_tracing
 from safegate.settings import DatabaseTimeouts
 
 READY_TIMEOUT_S = 60.0
@@ -95,6 +99,16 @@ def engine_factory(loaded_members: list[MemberSpec]) -> EngineFactory:
     return factory
 
 
+def bare_runtime(settings: Settings | None = None, **parts: Any) -> Runtime:
+    """The ``Runtime`` for an app a test builds itself: ``settings`` (the defaults unless
+    given), its own metrics, tracing as the settings say, and the ``parts`` given (``keys``,
+    ``limiter``, ``audit``, ``state``...); what is not given stays ``None``."""
+    settings = settings or Settings()
+    return Runtime(
+        settings=settings, metrics=Metrics(), tracing=build_tracing(settings.tracing), **parts
+    )
+
+
 def issue_key(
     client: TestClient,
     role: Role = Role.DEVELOPER,
@@ -104,7 +118,7 @@ def issue_key(
     rate_limit_rpm: int | None = None,
 ) -> str:
     """A new key made through the started app's ``KeyStore``; returns the secret."""
-    keys: KeyStore = client.app.state.keys  # type: ignore[attr-defined]
+    keys: KeyStore = client.app.state.runtime.keys  # type: ignore[attr-defined]
     issued = keys.create(
         name or f"test-{role.value}-{uuid.uuid4().hex[:8]}",
         role,

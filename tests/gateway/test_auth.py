@@ -68,6 +68,7 @@ from tests.gateway.conftest import (
     FROZEN_TIMEOUTS,
     alembic_config,
     backend_pid,
+    bare_runtime,
     frozen,
     issue_key,
     ready_client,
@@ -640,13 +641,13 @@ def auth_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await app.state.limiter.close()
+        await app.state.runtime.limiter.close()
 
     app = FastAPI(lifespan=lifespan)
     errors.install(app)
-    app.state.settings = settings or Settings()
-    app.state.keys = store
-    app.state.limiter = limiter or InProcessRateLimiter()
+    app.state.runtime = bare_runtime(
+        settings, keys=store, limiter=limiter or InProcessRateLimiter()
+    )
 
     @app.post("/filter")
     async def filter_text(
@@ -836,7 +837,7 @@ def test_disabled_auth_makes_every_request_the_anonymous_admin(store: KeyStore) 
 def test_an_app_without_key_store_fails_closed() -> None:
     app = FastAPI()
     errors.install(app)
-    app.state.settings = Settings()
+    app.state.runtime = bare_runtime(Settings())
 
     @app.get("/guarded", dependencies=[Depends(require(Role.DEVELOPER))])
     async def guarded() -> dict[str, bool]:
@@ -949,7 +950,7 @@ def test_the_service_routes_need_the_right_role(service: TestClient) -> None:
 
 
 def test_the_service_applies_revocation_and_per_key_limits(service: TestClient) -> None:
-    keys: KeyStore = service.app.state.keys  # type: ignore[attr-defined]
+    keys: KeyStore = service.app.state.runtime.keys  # type: ignore[attr-defined]
     issued = keys.create("slow", Role.DEVELOPER, rate_limit_rpm=1)
     moderation = {"input": "hello"}
     assert (
@@ -973,7 +974,7 @@ def test_the_service_admits_seen_keys_while_the_key_store_is_down(
     settings = Settings(home=tmp_path / "home", auth=AuthSettings(cache_ttl_s=0.2))
     client = ready_client(settings, calm_engine)
     try:
-        keys: KeyStore = client.app.state.keys  # type: ignore[attr-defined]
+        keys: KeyStore = client.app.state.runtime.keys  # type: ignore[attr-defined]
         seen = issue_key(client, Role.DEVELOPER)
         unseen = issue_key(client, Role.DEVELOPER)
         moderation = {"input": "What time does the museum open?"}

@@ -54,7 +54,7 @@ from gateway.safety.policy import Policy
 from gateway.safety.settings import SHIPPED_POLICY
 from gateway.safety.taxonomy import Shield
 from gateway.safety.verdict import Finding
-from tests.gateway.conftest import alembic_config
+from tests.gateway.conftest import alembic_config, bare_runtime
 
 POSTGRES_URL = os.environ.get(
     "SAFEGATE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -620,7 +620,7 @@ def client(store: BlocklistStore) -> Iterator[TestClient]:
     app = FastAPI()
     errors.install(app)
     app.include_router(router)
-    app.state.safegate = SimpleNamespace(blocklists=store)
+    app.state.runtime = bare_runtime(state=SimpleNamespace(blocklists=store))
     with TestClient(app) as test_client:
         yield test_client
 

@@ -94,7 +94,7 @@ def server(
         if time.monotonic() > deadline:
             raise TimeoutError("the gateway did not become ready")
         time.sleep(0.1)
-    keys: KeyStore = app.state.keys
+    keys: KeyStore = app.state.runtime.keys
     yield Server(url, keys.create("clients-test", Role.DEVELOPER).secret)
     served.should_exit = True
     thread.join(timeout=10)

@@ -231,7 +231,7 @@ def test_the_service_records_the_declared_origin(client: TestClient) -> None:
     error = refused.json()["error"]
     assert (error["param"], error["code"]) == ("safegate-origin", "invalid_origin")
 
-    audit: AuditStore = client.app.state.audit  # type: ignore[attr-defined]
+    audit: AuditStore = client.app.state.runtime.audit  # type: ignore[attr-defined]
     with audit.database.session() as session:
         logged = origins_of(session, RequestLogRow)
         flagged = origins_of(session, FlaggedItemRow)

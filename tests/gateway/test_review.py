@@ -32,7 +32,7 @@ from gateway.db import Database
 from gateway.review.schemas import PREVIEW_CHARS
 from gateway.routes import review
 from gateway.safety.taxonomy import Direction
-from tests.gateway.conftest import EngineFactory, issue_key, ready_client
+from tests.gateway.conftest import EngineFactory, bare_runtime, issue_key, ready_client
 
 HATEFUL = "All Muslims are terrorists and should be thrown out of this country."
 T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
@@ -64,11 +64,13 @@ def api(tmp_path: Path) -> Iterator[Api]:
     app = FastAPI()
     errors.install(app)
     app.include_router(review.router)
-    app.state.settings = Settings(home=tmp_path / "home")
-    app.state.keys = keys
-    app.state.limiter = InProcessRateLimiter()
-    app.state.audit = audit
-    app.state.safegate = SimpleNamespace(blocklists=blocklists)
+    app.state.runtime = bare_runtime(
+        Settings(home=tmp_path / "home"),
+        keys=keys,
+        limiter=InProcessRateLimiter(),
+        audit=audit,
+        state=SimpleNamespace(blocklists=blocklists),
+    )
     try:
         with TestClient(app) as client:
             yield Api(
@@ -583,7 +585,7 @@ def test_a_term_must_occur_in_the_item(api: Api) -> None:
 
 
 def audit_of(client: TestClient) -> AuditStore:
-    store: AuditStore = client.app.state.audit  # type: ignore[attr-defined]
+    store: AuditStore = client.app.state.runtime.audit  # type: ignore[attr-defined]
     return store
 
 
@@ -610,7 +612,7 @@ def test_a_hateful_moderation_input_lands_in_the_audit_store(client: TestClient)
     assert entry["model"] == "safegate-moderation-1"
     assert entry["severities"]["hate"] >= 4
     assert entry["action"] == "block"
-    keys = client.app.state.keys.list()  # type: ignore[attr-defined]
+    keys = client.app.state.runtime.keys.list()  # type: ignore[attr-defined]
     admin_id = next(key.id for key in keys if key.name == "test-admin")
     assert entry["key_id"] == admin_id
     full = client.get(

@@ -40,7 +40,7 @@ def flag_one_text(settings: Settings, engine_factory: EngineFactory) -> None:
         response = client.post("/v1/moderations", json={"input": FLAGGED})
         assert response.status_code == 200, response.text
         assert response.json()["results"][0]["flagged"] is True
-        stored = client.app.state.audit.list_items().items  # type: ignore[attr-defined]
+        stored = client.app.state.runtime.audit.list_items().items  # type: ignore[attr-defined]
         assert [stored_item.item.text for stored_item in stored] == [FLAGGED]
         # Checked while the app holds the database open: the -wal and -shm files exist now.
         files = database_files(settings.home_dir)

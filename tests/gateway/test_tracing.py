@@ -47,7 +47,7 @@ def _client(
 ) -> TestClient:
     """A started app whose spans (from here on: not its readiness polls) go to ``exporter``."""
     client = ready_client(_settings(tmp_path, **tracing), factory, span_exporter=exporter)
-    client.app.state.tracing.flush()  # type: ignore[attr-defined]
+    client.app.state.runtime.tracing.flush()  # type: ignore[attr-defined]
     exporter.clear()
     return client
 
@@ -67,7 +67,7 @@ def traced(
 
 
 def _spans(client: TestClient, exporter: InMemorySpanExporter) -> tuple[ReadableSpan, ...]:
-    client.app.state.tracing.flush()  # type: ignore[attr-defined]
+    client.app.state.runtime.tracing.flush()  # type: ignore[attr-defined]
     return exporter.get_finished_spans()
 
 
@@ -321,7 +321,7 @@ def test_tracing_is_off_by_default_no_spans_no_sdk_provider(
     try:
         assert client.post("/v1/chat/completions", json=_ask()).status_code == 200
         assert client.post("/v1/moderations", json={"input": HATE}).status_code == 200
-        tracing = client.app.state.tracing  # type: ignore[attr-defined]
+        tracing = client.app.state.runtime.tracing  # type: ignore[attr-defined]
         assert tracing.provider is None
         assert isinstance(tracing.tracer, trace.NoOpTracer)
         assert all(m.cls is not RequestSpans for m in client.app.user_middleware)  # type: ignore[attr-defined]

@@ -178,7 +178,7 @@ def gateway(
 
 
 def _key(client: TestClient, name: str = "ci-bot", quota: Quota | None = None) -> str:
-    keys: KeyStore = client.app.state.keys  # type: ignore[attr-defined]
+    keys: KeyStore = client.app.state.runtime.keys  # type: ignore[attr-defined]
     return keys.create(name, Role.DEVELOPER, quota=quota or Quota()).secret
 
 
@@ -190,7 +190,7 @@ def _chat(client: TestClient, key: str, model: str = "support", **extra: Any) ->
 
 
 def _rows(client: TestClient) -> list[RequestLogRow]:
-    audit: AuditStore = client.app.state.audit  # type: ignore[attr-defined]
+    audit: AuditStore = client.app.state.runtime.audit  # type: ignore[attr-defined]
     with audit.database.session() as session:
         rows = session.scalars(select(RequestLogRow).order_by(RequestLogRow.created_at)).all()
         session.expunge_all()
@@ -391,7 +391,7 @@ def test_a_budget_is_kept_at_litellms_prices(
 def test_a_quota_set_later_applies_within_the_key_cache(gateway: TestClient) -> None:
     key = _key(gateway)
     assert _chat(gateway, key).status_code == 200
-    keys: KeyStore = gateway.app.state.keys  # type: ignore[attr-defined]
+    keys: KeyStore = gateway.app.state.runtime.keys  # type: ignore[attr-defined]
     key_id = next(k.id for k in keys.list() if k.name == "ci-bot")
     keys.set_quota(key_id, Quota(daily_tokens=30))  # this store's cache drops the key
     assert _chat(gateway, key).status_code == 429
@@ -455,7 +455,7 @@ def test_the_usage_route_is_admins_and_totals_per_key_model_and_day(
 def test_metrics_count_tokens_per_key_id_never_the_secret(gateway: TestClient) -> None:
     secret = _key(gateway)
     assert _chat(gateway, secret).status_code == 200
-    keys: KeyStore = gateway.app.state.keys  # type: ignore[attr-defined]
+    keys: KeyStore = gateway.app.state.runtime.keys  # type: ignore[attr-defined]
     key_id = next(k.id for k in keys.list() if k.name == "ci-bot")
     metrics = gateway.get("/metrics").text
     assert (
