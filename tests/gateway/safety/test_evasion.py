@@ -1,6 +1,6 @@
 """Obfuscated text is judged as what it says: the real engine on encoded variants.
 
-docs/BENCHMARKS.md has the rates over whole sets (bench/evasion.py); this table pins the
+docs/BENCHMARKS.md has the rates over whole sets (bench/engine_compare.py); this table pins the
 mechanism on sentences the engine flags plainly, and benign ones that must stay benign.
 """
 
