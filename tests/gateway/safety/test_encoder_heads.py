@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,51 @@ def test_long_text_is_split_into_overlapping_windows_not_truncated(
     assert (embedded.owner == 2).sum() == counts[2]
     norms = np.linalg.norm(embedded.vectors, axis=1)
     assert np.allclose(norms, 1.0, atol=1e-5)
+
+
+WINDOW_TEXTS = [
+    *TEXTS,
+    "",
+    "Ünïcödé naïve café, “quotes” and emoji 🙂 in one line",
+    "word " * 700,  # past two strides
+    "x" * 3000,  # one token run that needs many windows
+]
+
+
+def test_windows_are_cut_as_transformers_cuts_them(torch_encoder: SentenceEncoder) -> None:
+    expected = torch_encoder.tokenizer(
+        WINDOW_TEXTS,
+        max_length=torch_encoder.max_tokens,
+        truncation=True,
+        stride=torch_encoder.stride,
+        return_overflowing_tokens=True,
+        padding=True,
+    )
+    encoded, owner = torch_encoder._tokenize(WINDOW_TEXTS)
+    assert owner.tolist() == list(expected["overflow_to_sample_mapping"])
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert np.array_equal(encoded[key], np.asarray(expected[key])), key
+
+
+def test_the_onnx_backend_serves_without_torch(tmp_path: Path) -> None:
+    SentenceEncoder(backend=Backend.ONNX, cache_dir=tmp_path)  # exports the graph (torch)
+    script = (
+        "import sys, pathlib\n"
+        "from gateway.safety.encoder import SentenceEncoder\n"
+        "from gateway.safety.settings import Backend\n"
+        f"cache = pathlib.Path({str(tmp_path)!r})\n"
+        "encoder = SentenceEncoder(backend=Backend.ONNX, cache_dir=cache)\n"
+        "vectors = encoder.embed(['how do I kill a python process', 'hi ' * 400]).vectors\n"
+        "print(vectors.shape[0], 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    done = subprocess.run(  # noqa: S603 - this interpreter, a script of this test
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.stdout.split() == ["3", "False", "False"]
 
 
 def test_heads_round_trip_through_safetensors(tmp_path: Path) -> None:
@@ -146,3 +194,16 @@ def test_every_shipped_weights_file_matches_the_model_card() -> None:
     files = card.get("files") or {"heads.safetensors": card["weights_sha256"]}
     for name, sha256 in files.items():
         assert sha256_of(WEIGHTS / name) == sha256, name
+
+
+def test_a_failed_onnx_export_is_an_error_that_names_it(tmp_path: Path) -> None:
+    from gateway.safety.encoder import resolve_model_path
+
+    model = tmp_path / "model"  # a tokenizer and a config, but no weights to export
+    model.mkdir()
+    bundled = Path(resolve_model_path("bundled:all-MiniLM-L6-v2"))
+    for name in ("tokenizer.json", "config.json"):
+        (model / name).write_bytes((bundled / name).read_bytes())
+    with pytest.raises(RuntimeError, match="exporting the encoder to ONNX failed"):
+        SentenceEncoder(str(model), backend=Backend.ONNX, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.onnx"))
