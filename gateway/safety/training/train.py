@@ -46,6 +46,8 @@ import torch
 
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
+from gateway.safety.members import MemberLoadError
+from gateway.safety.members.encoder_heads import verify_card_files
 from gateway.safety.normalize import normalize
 from gateway.safety.training import top_layers
 from gateway.safety.training.corpus import (
@@ -193,7 +195,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
         delta_path = tuned.delta_path
     heads = calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
-    budgets = _benign_budgets(config, benign_tune, progress)
+    budgets = _benign_budgets(config, benign_tune, embed, progress)
     heads = tune_thresholds(
         heads,
         matrices[Split.DEV],
@@ -355,23 +357,35 @@ def _benign_sets(
 
 
 def _benign_budgets(
-    config: TrainConfig, benign_tune: dict[str, list[str]], progress: Progress | None
+    config: TrainConfig,
+    benign_tune: dict[str, list[str]],
+    frozen: Embed,
+    progress: Progress | None,
 ) -> dict[str, float]:
     """The share of each benign tuning set the new thresholds may flag: the budget, and
-    with a reference no more than the reference's own rate on that set."""
+    with a reference no more than the reference's own rate on that set. ``frozen`` embeds
+    with the plain encoder, which a reference without a delta reads."""
     budgets = dict.fromkeys(benign_tune, config.benign_flag_budget)
     if config.benign_reference is None:
         return budgets
     folder = config.benign_reference
-    card = json.loads((folder / "model_card.json").read_text())
-    for name, digest in card["files"].items():
-        if file_sha256(folder / name) != digest:
-            raise ValueError(f"benign reference {folder}: {name} does not match its model card")
-    if card["encoder"] != config.encoder:
-        raise ValueError(f"benign reference {folder} uses {card['encoder']}, not {config.encoder}")
-    delta = folder / card["encoder_delta"] if card.get("encoder_delta") else None
-    embed = _embedder(SentenceEncoder(config.encoder, delta=delta), config.cache_dir, progress)
-    reference = Heads.load(folder / "heads.safetensors")
+    heads_path = folder / "heads.safetensors"
+    try:
+        delta = verify_card_files(heads_path)
+    except MemberLoadError as error:
+        raise ValueError(
+            f"benign reference {folder} does not match its model card: {error}"
+        ) from error
+    reference = Heads.load(heads_path)
+    if reference.encoder != config.encoder:
+        raise ValueError(
+            f"benign reference {folder} uses {reference.encoder}, not {config.encoder}"
+        )
+    embed = (
+        frozen
+        if delta is None
+        else _embedder(SentenceEncoder(config.encoder, delta=delta), config.cache_dir, progress)
+    )
     for name, texts in benign_tune.items():
         if texts:
             budgets[name] = min(budgets[name], flag_rate(reference, embed(texts)))

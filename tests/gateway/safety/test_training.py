@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -436,7 +436,12 @@ def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path
         "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
         "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
     }
-    budgets = _benign_budgets(config, sets, None)
+    encoder = SentenceEncoder()
+
+    def frozen_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        return encoder.embed(texts).vectors
+
+    budgets = _benign_budgets(config, sets, frozen_embed, None)
     # The shipped heads flag the threat but not the soup: half the set, above the 0.3
     # budget, which stands; they flag nothing of the plain set, so nothing may be flagged.
     assert budgets == {"threats": 0.3, "plain": 0.0}
@@ -445,5 +450,5 @@ def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path
     shutil.copytree(SHIPPED_WEIGHTS, tampered)
     heads = tampered / "heads.safetensors"
     heads.write_bytes(heads.read_bytes()[:-8] + bytes(8))
-    with pytest.raises(ValueError, match="heads.safetensors does not match its model card"):
-        _benign_budgets(replace(config, benign_reference=tampered), sets, None)
+    with pytest.raises(ValueError, match=r"match its model card: .*heads\.safetensors has sha256"):
+        _benign_budgets(replace(config, benign_reference=tampered), sets, frozen_embed, None)
