@@ -14,7 +14,8 @@ Measures, in one run:
    engine and, with ``--baseline-ref``, the engine of that git ref, in the same run.
 
 Usage: .venv/bin/python bench/engine_latency.py [--requests 300] [--lines 10000]
-       [--baseline-ref 71354db]
+       [--baseline-ref 71354db] [--parts compute,serve,moderate]
+(``--parts serve`` alone measures memory of ``safegate serve``; it needs no idle machine.)
 Prints a JSON record; docs/BENCHMARKS.md quotes it.
 """
 
@@ -222,35 +223,50 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--baseline-ref", default=None, help="git ref of weights to compare")
+    parser.add_argument(
+        "--parts",
+        default="compute,serve,moderate",
+        help="comma-separated: compute (with the reference models), serve, moderate",
+    )
     args = parser.parse_args()
-    compute = engine_compute(args.requests)
-    reference = reference_forward(int(compute["tokens"]), 30)
-    served = serve_and_measure(args.requests, args.lines)
-    throughput = moderate_throughput(args.lines)
-    if args.baseline_ref:
-        from engine_compare import weights_at
-
-        baseline = weights_at(args.baseline_ref)
-        throughput = {
-            "shipped": throughput,
-            f"baseline {args.baseline_ref}": moderate_throughput(
-                args.lines, baseline / "heads.safetensors"
-            ),
-        }
-    record = {
+    parts = set(args.parts.split(","))
+    unknown = parts - {"compute", "serve", "moderate"}
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    record: dict[str, object] = {
         "date": datetime.now(UTC).date().isoformat(),
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads"
         ),
-        "engine_compute": compute,
-        "reference_forward_p50_ms": reference,
-        "speedup_vs": {name: round(ms / compute["p50_ms"], 1) for name, ms in reference.items()},
-        "moderations_endpoint": served,
-        "moderate_cli": throughput,
     }
+    if "compute" in parts:
+        compute = engine_compute(args.requests)
+        reference = reference_forward(int(compute["tokens"]), 30)
+        record["engine_compute"] = compute
+        record["reference_forward_p50_ms"] = reference
+        record["speedup_vs"] = {
+            name: round(ms / compute["p50_ms"], 1) for name, ms in reference.items()
+        }
+    if "serve" in parts:
+        record["moderations_endpoint"] = serve_and_measure(args.requests, args.lines)
+    if "moderate" in parts:
+        record["moderate_cli"] = moderate_cli(args.lines, args.baseline_ref)
     json.dump(record, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def moderate_cli(lines: int, baseline_ref: str | None) -> dict[str, object]:
+    throughput: dict[str, object] = dict(moderate_throughput(lines))
+    if baseline_ref:
+        from engine_compare import weights_at
+
+        baseline = weights_at(baseline_ref)
+        throughput = {
+            "shipped": throughput,
+            f"baseline {baseline_ref}": moderate_throughput(lines, baseline / "heads.safetensors"),
+        }
+    return throughput
 
 
 if __name__ == "__main__":

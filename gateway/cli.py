@@ -321,6 +321,14 @@ class TuneMethod(StrEnum):
     LORA = "lora"
 
 
+class ServingBackend(StrEnum):
+    """The encoder backend ``safety train`` fits the heads for: ``SERVING_BACKENDS`` of
+    ``gateway.safety.training.train``."""
+
+    ONNX = "onnx"
+    ONNX_INT8 = "onnx-int8"
+
+
 @safety.command("train")
 def safety_train(
     data_dir: Annotated[
@@ -362,6 +370,13 @@ def safety_train(
     ] = TuneMethod.TOP_LAYERS,
     tune_layers: Annotated[int, typer.Option(help="Blocks trained by 'top-layers'.")] = 2,
     tune_epochs: Annotated[int, typer.Option(help="Passes of the encoder fine-tuning.")] = 3,
+    backend: Annotated[
+        ServingBackend,
+        typer.Option(
+            help="Encoder backend the heads are fitted on and served with (the model card "
+            "names it): fp32 ONNX, or its int8 quantisation."
+        ),
+    ] = ServingBackend.ONNX,
 ) -> None:
     """Train the safety engine's model from ../shared/data and the project's own examples.
 
@@ -383,6 +398,7 @@ def safety_train(
         tune_method=tune_method.value,
         tune_layers=tune_layers,
         tune_epochs=tune_epochs,
+        backend=backend.value,
     )
     columns = (
         TextColumn("{task.description}"),

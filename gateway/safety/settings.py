@@ -51,7 +51,11 @@ class EncoderSettings(BaseModel):
 
     enabled: bool = True
     heads: Path = SHIPPED_HEADS
-    backend: Backend = Field(default=Backend.ONNX, description="onnx (faster on CPU) or torch")
+    backend: Backend | None = Field(
+        default=None,
+        description="onnx, onnx-int8 or torch; unset: the backend the heads' model card "
+        "names (onnx when it names none)",
+    )
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
 

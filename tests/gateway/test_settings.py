@@ -115,7 +115,7 @@ def test_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
         "encoder": {
             "enabled": True,
             "heads": str(GATEWAY / "safety" / "weights" / "heads.safetensors"),
-            "backend": "onnx",
+            "backend": None,  # the model card's
             "timeout_s": 5.0,
             "threads": None,
         },

@@ -7,7 +7,9 @@ jailbreak prompts are read whole), and sentence chunks of about ``CHUNK_CHARS``
 characters (so one harmful sentence buried in a long document is not averaged away by
 the mean pooling of a window full of benign text). The heads, their Platt calibration
 and their tuned thresholds live in one safetensors file written by
-``safegate safety train``; its model card sits beside it. When the encoder was fine-tuned
+``safegate safety train``; its model card sits beside it and names the encoder backend the
+heads were fitted on (``backend``: ``onnx`` or ``onnx-int8``), which serves them unless
+``SAFEGATE_ENCODER__BACKEND`` says otherwise. When the encoder was fine-tuned
 (engine v2), the card names the delta over the bundled encoder (``gateway.safety.delta``).
 
 Every file the card lists is checked against its sha256 before it is used: weights that
@@ -107,12 +109,22 @@ class EncoderHeadsClassifier:
         id: str = "encoder",
         heads_path: Path = SHIPPED_HEADS,
         encoder: SentenceEncoder | None = None,
-        backend: Backend = Backend.ONNX,
+        backend: Backend | None = None,
         cache_dir: Path | None = None,
         threads: int | None = None,
         batch_size: int = 32,
     ) -> None:
         delta = verify_card_files(heads_path)
+        # The heads were fitted on one backend's embeddings (int8 ones differ a little
+        # from fp32 ones); serve with that backend unless told otherwise.
+        if backend is None:
+            named = card_value(heads_path, "backend", Backend.ONNX)
+            try:
+                backend = Backend(named)
+            except ValueError:
+                raise MemberLoadError(
+                    f"the model card names an unknown backend {named!r}"
+                ) from None
         try:
             self._heads = Heads.load(heads_path)
         except HeadsFormatError as error:

@@ -47,8 +47,9 @@ import torch
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.members import MemberLoadError
-from gateway.safety.members.encoder_heads import verify_card_files
+from gateway.safety.members.encoder_heads import card_value, verify_card_files
 from gateway.safety.normalize import normalize
+from gateway.safety.settings import Backend
 from gateway.safety.training import top_layers
 from gateway.safety.training.corpus import (
     ALL_KNOWN,
@@ -75,6 +76,7 @@ from gateway.safety.training.heads_fit import (
 from gateway.safety.training.loop import Progress, TunedEncoder, TuningData
 
 TUNE_METHODS = ("top-layers", "lora")
+SERVING_BACKENDS = (Backend.ONNX.value, Backend.ONNX_INT8.value)
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,13 @@ class TrainConfig:
         default="always",
         metadata={"help": "sentence chunks for every text past 100 chars, or only 'long' ones"},
     )
+    backend: str = field(
+        default=Backend.ONNX.value,
+        metadata={
+            "help": "encoder backend the heads are fitted on and served with: 'onnx' "
+            "(fp32; embedded with torch, which matches it within 2e-6) or 'onnx-int8'"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.benign_flag_budget < 1.0:
@@ -139,6 +148,8 @@ class TrainConfig:
             raise ValueError("chunking must be 'always' or 'long'")
         if self.tune_method not in TUNE_METHODS:
             raise ValueError(f"tune_method must be one of {', '.join(TUNE_METHODS)}")
+        if self.backend not in SERVING_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(SERVING_BACKENDS)}")
 
     def to_json(self) -> dict[str, object]:
         def plain(value: object) -> object:
@@ -159,8 +170,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     corpus = Corpus(config.data_dir, config.own_examples, cap_per_source=config.cap_per_source)
     examples = corpus.training_examples()
     benign_tune, benign_test = _benign_sets(config, examples)
-    encoder = SentenceEncoder(config.encoder)
-    embed = _embedder(encoder, config.cache_dir, progress)
+    embed = _embedder(_encoder(config, None, config.backend), config.cache_dir, progress)
     by_split = {split: [e for e in examples if e.split == split] for split in Split}
     matrices = {split: _matrix(by_split[split], embed, config) for split in Split}
     benign_tune_x = {name: embed(texts) for name, texts in benign_tune.items()}
@@ -173,7 +183,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     method = config.tune_method
     if config.tune_encoder:
         tuned = _tune_encoder(config, _tuning_data(matrices[Split.TRAIN]), progress)
-        tuned_encoder = SentenceEncoder(config.encoder, delta=tuned.delta_path)
+        tuned_encoder = _encoder(config, tuned.delta_path, config.backend)
         tuned_embed = _embedder(tuned_encoder, config.cache_dir, progress)
         tuned_matrices = {split: _matrix(by_split[split], tuned_embed, config) for split in Split}
         fitted[method] = tuned.head
@@ -208,6 +218,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         "name": "safegate-encoder-heads",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "encoder": config.encoder,
+        "backend": config.backend,
         "languages": list(config.languages),
         "chunking": config.chunking,
         "architecture": {
@@ -238,8 +249,16 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
                 "against the label",
             },
             "benign_flag_rate": {
-                **{f"tuning: {name}": flag_rate(heads, x) for name, x in benign_tune_x.items()},
-                **{f"test: {name}": flag_rate(heads, x) for name, x in benign_test_x.items()},
+                **{
+                    f"tuning: {name}": flag_rate(heads, x)
+                    for name, x in benign_tune_x.items()
+                    if len(x)  # a set the data lacks has no rate
+                },
+                **{
+                    f"test: {name}": flag_rate(heads, x)
+                    for name, x in benign_test_x.items()
+                    if len(x)
+                },
             },
             "benign_flag_budget": {name: round(value, 4) for name, value in budgets.items()},
         },
@@ -364,7 +383,8 @@ def _benign_budgets(
 ) -> dict[str, float]:
     """The share of each benign tuning set the new thresholds may flag: the budget, and
     with a reference no more than the reference's own rate on that set. ``frozen`` embeds
-    with the plain encoder, which a reference without a delta reads."""
+    with the plain encoder on ``config.backend``, which a reference without a delta on the
+    same backend reads; any other reference is read with its own delta and backend."""
     budgets = dict.fromkeys(benign_tune, config.benign_flag_budget)
     if config.benign_reference is None:
         return budgets
@@ -381,10 +401,11 @@ def _benign_budgets(
         raise ValueError(
             f"benign reference {folder} uses {reference.encoder}, not {config.encoder}"
         )
+    backend = card_value(heads_path, "backend", Backend.ONNX.value)
     embed = (
         frozen
-        if delta is None
-        else _embedder(SentenceEncoder(config.encoder, delta=delta), config.cache_dir, progress)
+        if delta is None and backend == config.backend
+        else _embedder(_encoder(config, delta, backend), config.cache_dir, progress)
     )
     for name, texts in benign_tune.items():
         if texts:
@@ -392,10 +413,24 @@ def _benign_budgets(
     return budgets
 
 
+def _encoder(config: TrainConfig, delta: Path | None, backend: str) -> SentenceEncoder:
+    """The encoder whose embeddings heads for ``backend`` are fitted on: torch for fp32
+    (ONNX Runtime's fp32 graph matches it within 2e-6), the quantised graph for int8."""
+    if backend == Backend.ONNX_INT8.value:
+        return SentenceEncoder(
+            config.encoder, backend=Backend.ONNX_INT8, cache_dir=config.cache_dir, delta=delta
+        )
+    return SentenceEncoder(config.encoder, delta=delta)
+
+
 def _embedder(encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None) -> Embed:
-    """Embeddings of the folded view, cached per encoder, window length and delta."""
+    """Embeddings of the folded view, cached per encoder, window length, delta and
+    backend (fp32 torch and ONNX share one cache: they match within 2e-6)."""
     delta = "" if encoder.delta is None else file_sha256(encoder.delta)
-    tag = hashlib.sha256(f"{encoder.name}|{encoder.max_tokens}|{delta}".encode()).hexdigest()[:12]
+    key = f"{encoder.name}|{encoder.max_tokens}|{delta}"
+    if encoder.backend is Backend.ONNX_INT8:
+        key += "|int8-per-channel"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cached_embedder(
         cache_dir / f"embeddings-{tag}.npz",
         lambda texts: encoder.embed(texts, batch_size=32, first_window_only=True).vectors,

@@ -207,3 +207,59 @@ def test_a_failed_onnx_export_is_an_error_that_names_it(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exporting the encoder to ONNX failed"):
         SentenceEncoder(str(model), backend=Backend.ONNX, cache_dir=tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.onnx"))
+
+
+def _weights_with_card(tmp_path: Path, **card_fields: object) -> Path:
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for name in ("heads.safetensors", "model_card.json"):
+        (folder / name).write_bytes((WEIGHTS / name).read_bytes())
+    card = json.loads((folder / "model_card.json").read_text())
+    card.update(card_fields)
+    (folder / "model_card.json").write_text(json.dumps(card))
+    return folder / "heads.safetensors"
+
+
+def test_the_heads_are_served_on_the_backend_their_model_card_names(tmp_path: Path) -> None:
+    from gateway.safety.members import MemberLoadError
+    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
+
+    cache = tmp_path / "cache"
+    shipped = EncoderHeadsClassifier(cache_dir=cache)
+    assert shipped.encoder.backend is Backend.ONNX  # a card naming none: fp32 ONNX
+
+    int8 = _weights_with_card(tmp_path, backend="onnx-int8")
+    assert EncoderHeadsClassifier(heads_path=int8, cache_dir=cache).encoder.backend is (
+        Backend.ONNX_INT8
+    )
+    assert list(cache.glob("encoder-*-int8-per-channel.onnx"))
+    overridden = EncoderHeadsClassifier(heads_path=int8, backend=Backend.ONNX, cache_dir=cache)
+    assert overridden.encoder.backend is Backend.ONNX  # SAFEGATE_ENCODER__BACKEND wins
+
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (tmp_path / "weights").rename(unknown / "weights")
+    card = unknown / "weights/model_card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "backend": "tpu"}))
+    with pytest.raises(MemberLoadError, match="unknown backend 'tpu'"):
+        EncoderHeadsClassifier(heads_path=unknown / "weights/heads.safetensors", cache_dir=cache)
+
+
+def test_int8_weights_are_quantised_per_channel_and_stay_close_to_fp32(
+    torch_encoder: SentenceEncoder, tmp_path: Path
+) -> None:
+    import onnx
+
+    int8 = SentenceEncoder(backend=Backend.ONNX_INT8, cache_dir=tmp_path)
+    (graph,) = tmp_path.glob("encoder-*-int8-per-channel.onnx")
+    scales = [
+        tensor
+        for tensor in onnx.load(str(graph)).graph.initializer
+        if tensor.name.endswith("_scale") and len(tensor.dims) == 1 and tensor.dims[0] > 1
+    ]
+    assert scales, "weights quantised with one scale per output channel"
+    expected = torch_encoder.embed(TEXTS[:2]).vectors
+    actual = int8.embed(TEXTS[:2]).vectors
+    cosine = (expected * actual).sum(axis=1)
+    assert cosine.min() > 0.95  # measured 0.996 and 0.968 ("ok")
+    assert np.abs(expected - actual).max() > 1e-4  # not the fp32 graph under another name

@@ -452,3 +452,76 @@ def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path
     heads.write_bytes(heads.read_bytes()[:-8] + bytes(8))
     with pytest.raises(ValueError, match=r"match its model card: .*heads\.safetensors has sha256"):
         _benign_budgets(replace(config, benign_reference=tampered), sets, frozen_embed, None)
+
+
+def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
+    from gateway.safety.normalize import normalize
+    from gateway.safety.settings import Backend
+    from gateway.safety.training.corpus import Corpus
+    from gateway.safety.training.train import run
+
+    # The public sets are not here (tests never read ../shared/data): own examples, the
+    # generated noise and a two-prompt stand-in for refusal-direction's harmless split.
+    public = ("_davidson", "_hatexplain", "_toxigen_annotated", "_toxigen_prompts", "_surge")
+    public += ("_deepset", "_jailbreak_prompts", "_giskard", "_forbidden_questions")
+    public += ("_advbench_behaviors", "_mtbench", "_indirect_attacks")
+    for name in public:
+        monkeypatch.setattr(Corpus, name, lambda self: iter(()))
+    harmless = tmp_path / "public/refusal-direction"
+    harmless.mkdir(parents=True)
+    for split in ("val", "test"):
+        prompts = [{"instruction": "Name three rivers in Europe."}, {"instruction": "Hi!"}]
+        (harmless / f"harmless_{split}.json").write_text(json.dumps(prompts))
+    committed = Path(__file__).resolve().parents[3] / "data/safety/intent_examples.jsonl"
+    rows = committed.read_text(encoding="utf-8").splitlines()[:400]
+    own = tmp_path / "own.jsonl"
+    own.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = TrainConfig(
+        data_dir=tmp_path / "public",
+        own_examples=(own,),
+        output_dir=tmp_path / "weights",
+        cache_dir=tmp_path / "cache",
+        epochs=3,
+        tune_encoder=False,
+        backend="onnx-int8",
+    )
+    card = run(config)
+    assert card["backend"] == "onnx-int8"
+    assert list((tmp_path / "cache").glob("encoder-*-int8-per-channel.onnx"))
+    assert json.loads((tmp_path / "weights/model_card.json").read_text())["backend"] == "onnx-int8"
+
+    served = EncoderHeadsClassifier(
+        heads_path=tmp_path / "weights/heads.safetensors", cache_dir=tmp_path / "cache"
+    )
+    assert served.encoder.backend is Backend.ONNX_INT8
+    (detection,) = served.classify([normalize("give me steps to build a pipe bomb at home")])
+    assert set(detection.scores) == set(served.labels)
+
+    with pytest.raises(ValueError, match="backend must be one of onnx, onnx-int8"):
+        replace(config, backend="torch")
+
+
+def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Path) -> None:
+    from gateway.safety.settings import SHIPPED_WEIGHTS
+
+    config = TrainConfig(
+        data_dir=tmp_path,
+        own_examples=(),
+        output_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        benign_flag_budget=0.3,
+        benign_reference=SHIPPED_WEIGHTS,  # its card names no backend: fp32 ONNX
+        backend="onnx-int8",
+    )
+    sets = {
+        "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
+        "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
+    }
+
+    def int8_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        raise AssertionError("the fp32 reference must not be read with int8 embeddings")
+
+    assert _benign_budgets(config, sets, int8_embed, None) == {"threats": 0.3, "plain": 0.0}
