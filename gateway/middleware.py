@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import error_body
 from gateway.metrics import Metrics
+from gateway.safety import contention
 
 log = logging.getLogger("safegate.access")
 REQUEST_ID_HEADER = b"x-request-id"
@@ -43,6 +44,7 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
+        contention.enter()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -57,6 +59,7 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            contention.leave()
             seconds = time.perf_counter() - started
             log.info(
                 "request",

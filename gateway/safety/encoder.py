@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
+from gateway.safety import contention
 from gateway.safety.settings import Backend
 
 if TYPE_CHECKING:
@@ -118,6 +119,11 @@ class SentenceEncoder:
         self._model: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._session = None
+        # With ``threads`` unset, a second session on one intra-op thread serves the
+        # passes made while other requests are in flight (``contention``); made on first use.
+        self._adaptive = threads is None
+        self._single: Any = None
+        self._onnx_target: Path | None = None
         self._windows = Tokenizer.from_file(
             str(model_file(path, "tokenizer.json", local_only=local_only))
         )
@@ -191,18 +197,23 @@ class SentenceEncoder:
                 )
                 partial.replace(quantized)
             target = quantized
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's own (physical cores)
-        session = onnxruntime.InferenceSession(
-            str(target), options, providers=["CPUExecutionProvider"]
-        )
+        self._onnx_target = target
+        session = _inference_session(target, threads or 0)  # 0: ONNX Runtime's (cores)
         self._onnx_inputs = [item.name for item in session.get_inputs()]
         # The CPU arena keeps every buffer it ever grew to; shrinking it after each run
         # hands back what a long batch took (with allocator.py: RSS flat over 1,500 texts).
         self._run_options = onnxruntime.RunOptions()
-        if options.enable_cpu_mem_arena:
+        if onnxruntime.SessionOptions().enable_cpu_mem_arena:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return session
+
+    def _onnx_for_this_pass(self) -> Any:
+        """All cores when this process serves one request; one when it serves several."""
+        if not (self._adaptive and contention.busy()):
+            return self._session
+        if self._single is None and self._onnx_target is not None:
+            self._single = _inference_session(self._onnx_target, 1)
+        return self._single or self._session
 
     def count_windows(self, texts: Sequence[str]) -> list[int]:
         """How many windows each text needs (used to reject texts over the limit early)."""
@@ -246,7 +257,8 @@ class SentenceEncoder:
                 hidden = self.model(**tensors).last_hidden_state
             return np.asarray(hidden.float().cpu().numpy(), np.float32)
         feed = {name: batch[name] for name in self._onnx_inputs}
-        return np.asarray(self._session.run(None, feed, self._run_options)[0], np.float32)
+        session = self._onnx_for_this_pass()
+        return np.asarray(session.run(None, feed, self._run_options)[0], np.float32)
 
     def _encode(self, texts: Sequence[str]) -> list[Any]:
         return self._windows.encode_batch(list(texts))
@@ -272,6 +284,14 @@ class SentenceEncoder:
             types[row, : len(window.ids)] = window.type_ids
         encoded = {"input_ids": ids, "attention_mask": attention, "token_type_ids": types}
         return encoded, np.asarray(owner, np.int64)
+
+
+def _inference_session(target: Path, threads: int) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    return onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
 
 
 def _export_in_child(path: str, target: Path, delta: Path | None) -> None:

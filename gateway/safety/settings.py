@@ -57,7 +57,12 @@ class EncoderSettings(BaseModel):
         "names (onnx when it names none)",
     )
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
-    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="intra-op threads of the encoder; unset: every core while one request "
+        "is in flight, one while several are (gateway.safety.contention)",
+    )
 
 
 class MultilingualSettings(BaseModel):

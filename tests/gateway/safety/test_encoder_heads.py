@@ -263,3 +263,37 @@ def test_int8_weights_are_quantised_per_channel_and_stay_close_to_fp32(
     cosine = (expected * actual).sum(axis=1)
     assert cosine.min() > 0.95  # measured 0.996 and 0.968 ("ok")
     assert np.abs(expected - actual).max() > 1e-4  # not the fp32 graph under another name
+
+
+def test_the_onnx_encoder_runs_on_one_thread_while_other_requests_are_in_flight(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety import contention
+
+    encoder = SentenceEncoder(backend=Backend.ONNX, cache_dir=tmp_path)
+    alone = encoder.embed(TEXTS[:2]).vectors
+    assert encoder._single is None  # noqa: SLF001 - one request: no second session made
+    contention.enter()
+    contention.enter()
+    try:
+        assert contention.busy()
+        shared = encoder.embed(TEXTS[:2]).vectors
+        single = encoder._single  # noqa: SLF001
+        assert single is not None
+        assert single is not encoder._session  # noqa: SLF001
+        assert single.get_session_options().intra_op_num_threads == 1
+    finally:
+        contention.leave()
+        contention.leave()
+    assert not contention.busy()
+    assert np.abs(alone - shared).max() < 1e-5  # the same graph, the same vectors
+
+    fixed = SentenceEncoder(backend=Backend.ONNX, cache_dir=tmp_path, threads=2)
+    contention.enter()
+    contention.enter()
+    try:
+        fixed.embed(TEXTS[:1])
+    finally:
+        contention.leave()
+        contention.leave()
+    assert fixed._single is None  # noqa: SLF001 - an explicit thread count is kept
