@@ -321,6 +321,13 @@ class TuneMethod(StrEnum):
     LORA = "lora"
 
 
+class Chunking(StrEnum):
+    """When the engine adds sentence chunks to a text: ``TrainConfig.chunking``."""
+
+    LONG = "long"
+    ALWAYS = "always"
+
+
 class ServingBackend(StrEnum):
     """The encoder backend ``safety train`` fits the heads for: ``SERVING_BACKENDS`` of
     ``gateway.safety.training.train``."""
@@ -377,6 +384,13 @@ def safety_train(
             "names it): fp32 ONNX, or its int8 quantisation."
         ),
     ] = ServingBackend.ONNX,
+    chunking: Annotated[
+        Chunking,
+        typer.Option(
+            help="Sentence chunks only for texts longer than one window (each text that "
+            "fits in one is encoded once), or for every text past 100 characters."
+        ),
+    ] = Chunking.LONG,
 ) -> None:
     """Train the safety engine's model from ../shared/data and the project's own examples.
 
@@ -399,6 +413,7 @@ def safety_train(
         tune_layers=tune_layers,
         tune_epochs=tune_epochs,
         backend=backend.value,
+        chunking=chunking.value,
     )
     columns = (
         TextColumn("{task.description}"),

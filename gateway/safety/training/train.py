@@ -128,8 +128,11 @@ class TrainConfig:
         metadata={"help": "languages the model covers; others are marked low-confidence"},
     )
     chunking: str = field(
-        default="always",
-        metadata={"help": "sentence chunks for every text past 100 chars, or only 'long' ones"},
+        default="long",
+        metadata={
+            "help": "sentence chunks only for texts past one window ('long': a text that "
+            "fits in one window is encoded once), or for every text past 100 chars"
+        },
     )
     backend: str = field(
         default=Backend.ONNX.value,

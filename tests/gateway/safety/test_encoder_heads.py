@@ -131,7 +131,9 @@ def test_heads_refuse_a_foreign_file(tmp_path: Path) -> None:
 
 def test_shipped_weights_are_small_and_documented() -> None:
     total = sum(path.stat().st_size for path in WEIGHTS.iterdir() if path.is_file())
-    assert total <= 5 * 2**20
+    # "A few MB of safetensors" (issue 10): the heads (0.4 MB) and, since the encoder's
+    # top two blocks are fine-tuned, their float16 difference over the bundled encoder.
+    assert total <= 8 * 2**20
     heads = Heads.load(SHIPPED_HEADS)
     assert heads.labels == HEAD_LABELS
     card = json.loads((WEIGHTS / "model_card.json").read_text())
@@ -212,8 +214,9 @@ def test_a_failed_onnx_export_is_an_error_that_names_it(tmp_path: Path) -> None:
 def _weights_with_card(tmp_path: Path, **card_fields: object) -> Path:
     folder = tmp_path / "weights"
     folder.mkdir()
-    for name in ("heads.safetensors", "model_card.json"):
-        (folder / name).write_bytes((WEIGHTS / name).read_bytes())
+    for path in WEIGHTS.iterdir():
+        if path.is_file():
+            (folder / path.name).write_bytes(path.read_bytes())
     card = json.loads((folder / "model_card.json").read_text())
     card.update(card_fields)
     (folder / "model_card.json").write_text(json.dumps(card))
