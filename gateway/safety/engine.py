@@ -301,7 +301,7 @@ class SafetyEngine:
             if result.flagged and result.action is Action.BLOCK:
                 reasons.append(
                     f"{direction.value} flagged for {label.value} "
-                    f"(score {result.score:.2f} >= threshold {result.threshold:.2f}; "
+                    f"({_why_flagged(label, result, labels)}; "
                     f"members: {', '.join(result.members)})"
                 )
         blocked = bool(reasons)
@@ -516,6 +516,20 @@ def _exemption_reasons(
                 f"threshold {after[label].threshold:.2f})"
             )
     return reasons
+
+
+def _why_flagged(label: Label, result: LabelResult, labels: Mapping[Label, LabelResult]) -> str:
+    """The score against the threshold, or, for a category flagged only because one of
+    its subcategories is (``_flag_parents``), which one."""
+    if result.score >= result.threshold:
+        return f"score {result.score:.2f} >= threshold {result.threshold:.2f}"
+    children = [
+        other.value
+        for other, found in labels.items()
+        if isinstance(other, Category) and other is not label and other.parent is label
+        if found.flagged
+    ]
+    return f"its subcategory {', '.join(children)} is flagged"
 
 
 def _flag_parents(labels: dict[Label, LabelResult]) -> None:

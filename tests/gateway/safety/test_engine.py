@@ -227,3 +227,14 @@ def test_a_flagged_subcategory_flags_its_parent() -> None:
     assert parent.flagged
     assert parent.score == 0.8
     assert parent.members == ("a",)
+
+
+def test_a_category_flagged_through_its_subcategory_says_so_and_not_a_false_comparison() -> None:
+    member = Fixed("a", {Category.ILLICIT: 0.3, Category.ILLICIT_VIOLENT: 0.7})
+    policy = Policy(prompt={"illicit": Rule(threshold=0.8), "illicit/violent": Rule(threshold=0.5)})
+    verdict = engine(member, policy=policy).check(["text"])[0]
+    assert verdict.category(Category.ILLICIT).flagged  # as in OpenAI's taxonomy
+    assert verdict.reasons == (
+        "prompt flagged for illicit (its subcategory illicit/violent is flagged; members: a)",
+        "prompt flagged for illicit/violent (score 0.70 >= threshold 0.50; members: a)",
+    )
