@@ -324,8 +324,8 @@ class TuneMethod(StrEnum):
 class Chunking(StrEnum):
     """When the engine adds sentence chunks to a text: ``TrainConfig.chunking``."""
 
-    LONG = "long"
     ALWAYS = "always"
+    LONG = "long"
 
 
 class ServingBackend(StrEnum):
@@ -387,10 +387,10 @@ def safety_train(
     chunking: Annotated[
         Chunking,
         typer.Option(
-            help="Sentence chunks only for texts longer than one window (each text that "
-            "fits in one is encoded once), or for every text past 100 characters."
+            help="Sentence chunks for every text past 100 characters, or only for texts "
+            "longer than one window (each text that fits in one is encoded once)."
         ),
-    ] = Chunking.LONG,
+    ] = Chunking.ALWAYS,
 ) -> None:
     """Train the safety engine's model from ../shared/data and the project's own examples.
 

@@ -128,10 +128,10 @@ class TrainConfig:
         metadata={"help": "languages the model covers; others are marked low-confidence"},
     )
     chunking: str = field(
-        default="long",
+        default="always",
         metadata={
-            "help": "sentence chunks only for texts past one window ('long': a text that "
-            "fits in one window is encoded once), or for every text past 100 chars"
+            "help": "sentence chunks for every text past 100 chars, or only for texts past "
+            "one window ('long': a text that fits in one window is encoded once)"
         },
     )
     backend: str = field(

@@ -131,9 +131,7 @@ def test_heads_refuse_a_foreign_file(tmp_path: Path) -> None:
 
 def test_shipped_weights_are_small_and_documented() -> None:
     total = sum(path.stat().st_size for path in WEIGHTS.iterdir() if path.is_file())
-    # "A few MB of safetensors" (issue 10): the heads (0.4 MB) and, since the encoder's
-    # top two blocks are fine-tuned, their float16 difference over the bundled encoder.
-    assert total <= 8 * 2**20
+    assert total <= 5 * 2**20
     heads = Heads.load(SHIPPED_HEADS)
     assert heads.labels == HEAD_LABELS
     card = json.loads((WEIGHTS / "model_card.json").read_text())
