@@ -203,7 +203,7 @@ class SentenceEncoder:
         # The CPU arena keeps every buffer it ever grew to; shrinking it after each run
         # hands back what a long batch took (with allocator.py: RSS flat over 1,500 texts).
         self._run_options = onnxruntime.RunOptions()
-        if onnxruntime.SessionOptions().enable_cpu_mem_arena:
+        if session.get_session_options().enable_cpu_mem_arena:
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         return session
 

@@ -421,21 +421,32 @@ def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> No
     assert 0.78 <= heads.threshold[0] <= 0.8
 
 
-def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path: Path) -> None:
+BENIGN_SETS = {
+    "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
+    "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
+}
+
+
+def _shipped_reference(tmp_path: Path, **overrides: object) -> TrainConfig:
+    """A training config whose benign budgets (0.3) are capped by the shipped weights."""
     from gateway.safety.settings import SHIPPED_WEIGHTS
 
-    config = TrainConfig(
+    return TrainConfig(
         data_dir=tmp_path,
         own_examples=(),
         output_dir=tmp_path / "out",
         cache_dir=tmp_path / "cache",
         benign_flag_budget=0.3,
         benign_reference=SHIPPED_WEIGHTS,
+        **overrides,  # type: ignore[arg-type]
     )
-    sets = {
-        "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
-        "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
-    }
+
+
+def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path: Path) -> None:
+    from gateway.safety.settings import SHIPPED_WEIGHTS
+
+    config = _shipped_reference(tmp_path)
+    sets = BENIGN_SETS
     encoder = SentenceEncoder()
 
     def frozen_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -505,21 +516,9 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
 
 
 def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Path) -> None:
-    from gateway.safety.settings import SHIPPED_WEIGHTS
-
-    config = TrainConfig(
-        data_dir=tmp_path,
-        own_examples=(),
-        output_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        benign_flag_budget=0.3,
-        benign_reference=SHIPPED_WEIGHTS,  # its card names no backend: fp32 ONNX
-        backend="onnx-int8",
-    )
-    sets = {
-        "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
-        "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
-    }
+    # The shipped card names no backend: fp32 ONNX.
+    config = _shipped_reference(tmp_path, backend="onnx-int8")
+    sets = BENIGN_SETS
 
     def int8_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         raise AssertionError("the fp32 reference must not be read with int8 embeddings")
