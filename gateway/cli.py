@@ -391,6 +391,12 @@ def safety_train(
             "longer than one window (each text that fits in one is encoded once)."
         ),
     ] = Chunking.ALWAYS,
+    fragment_rows: Annotated[
+        int, typer.Option(help="Benign pieces of benign training texts added.", min=0)
+    ] = 4000,
+    embedded_rows: Annotated[
+        int, typer.Option(help="Harmful training texts set inside benign ones, added.", min=0)
+    ] = 4000,
 ) -> None:
     """Train the safety engine's model from ../shared/data and the project's own examples.
 
@@ -414,6 +420,8 @@ def safety_train(
         tune_epochs=tune_epochs,
         backend=backend.value,
         chunking=chunking.value,
+        fragment_rows=fragment_rows,
+        embedded_rows=embedded_rows,
     )
     columns = (
         TextColumn("{task.description}"),

@@ -4,7 +4,10 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
 
 1. Build the corpus (``gateway.safety.training.corpus``): permissive public sets (capped per
    source) plus the project's own examples, with known-label masks and train/dev/test
-   splits (the own examples' held-out rows are the test split, never tuned on).
+   splits (the own examples' held-out rows are the test split, never tuned on). Add to
+   the training split benign pieces of its benign texts and its harmful texts set inside
+   benign ones (``gateway.safety.training.augment``): the engine scores stream increments
+   and whole windows too.
 2. Embed every text once with the frozen sentence encoder, on the same normalised view
    the engine classifies at run time. Embeddings are cached by text hash.
 3. Candidates, all fitted with a masked, weighted binary cross-entropy: a linear head and
@@ -16,7 +19,8 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
    dev AUPRC; the model card records every candidate's score, overall and on the own
    examples' dev rows.
 4. Calibrate each label with Platt scaling on the dev split.
-5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily until
+5. Tune thresholds: each label's best-F1 threshold on dev, then raised greedily (each
+   raise the one that clears the most benign texts per dev positive it loses) until
    every benign tuning set (refusal-direction's harmless validation split; the benign dev
    rows of the own prompts, of the own replies, of the public sets, and of the noise) is
    flagged at most ``benign_flag_budget`` of the time and, with ``benign_reference``, no
@@ -50,7 +54,7 @@ from gateway.safety.members import MemberLoadError
 from gateway.safety.members.encoder_heads import card_value, verify_card_files
 from gateway.safety.normalize import normalize
 from gateway.safety.settings import Backend
-from gateway.safety.training import top_layers
+from gateway.safety.training import augment, top_layers
 from gateway.safety.training.corpus import (
     ALL_KNOWN,
     HEAD_LABELS,
@@ -134,6 +138,14 @@ class TrainConfig:
             "one window ('long': a text that fits in one window is encoded once)"
         },
     )
+    fragment_rows: int = field(
+        default=4000,
+        metadata={"help": "benign pieces of benign training texts added (stream increments)"},
+    )
+    embedded_rows: int = field(
+        default=4000,
+        metadata={"help": "harmful training texts set inside benign ones, added"},
+    )
     backend: str = field(
         default=Backend.ONNX.value,
         metadata={
@@ -145,6 +157,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.benign_flag_budget < 1.0:
             raise ValueError("benign_flag_budget must be within (0, 1)")
+        if self.fragment_rows < 0 or self.embedded_rows < 0:
+            raise ValueError("fragment_rows and embedded_rows must be >= 0")
         if self.epochs < 1 or self.hidden < 0:
             raise ValueError("epochs must be >= 1 and hidden >= 0")
         if self.chunking not in {"always", "long"}:
@@ -172,6 +186,8 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     np.random.seed(config.seed)
     corpus = Corpus(config.data_dir, config.own_examples, cap_per_source=config.cap_per_source)
     examples = corpus.training_examples()
+    examples += augment.fragments(examples, count=config.fragment_rows, seed=config.seed)
+    examples += augment.embedded(examples, count=config.embedded_rows, seed=config.seed)
     benign_tune, benign_test = _benign_sets(config, examples)
     embed = _embedder(_encoder(config, None, config.backend), config.cache_dir, progress)
     by_split = {split: [e for e in examples if e.split == split] for split in Split}

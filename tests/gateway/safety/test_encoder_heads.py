@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gateway.safety.encoder import SentenceEncoder
+from gateway.safety.encoder import SentenceEncoder, WindowEmbeddings
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.settings import SHIPPED_HEADS, Backend
 from gateway.safety.training.corpus import HEAD_LABELS
@@ -217,6 +218,7 @@ def _weights_with_card(tmp_path: Path, **card_fields: object) -> Path:
             (folder / path.name).write_bytes(path.read_bytes())
     card = json.loads((folder / "model_card.json").read_text())
     card.update(card_fields)
+    card = {key: value for key, value in card.items() if value is not None}  # None: drop it
     (folder / "model_card.json").write_text(json.dumps(card))
     return folder / "heads.safetensors"
 
@@ -298,3 +300,46 @@ def test_the_onnx_encoder_runs_on_one_thread_while_other_requests_are_in_flight(
         contention.leave()
         contention.leave()
     assert fixed._single is None  # noqa: SLF001 - an explicit thread count is kept
+
+
+class _CountingEncoder(SentenceEncoder):
+    """The real encoder, recording the segments each call embeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.segments: list[list[str]] = []
+
+    def embed(
+        self, texts: Sequence[str], *, batch_size: int = 64, first_window_only: bool = False
+    ) -> WindowEmbeddings:
+        self.segments.append(list(texts))
+        return super().embed(texts, batch_size=batch_size, first_window_only=first_window_only)
+
+
+@pytest.mark.parametrize("chunking", ["long", "always"])
+def test_a_text_that_fits_in_one_window_is_encoded_once_with_long_chunking(
+    tmp_path: Path, chunking: str
+) -> None:
+    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
+    from gateway.safety.normalize import normalize
+
+    heads = _weights_with_card(tmp_path, chunking=chunking, backend="onnx")
+    encoder = _CountingEncoder()
+    member = EncoderHeadsClassifier(heads_path=heads, encoder=encoder)
+    paragraph = (
+        "Thanks for the question about the garden. Tomatoes like six hours of sun. Water "
+        "them at the roots in the morning. Yellow lower leaves are usually old leaves. "
+        "Pinch them off and feed the plants once a fortnight."
+    )
+    assert encoder.count_windows([paragraph]) == [1]
+    member.classify([normalize(paragraph)])
+    embedded = encoder.segments[-1]
+    if chunking == "long":
+        assert len(embedded) == 1  # one window, one pass of the encoder
+    else:
+        assert len(embedded) > 1  # the whole text and its sentence chunks
+
+    long = paragraph + " " + "The quick brown fox jumps over the lazy dog. " * 60
+    assert encoder.count_windows([long])[0] > 1
+    member.classify([normalize(long)])
+    assert len(encoder.segments[-1]) > 2  # longer than a window: chunks in both modes

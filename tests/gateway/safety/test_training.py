@@ -190,7 +190,7 @@ def test_top_layers_tuning_resumes_after_kill_9_and_ships_parameter_differences(
     with safe_open(str(tuned.delta_path), framework="pt") as handle:
         names = list(handle.keys())
     assert names
-    assert all(name.endswith(".diff") for name in names)
+    assert all(name.endswith((".diff", ".diff_scale")) for name in names)
     assert {name.split(".")[2] for name in names} == {"4", "5"}
 
     # Merged, the encoder computes what training computed: the head separates the labels.
@@ -217,6 +217,31 @@ def test_a_delta_changing_a_parameter_the_encoder_lacks_is_refused(tmp_path: Pat
     save_differences({"encoder.layer.5.output.dense.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(DeltaError, match="does not fit"):
         merge_into(SentenceEncoder().model, path)
+
+
+def test_matrix_differences_ship_as_int8_within_half_a_step_of_the_tuned_weights(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety.delta import save_differences
+
+    torch.manual_seed(0)
+    matrix, vector = "encoder.layer.5.output.dense.weight", "encoder.layer.5.output.dense.bias"
+    differences = {matrix: torch.randn(384, 1536) * 0.01, vector: torch.randn(384) * 0.01}
+    path = tmp_path / "delta.safetensors"
+    save_differences(differences, path)
+    # One byte per matrix entry (plus a scale per row): half of what float16 needs.
+    assert path.stat().st_size < 384 * 1536 * 1.1
+
+    model = SentenceEncoder().model
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    merge_into(model, path)
+    after = dict(model.named_parameters())
+    step = differences[matrix].abs().amax(dim=1, keepdim=True) / 127
+    error = (after[matrix] - before[matrix] - differences[matrix]).abs()
+    assert bool((error <= step / 2 + 1e-6).all())
+    assert torch.allclose(after[vector] - before[vector], differences[vector], atol=1e-5)
+    untouched = "encoder.layer.4.output.dense.weight"
+    assert torch.equal(after[untouched], before[untouched])
 
 
 def test_a_delta_for_another_shape_is_refused(tmp_path: Path) -> None:
@@ -421,6 +446,39 @@ def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> No
     assert 0.78 <= heads.threshold[0] <= 0.8
 
 
+def test_the_benign_budget_is_met_by_raising_the_label_that_costs_fewest_dev_positives() -> None:
+    # Two labels, identity heads. hate's dev positives spread over 0.6-0.95: each raise
+    # loses some. violence has two dev positives, at 0.97 and 0.99 (too few for a best-F1
+    # cut, so it starts at 0.5): raising it up to 0.97 loses none.
+    heads = Heads(
+        labels=("hate", "violence"),
+        encoder="bundled:all-MiniLM-L6-v2",
+        out_weight=np.eye(2, dtype=np.float32),
+        out_bias=np.zeros(2, np.float32),
+        calib_scale=np.ones(2, np.float32),
+        calib_shift=np.zeros(2, np.float32),
+        threshold=np.full(2, 0.5, np.float32),
+    )
+    hate = np.concatenate([np.linspace(0.6, 0.95, 20), np.linspace(0.05, 0.3, 20)])
+    violence = np.concatenate([[0.97, 0.99], np.linspace(0.05, 0.3, 38)])
+    dev_x = np.hstack([_logit(hate), _logit(violence)])
+    y = np.zeros((40, 2), np.float32)
+    y[:20, 0] = 1.0
+    y[:2, 1] = 1.0
+    dev = Matrix(dev_x, y, np.ones_like(y), np.ones(40, np.float32), [])
+    # A benign set wholly flagged, one half by each label at 0.65-0.9: a 55% budget needs
+    # most of one half cleared, and only violence gives that for free.
+    low = _logit(np.full(50, 0.01))[:, 0]
+    band = _logit(np.linspace(0.65, 0.9, 50))[:, 0]
+    benign = np.vstack([np.stack([band, low], axis=1), np.stack([low, band], axis=1)])
+    tuned = tune_thresholds(heads, dev, [benign], [0.55])
+    flagged = (tuned.probabilities(benign) >= tuned.threshold).any(axis=1).mean()
+    assert flagged <= 0.55
+    assert tuned.threshold[0] <= 0.62  # hate keeps its best-F1 cut
+    assert tuned.threshold[1] > 0.85  # violence rose instead, losing no dev positive
+    assert tuned.threshold[1] <= 0.97
+
+
 BENIGN_SETS = {
     "threats": ["I will find you and kill you tonight, you are dead.", "Recipe for soup?"],
     "plain": ["What time does the museum open on Sunday?", "How do I repot a fern?"],
@@ -431,14 +489,14 @@ def _shipped_reference(tmp_path: Path, **overrides: object) -> TrainConfig:
     """A training config whose benign budgets (0.3) are capped by the shipped weights."""
     from gateway.safety.settings import SHIPPED_WEIGHTS
 
+    fields: dict[str, object] = {"benign_reference": SHIPPED_WEIGHTS, **overrides}
     return TrainConfig(
         data_dir=tmp_path,
         own_examples=(),
         output_dir=tmp_path / "out",
         cache_dir=tmp_path / "cache",
         benign_flag_budget=0.3,
-        benign_reference=SHIPPED_WEIGHTS,
-        **overrides,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
     )
 
 
@@ -516,11 +574,24 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
 
 
 def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Path) -> None:
-    # The shipped card names no backend: fp32 ONNX.
-    config = _shipped_reference(tmp_path, backend="onnx-int8")
-    sets = BENIGN_SETS
+    # A reference without an encoder delta whose card names int8, read by a run on fp32:
+    # the run's own frozen embeddings would be the right encoder on the wrong backend.
+    from gateway.safety.settings import SHIPPED_WEIGHTS
 
-    def int8_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        raise AssertionError("the fp32 reference must not be read with int8 embeddings")
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    shutil.copy(SHIPPED_WEIGHTS / "heads.safetensors", reference)
+    card = json.loads((SHIPPED_WEIGHTS / "model_card.json").read_text())
+    card["files"] = {"heads.safetensors": card["files"]["heads.safetensors"]}
+    card.pop("encoder_delta", None)
+    card["backend"] = "onnx-int8"
+    (reference / "model_card.json").write_text(json.dumps(card))
+    config = _shipped_reference(tmp_path, backend="onnx", benign_reference=reference)
 
-    assert _benign_budgets(config, sets, int8_embed, None) == {"threats": 0.3, "plain": 0.0}
+    def fp32_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        raise AssertionError("an int8 reference must not be read with fp32 embeddings")
+
+    budgets = _benign_budgets(config, BENIGN_SETS, fp32_embed, None)
+    assert set(budgets) == set(BENIGN_SETS)
+    assert all(0.0 <= budget <= 0.3 for budget in budgets.values())
+    assert list((tmp_path / "cache").glob("encoder-*-int8-per-channel.onnx"))  # read on int8
