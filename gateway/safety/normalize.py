@@ -15,7 +15,9 @@ Two views come out of :func:`normalize`:
 
 ``views``
     Decoded readings of encoded spans, folded like the text: base64 and hex spans that
-    decode to readable UTF-8, and the ROT13 reading of a text that reads better rotated.
+    decode to readable UTF-8, the ROT13 reading of a text that reads better rotated, and
+    the string values of a text that is a JSON document (tool-call arguments, structured
+    output), one per line, so quoting and keys do not dilute what the values say.
     The classifiers score each view as well as the text, and a label takes its highest
     score, so "aG93IHRvIGtpbGwgbXkgbmVpZ2hib3Vy" is judged as what it says.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -190,7 +193,34 @@ def decoded_views(text: str) -> list[str]:
     leet = _full_leet(text)
     if leet is not None:
         views.append(leet)
+    values = _json_values(text)
+    if values is not None:
+        views.append(values)
     return views[:_MAX_VIEWS]
+
+
+def _json_values(text: str) -> str | None:
+    """The string values of a JSON object or array, one per line; None for other text."""
+    stripped = text.strip()
+    if not stripped.startswith(("{", "[")):
+        return None
+    try:
+        document = json.loads(stripped)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return None
+    values: list[str] = []
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if item.strip():
+                values.append(item.strip())
+        elif isinstance(item, dict):
+            pending.extend(reversed(list(item.values())))
+        elif isinstance(item, list):
+            pending.extend(reversed(item))
+    joined = "\n".join(values)
+    return joined if joined and joined != stripped else None
 
 
 def _full_leet(text: str) -> str | None:
