@@ -219,8 +219,7 @@ def _json_values(text: str) -> str | None:
             pending.extend(reversed(list(item.values())))
         elif isinstance(item, list):
             pending.extend(reversed(item))
-    joined = "\n".join(values)
-    return joined if joined and joined != stripped else None
+    return "\n".join(values) or None
 
 
 def _full_leet(text: str) -> str | None:
