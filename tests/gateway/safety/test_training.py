@@ -574,24 +574,13 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
 
 
 def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Path) -> None:
-    # A reference without an encoder delta whose card names int8, read by a run on fp32:
-    # the run's own frozen embeddings would be the right encoder on the wrong backend.
-    from gateway.safety.settings import SHIPPED_WEIGHTS
+    # The shipped card names no backend: fp32 ONNX. A run on int8 must read it on fp32.
+    config = _shipped_reference(tmp_path, backend="onnx-int8")
 
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    shutil.copy(SHIPPED_WEIGHTS / "heads.safetensors", reference)
-    card = json.loads((SHIPPED_WEIGHTS / "model_card.json").read_text())
-    card["files"] = {"heads.safetensors": card["files"]["heads.safetensors"]}
-    card.pop("encoder_delta", None)
-    card["backend"] = "onnx-int8"
-    (reference / "model_card.json").write_text(json.dumps(card))
-    config = _shipped_reference(tmp_path, backend="onnx", benign_reference=reference)
+    def int8_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        raise AssertionError("the fp32 reference must not be read with int8 embeddings")
 
-    def fp32_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        raise AssertionError("an int8 reference must not be read with fp32 embeddings")
-
-    budgets = _benign_budgets(config, BENIGN_SETS, fp32_embed, None)
-    assert set(budgets) == set(BENIGN_SETS)
-    assert all(0.0 <= budget <= 0.3 for budget in budgets.values())
-    assert list((tmp_path / "cache").glob("encoder-*-int8-per-channel.onnx"))  # read on int8
+    assert _benign_budgets(config, BENIGN_SETS, int8_embed, None) == {
+        "threats": 0.3,
+        "plain": 0.0,
+    }
