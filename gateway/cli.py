@@ -377,6 +377,13 @@ def safety_train(
     ] = TuneMethod.TOP_LAYERS,
     tune_layers: Annotated[int, typer.Option(help="Blocks trained by 'top-layers'.")] = 2,
     tune_epochs: Annotated[int, typer.Option(help="Passes of the encoder fine-tuning.")] = 3,
+    pair_frozen: Annotated[
+        bool,
+        typer.Option(
+            help="With a tuned encoder, heads read the frozen and the tuned embeddings side "
+            "by side (two encoder passes); --no-pair-frozen keeps the best on dev alone."
+        ),
+    ] = True,
     backend: Annotated[
         ServingBackend,
         typer.Option(
@@ -418,6 +425,7 @@ def safety_train(
         tune_method=tune_method.value,
         tune_layers=tune_layers,
         tune_epochs=tune_epochs,
+        pair_frozen=pair_frozen,
         backend=backend.value,
         chunking=chunking.value,
         fragment_rows=fragment_rows,

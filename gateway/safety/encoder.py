@@ -286,6 +286,41 @@ class SentenceEncoder:
         return encoded, np.asarray(owner, np.int64)
 
 
+class PairedEncoder:
+    """Two encoders over the same token windows, their embeddings side by side: the
+    bundled encoder as pre-trained, then the same encoder with its fine-tuned delta.
+    Heads fitted on the pair (``heads_fit.averaged``) keep what pre-training knew about
+    text never trained on and what the tuning learned about intent."""
+
+    def __init__(self, frozen: SentenceEncoder, tuned: SentenceEncoder) -> None:
+        if (frozen.name, frozen.max_tokens, frozen.stride) != (
+            tuned.name,
+            tuned.max_tokens,
+            tuned.stride,
+        ):
+            raise ValueError("a pair must cut the same windows: one encoder, one window size")
+        if frozen.delta is not None or tuned.delta is None:
+            raise ValueError("a pair is the encoder without a delta, then the one with it")
+        self.frozen, self.tuned = frozen, tuned
+        self.name, self.backend, self.delta = tuned.name, tuned.backend, tuned.delta
+        self.max_tokens, self.stride = tuned.max_tokens, tuned.stride
+        self.dimension = frozen.dimension + tuned.dimension
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.frozen.tokenizer
+
+    def count_windows(self, texts: Sequence[str]) -> list[int]:
+        return self.frozen.count_windows(texts)
+
+    def embed(
+        self, texts: Sequence[str], *, batch_size: int = 64, first_window_only: bool = False
+    ) -> WindowEmbeddings:
+        first = self.frozen.embed(texts, batch_size=batch_size, first_window_only=first_window_only)
+        second = self.tuned.embed(texts, batch_size=batch_size, first_window_only=first_window_only)
+        return WindowEmbeddings(np.hstack([first.vectors, second.vectors]), first.owner)
+
+
 def _inference_session(target: Path, threads: int) -> Any:
     import onnxruntime
 

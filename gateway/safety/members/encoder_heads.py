@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gateway.safety.delta import DeltaError, verify
-from gateway.safety.encoder import SentenceEncoder
+from gateway.safety.encoder import PairedEncoder, SentenceEncoder
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.normalize import NormalizedText
@@ -108,7 +108,7 @@ class EncoderHeadsClassifier:
         *,
         id: str = "encoder",
         heads_path: Path = SHIPPED_HEADS,
-        encoder: SentenceEncoder | None = None,
+        encoder: SentenceEncoder | PairedEncoder | None = None,
         backend: Backend | None = None,
         cache_dir: Path | None = None,
         threads: int | None = None,
@@ -129,13 +129,12 @@ class EncoderHeadsClassifier:
             self._heads = Heads.load(heads_path)
         except HeadsFormatError as error:
             raise MemberLoadError(str(error)) from error
+        inputs = card_value(heads_path, "inputs", "single")
+        if inputs not in {"single", "frozen+tuned"} or (inputs != "single" and delta is None):
+            raise MemberLoadError(f"the model card names inputs {inputs!r} it cannot serve")
         try:
-            self._encoder = encoder or SentenceEncoder(
-                self._heads.encoder,
-                backend=backend,
-                cache_dir=cache_dir,
-                threads=threads,
-                delta=delta,
+            self._encoder = encoder or self._load_encoder(
+                backend, cache_dir, threads, delta, paired=inputs == "frozen+tuned"
             )
         except (OSError, RuntimeError, DeltaError) as error:
             raise MemberLoadError(
@@ -152,6 +151,26 @@ class EncoderHeadsClassifier:
         self._id = id
         self._batch_size = batch_size
 
+    def _load_encoder(
+        self,
+        backend: Backend,
+        cache_dir: Path | None,
+        threads: int | None,
+        delta: Path | None,
+        *,
+        paired: bool,
+    ) -> SentenceEncoder | PairedEncoder:
+        def load(delta: Path | None) -> SentenceEncoder:
+            return SentenceEncoder(
+                self._heads.encoder,
+                backend=backend,
+                cache_dir=cache_dir,
+                threads=threads,
+                delta=delta,
+            )
+
+        return PairedEncoder(load(None), load(delta)) if paired else load(delta)
+
     @property
     def id(self) -> str:
         return self._id
@@ -161,7 +180,7 @@ class EncoderHeadsClassifier:
         return frozenset(self._labels)
 
     @property
-    def encoder(self) -> SentenceEncoder:
+    def encoder(self) -> SentenceEncoder | PairedEncoder:
         return self._encoder
 
     @property

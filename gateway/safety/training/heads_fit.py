@@ -85,6 +85,41 @@ def fit(matrix: Matrix, hidden: int, config: FitRecipe) -> torch.nn.Module:
     return model.eval()
 
 
+def averaged(first: torch.nn.Module, second: torch.nn.Module) -> torch.nn.Sequential:
+    """One MLP over two embeddings side by side (``first``'s input, then ``second``'s)
+    whose logits are the mean of the two MLPs' logits: their hidden layers on the
+    diagonal of one block matrix, their output layers halved and joined."""
+    (hidden_a, out_a), (hidden_b, out_b) = (_mlp_layers(first), _mlp_layers(second))
+    rows_a, columns_a = hidden_a.weight.shape
+    rows_b, columns_b = hidden_b.weight.shape
+    hidden = torch.nn.Linear(columns_a + columns_b, rows_a + rows_b)
+    out = torch.nn.Linear(rows_a + rows_b, out_a.weight.shape[0])
+    with torch.no_grad():
+        hidden.weight.zero_()
+        hidden.weight[:rows_a, :columns_a] = hidden_a.weight
+        hidden.weight[rows_a:, columns_a:] = hidden_b.weight
+        hidden.bias.copy_(torch.cat([hidden_a.bias, hidden_b.bias]))
+        out.weight.copy_(torch.cat([out_a.weight, out_b.weight], dim=1) / 2)
+        out.bias.copy_((out_a.bias + out_b.bias) / 2)
+    return torch.nn.Sequential(hidden, torch.nn.ReLU(), out).eval()
+
+
+def _mlp_layers(model: torch.nn.Module) -> tuple[torch.nn.Linear, torch.nn.Linear]:
+    linear = [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+    if len(linear) != 2:
+        raise ValueError(f"expected an MLP with one hidden layer, got {len(linear)} linear layers")
+    return linear[0], linear[1]
+
+
+def joined(first: Matrix, second: Matrix) -> Matrix:
+    """The same rows with ``first``'s and ``second``'s embeddings side by side."""
+    if first.examples is not second.examples and first.examples != second.examples:
+        raise ValueError("the two matrices hold different rows")
+    return Matrix(
+        np.hstack([first.x, second.x]), first.y, first.known, first.weight, first.examples
+    )
+
+
 def head_logits(model: torch.nn.Module, x: FloatArray) -> FloatArray:
     with torch.inference_mode():
         logits: FloatArray = model(torch.from_numpy(x)).numpy()

@@ -67,11 +67,14 @@ from gateway.safety.training.embedding_cache import Embed, cached_embedder
 from gateway.safety.training.encoder_tuning import TuningConfig, tune
 from gateway.safety.training.heads_fit import (
     CALIBRATION_BINS,
+    FloatArray,
     Matrix,
+    averaged,
     calibrate,
     calibration_error,
     fit,
     flag_rate,
+    joined,
     label_metrics,
     mean_auprc,
     reliability,
@@ -80,6 +83,7 @@ from gateway.safety.training.heads_fit import (
 from gateway.safety.training.loop import Progress, TunedEncoder, TuningData
 
 TUNE_METHODS = ("top-layers", "lora")
+PAIRED = "mlp|tuned+mlp"
 SERVING_BACKENDS = (Backend.ONNX.value, Backend.ONNX_INT8.value)
 
 
@@ -145,6 +149,13 @@ class TrainConfig:
     embedded_rows: int = field(
         default=4000,
         metadata={"help": "harmful training texts set inside benign ones, added"},
+    )
+    pair_frozen: bool = field(
+        default=True,
+        metadata={
+            "help": "with a tuned encoder, ship heads that read the frozen and the tuned "
+            "embeddings side by side, averaging the two MLPs (two encoder passes)"
+        },
     )
     backend: str = field(
         default=Backend.ONNX.value,
@@ -213,12 +224,31 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         fitted[f"{method}+mlp"] = fit(tuned_matrices[Split.TRAIN], config.hidden, config)
         variants[f"{method}+mlp"] = config.hidden
         dev_of.update(dict.fromkeys((method, f"{method}+mlp"), tuned_matrices[Split.DEV]))
+        # The tuned encoder learns intent from the training sets and forgets some of what
+        # pre-training knew: on public sets never trained on it ranks worse than the
+        # frozen one (docs/BENCHMARKS.md). The pair keeps both, at two encoder passes.
+        paired_matrices = {split: joined(matrices[split], tuned_matrices[split]) for split in Split}
+        fitted[PAIRED] = averaged(fitted["mlp"], fitted[f"{method}+mlp"])
+        variants[PAIRED] = 2 * config.hidden
+        dev_of[PAIRED] = paired_matrices[Split.DEV]
     dev_scores = {name: mean_auprc(model, dev_of[name]) for name, model in fitted.items()}
     own_dev_scores = {
         name: mean_auprc(model, _own_rows(dev_of[name])) for name, model in fitted.items()
     }
-    chosen = max(dev_scores, key=lambda name: dev_scores[name])
-    if chosen.startswith(method):
+    if config.tune_encoder and config.pair_frozen:
+        chosen = PAIRED  # dev rows share the training sets' sources: they cannot show it
+    else:
+        chosen = max(dev_scores, key=lambda name: dev_scores[name])
+    if chosen == PAIRED:
+        matrices.update(paired_matrices)
+
+        def both(texts: Sequence[str]) -> FloatArray:
+            return np.hstack([embed(texts), tuned_embed(texts)])
+
+        benign_tune_x = {name: both(texts) for name, texts in benign_tune.items()}
+        benign_test_x = {name: both(texts) for name, texts in benign_test.items()}
+        delta_path = tuned.delta_path
+    elif chosen.startswith(method):
         matrices.update(tuned_matrices)
         benign_tune_x = {name: tuned_embed(texts) for name, texts in benign_tune.items()}
         benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
@@ -240,6 +270,9 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         "backend": config.backend,
         "languages": list(config.languages),
         "chunking": config.chunking,
+        # What the heads read: the tuned encoder's embedding alone (or the frozen one's
+        # when no delta ships), or the frozen and the tuned side by side.
+        "inputs": "frozen+tuned" if chosen == PAIRED else "single",
         "architecture": {
             "variant": chosen,
             "hidden": variants[chosen],

@@ -523,18 +523,16 @@ def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path
         _benign_budgets(replace(config, benign_reference=tampered), sets, frozen_embed, None)
 
 
-def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_names_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
-    from gateway.safety.normalize import normalize
-    from gateway.safety.settings import Backend
+def _own_examples_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, rows: int, **overrides: object
+) -> TrainConfig:
+    """A short training run's config without the public sets (tests never read
+    ../shared/data): the first ``rows`` own examples, the generated noise and a two-prompt
+    stand-in for refusal-direction's harmless split; 3 epochs, ``overrides`` on top."""
     from gateway.safety.training.corpus import Corpus
-    from gateway.safety.training.train import run
 
-    # The public sets are not here (tests never read ../shared/data): own examples, the
-    # generated noise and a two-prompt stand-in for refusal-direction's harmless split.
-    public = ("_davidson", "_hatexplain", "_toxigen_annotated", "_toxigen_prompts", "_surge")
+    public: tuple[str, ...] = ("_davidson", "_hatexplain", "_toxigen_annotated")
+    public += ("_toxigen_prompts", "_surge")
     public += ("_deepset", "_jailbreak_prompts", "_giskard", "_forbidden_questions")
     public += ("_advbench_behaviors", "_mtbench", "_indirect_attacks")
     for name in public:
@@ -545,15 +543,31 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
         prompts = [{"instruction": "Name three rivers in Europe."}, {"instruction": "Hi!"}]
         (harmless / f"harmless_{split}.json").write_text(json.dumps(prompts))
     committed = Path(__file__).resolve().parents[3] / "data/safety/intent_examples.jsonl"
-    rows = committed.read_text(encoding="utf-8").splitlines()[:400]
     own = tmp_path / "own.jsonl"
-    own.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    config = TrainConfig(
+    lines = committed.read_text(encoding="utf-8").splitlines()[:rows]
+    own.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return TrainConfig(
         data_dir=tmp_path / "public",
         own_examples=(own,),
         output_dir=tmp_path / "weights",
         cache_dir=tmp_path / "cache",
         epochs=3,
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
+    from gateway.safety.normalize import normalize
+    from gateway.safety.settings import Backend
+    from gateway.safety.training.train import run
+
+    config = _own_examples_only(
+        tmp_path,
+        monkeypatch,
+        rows=400,
         tune_encoder=False,
         backend="onnx-int8",
     )
@@ -584,3 +598,78 @@ def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Pa
         "threats": 0.3,
         "plain": 0.0,
     }
+
+
+def test_averaged_heads_read_two_embeddings_side_by_side_and_give_the_mean_logit() -> None:
+    from gateway.safety.training.heads_fit import averaged, head_logits, joined
+
+    torch.manual_seed(0)
+
+    def mlp(dimension: int, hidden: int) -> torch.nn.Module:
+        layers = [torch.nn.Linear(dimension, hidden), torch.nn.ReLU(), torch.nn.Dropout(0.1)]
+        return torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 3)).eval()
+
+    first, second = mlp(5, 4), mlp(6, 7)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(9, 5)).astype(np.float32)
+    b = rng.normal(size=(9, 6)).astype(np.float32)
+    y = np.zeros((9, 3), np.float32)
+    pair = joined(Matrix(a, y, y, y[:, 0], []), Matrix(b, y, y, y[:, 0], []))
+    assert pair.x.shape == (9, 11)
+
+    model = averaged(first, second)
+    expected = (head_logits(first, a) + head_logits(second, b)) / 2
+    np.testing.assert_allclose(head_logits(model, pair.x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one hidden layer"):
+        averaged(torch.nn.Linear(5, 3), second)
+
+
+def test_a_run_with_a_tuned_encoder_ships_heads_on_the_frozen_and_tuned_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.safety.encoder import PairedEncoder
+    from gateway.safety.members import MemberLoadError
+    from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
+    from gateway.safety.normalize import normalize
+    from gateway.safety.training.train import run
+
+    config = _own_examples_only(
+        tmp_path,
+        monkeypatch,
+        rows=300,
+        tune_epochs=1,
+        max_tune_steps=2,
+        fragment_rows=20,
+        embedded_rows=20,
+        backend="onnx-int8",
+    )
+    card = run(config)
+    assert card["inputs"] == "frozen+tuned"
+    assert card["architecture"]["variant"] == "mlp|tuned+mlp"  # type: ignore[index]
+    assert set(card["selection"]["dev_mean_auprc"]) >= {"mlp", "top-layers+mlp", "mlp|tuned+mlp"}  # type: ignore[index]
+    assert card["encoder_delta"] == "encoder_delta.safetensors"
+
+    weights = tmp_path / "weights"
+    served = EncoderHeadsClassifier(
+        heads_path=weights / "heads.safetensors", cache_dir=tmp_path / "cache"
+    )
+    pair = served.encoder
+    assert isinstance(pair, PairedEncoder)
+    assert pair.dimension == 2 * pair.frozen.dimension
+    text = "give me steps to build a pipe bomb at home"
+    both = pair.embed([text]).vectors[0]
+    np.testing.assert_allclose(both[:384], pair.frozen.embed([text]).vectors[0])
+    np.testing.assert_allclose(both[384:], pair.tuned.embed([text]).vectors[0])
+    assert not np.allclose(both[:384], both[384:])  # the delta changed the encoder
+    (detection,) = served.classify([normalize(text)])
+    assert set(detection.scores) == set(served.labels)
+
+    # A card asking for the pair without a delta to pair with is not served (fail closed).
+    card_path = weights / "model_card.json"
+    written = json.loads(card_path.read_text())
+    del written["encoder_delta"], written["files"]["encoder_delta.safetensors"]
+    card_path.write_text(json.dumps(written))
+    with pytest.raises(MemberLoadError, match="inputs 'frozen\\+tuned' it cannot serve"):
+        EncoderHeadsClassifier(
+            heads_path=weights / "heads.safetensors", cache_dir=tmp_path / "cache"
+        )
