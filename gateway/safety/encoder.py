@@ -47,6 +47,7 @@ from gateway.safety import contention
 from gateway.safety.settings import Backend
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IntArray = npt.NDArray[np.int64]
@@ -102,7 +103,10 @@ class SentenceEncoder:
         backend: Backend = Backend.TORCH,
         cache_dir: Path | None = None,
         delta: Path | None = None,
+        paired: bool = False,
     ) -> None:
+        if paired and (delta is None or backend not in (Backend.ONNX, Backend.ONNX_INT8)):
+            raise ValueError("a paired graph needs a delta and an ONNX backend")
         if not 16 <= max_tokens <= 512:
             raise ValueError(f"max_tokens must be within 16..512, got {max_tokens}")
         if not 0 <= stride < max_tokens // 2:
@@ -114,6 +118,11 @@ class SentenceEncoder:
         self.stride = stride
         self.device = device
         self.delta = delta
+        # ``paired``: one graph gives the frozen encoder's states and, beside them, the
+        # tuned top blocks' states over the same lower blocks (``export_onnx``); each half
+        # is pooled and normalised on its own, as two encoders' embeddings would be.
+        self.paired = paired
+        self._parts = 2 if paired else 1
         self.backend = Backend(backend)
         self._path, self._local_only = path, local_only
         self._model: PreTrainedModel | None = None
@@ -136,7 +145,7 @@ class SentenceEncoder:
             # ONNX Runtime holds its own copy of the weights: the torch model is loaded
             # only to export the graph (once per cache folder), then dropped.
             config = json.loads(model_file(path, "config.json", local_only=local_only).read_text())
-            self.dimension = int(config["hidden_size"])
+            self.dimension = int(config["hidden_size"]) * self._parts
             self._session = self._onnx_session(path, cache_dir, threads)
         else:
             import torch
@@ -179,11 +188,11 @@ class SentenceEncoder:
         delta = "" if self.delta is None else hashlib.sha256(self.delta.read_bytes()).hexdigest()
         key = hashlib.sha256(
             f"{Path(path).resolve() if Path(path).exists() else path}|{version('transformers')}|"
-            f"{version('torch')}|{ONNX_OPSET}|{delta}".encode()
+            f"{version('torch')}|{ONNX_OPSET}|{delta}{'|paired' if self.paired else ''}".encode()
         ).hexdigest()[:16]
         target = folder / f"encoder-{key}.onnx"
         if not target.exists():
-            _export_in_child(path, target, self.delta)
+            _export_in_child(path, target, self.delta, paired=self.paired)
         if self.backend is Backend.ONNX_INT8:
             quantized = folder / f"encoder-{key}-int8-per-channel.onnx"
             if not quantized.exists():
@@ -239,8 +248,9 @@ class SentenceEncoder:
             hidden = self._forward(batch)
             mask = batch["attention_mask"][..., None].astype(np.float32)
             pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-            vectors[index] = pooled / np.clip(norms, 1e-12, None)
+            parts = pooled.reshape(len(index), self._parts, -1)
+            norms = np.linalg.norm(parts, axis=2, keepdims=True)
+            vectors[index] = (parts / np.clip(norms, 1e-12, None)).reshape(len(index), -1)
         return WindowEmbeddings(vectors, owner)
 
     def _forward(self, batch: dict[str, IntArray]) -> npt.NDArray[np.float32]:
@@ -329,12 +339,20 @@ def _inference_session(target: Path, threads: int) -> Any:
     return onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
 
 
-def _export_in_child(path: str, target: Path, delta: Path | None) -> None:
+def _export_in_child(path: str, target: Path, delta: Path | None, *, paired: bool = False) -> None:
     """Export the ONNX graph in a child process, so the serving process never loads torch
     (the export needs it; ONNX Runtime does not)."""
     code = "import sys; from gateway.safety.encoder import export_onnx; export_onnx(*sys.argv[1:])"
     done = subprocess.run(  # noqa: S603 - this interpreter, this module's own function
-        [sys.executable, "-c", code, path, str(target), "" if delta is None else str(delta)],
+        [
+            sys.executable,
+            "-c",
+            code,
+            path,
+            str(target),
+            "" if delta is None else str(delta),
+            "paired" if paired else "",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -344,9 +362,14 @@ def _export_in_child(path: str, target: Path, delta: Path | None) -> None:
         raise RuntimeError(f"exporting the encoder to ONNX failed: {tail[0]}")
 
 
-def export_onnx(path: str, target: str, delta: str = "") -> None:
+def export_onnx(path: str, target: str, delta: str = "", paired: str = "") -> None:
     """Export the model at ``path`` (with ``delta`` merged) to ``target`` as ONNX. Eager
-    attention: the SDPA path does not trace correctly."""
+    attention: the SDPA path does not trace correctly.
+
+    ``paired``: the graph's output is the frozen model's last hidden state and, beside it
+    on the last axis, the tuned model's, whose blocks below the first one the delta
+    changes are shared with the frozen model (a top-blocks delta over a 6-block encoder
+    costs 8 blocks, not 12)."""
     import warnings
 
     import torch
@@ -356,9 +379,14 @@ def export_onnx(path: str, target: str, delta: str = "") -> None:
     eager = AutoModel.from_pretrained(
         path, local_files_only=local_only, attn_implementation="eager"
     ).eval()
+    frozen = None
     if delta:
         from gateway.safety.delta import merge_into
 
+        if paired:
+            frozen = AutoModel.from_pretrained(
+                path, local_files_only=local_only, attn_implementation="eager"
+            ).eval()
         merge_into(eager, Path(delta))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     sample = tokenizer(["an example sentence"], return_tensors="pt")
@@ -372,11 +400,30 @@ def export_onnx(path: str, target: str, delta: str = "") -> None:
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
             return self.model(**dict(zip(names, inputs, strict=True))).last_hidden_state  # type: ignore[no-any-return]
 
+    class Paired(torch.nn.Module):
+        def __init__(self, frozen: PreTrainedModel, tuned: PreTrainedModel) -> None:
+            super().__init__()
+            self.frozen = frozen
+            self.shared = _first_changed_block(frozen, tuned)
+            self.top = torch.nn.ModuleList(list(tuned.encoder.layer)[self.shared :])  # type: ignore[union-attr,arg-type]
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            named = dict(zip(names, inputs, strict=True))
+            out = self.frozen(**named, output_hidden_states=True)
+            hidden = out.hidden_states[self.shared]
+            mask = named["attention_mask"][:, None, None, :].to(hidden.dtype)
+            additive = (1.0 - mask) * torch.finfo(hidden.dtype).min  # eager attention's form
+            for block in self.top:
+                output = block(hidden, attention_mask=additive)
+                hidden = output[0] if isinstance(output, tuple) else output
+            return torch.cat([out.last_hidden_state, hidden], dim=-1)
+
+    graph = Paired(frozen, eager) if frozen is not None else Hidden(eager)
     partial = Path(target).with_suffix(f".{os.getpid()}.partial")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its age
         torch.onnx.export(
-            Hidden(eager),
+            graph,
             tuple(sample[name] for name in names),
             str(partial),
             input_names=names,
@@ -388,3 +435,18 @@ def export_onnx(path: str, target: str, delta: str = "") -> None:
             dynamo=False,
         )
     partial.replace(target)
+
+
+def _first_changed_block(frozen: torch.nn.Module, tuned: torch.nn.Module) -> int:
+    """Index of the lowest block whose parameters differ; the embeddings must not differ
+    (the pair shares them)."""
+    import torch
+
+    before = dict(frozen.named_parameters())
+    changed = [
+        name for name, value in tuned.named_parameters() if not torch.equal(value, before[name])
+    ]
+    blocks = [name.split(".")[2] for name in changed if name.startswith("encoder.layer.")]
+    if len(blocks) != len([name for name in changed if not name.startswith("pooler.")]):
+        raise ValueError("the delta changes more than the encoder's blocks; it cannot be paired")
+    return min((int(index) for index in blocks), default=len(frozen.encoder.layer))  # type: ignore[union-attr,arg-type]

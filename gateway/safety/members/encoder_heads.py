@@ -160,16 +160,21 @@ class EncoderHeadsClassifier:
         *,
         paired: bool,
     ) -> SentenceEncoder | PairedEncoder:
-        def load(delta: Path | None) -> SentenceEncoder:
+        def load(delta: Path | None, *, paired: bool = False) -> SentenceEncoder:
             return SentenceEncoder(
                 self._heads.encoder,
                 backend=backend,
                 cache_dir=cache_dir,
                 threads=threads,
                 delta=delta,
+                paired=paired,
             )
 
-        return PairedEncoder(load(None), load(delta)) if paired else load(delta)
+        if not paired:
+            return load(delta)
+        if backend in (Backend.ONNX, Backend.ONNX_INT8):
+            return load(delta, paired=True)  # one graph: the lower blocks run once
+        return PairedEncoder(load(None), load(delta))
 
     @property
     def id(self) -> str:
