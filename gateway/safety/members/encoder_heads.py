@@ -10,7 +10,10 @@ and their tuned thresholds live in one safetensors file written by
 ``safegate safety train``; its model card sits beside it and names the encoder backend the
 heads were fitted on (``backend``: ``onnx`` or ``onnx-int8``), which serves them unless
 ``SAFEGATE_ENCODER__BACKEND`` says otherwise. When the encoder was fine-tuned
-(engine v2), the card names the delta over the bundled encoder (``gateway.safety.delta``).
+(engine v2), the card names the delta over the bundled encoder (``gateway.safety.delta``);
+a card with ``inputs: frozen+tuned`` has heads that read the frozen and the tuned
+embedding side by side, which one paired ONNX graph (or a ``PairedEncoder`` on torch)
+computes in one call.
 
 Every file the card lists is checked against its sha256 before it is used: weights that
 differ from what the card describes never load, so the engine is not ready (fail closed).

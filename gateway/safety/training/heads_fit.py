@@ -3,9 +3,11 @@
 Shared by the English heads (``train``) and the multilingual ones (``multilingual``). A
 ``Matrix`` holds one split: embeddings, labels, the known-label mask and row weights.
 ``fit`` trains a linear head or a one-hidden-layer MLP with the masked, weighted binary
-cross-entropy of ``loop``; ``calibrate`` fits Platt scaling per label on dev and packs the
-result as ``Heads``; ``tune_thresholds`` picks each label's threshold on dev under the
-benign sets' budgets; the rest measure (AUPRC, per-label metrics, calibration, flag rates).
+cross-entropy of ``loop``; ``averaged`` joins two fitted heads that read two embeddings
+side by side into one whose logits are their mean; ``calibrate`` fits Platt scaling per
+label on dev and packs the result as ``Heads``; ``tune_thresholds`` picks each label's
+threshold on dev under the benign sets' budgets; the rest measure (AUPRC, per-label
+metrics, calibration, flag rates).
 """
 
 from __future__ import annotations
