@@ -436,7 +436,8 @@ def _benign_budgets(
     """The share of each benign tuning set the new thresholds may flag: the budget, and
     with a reference no more than the reference's own rate on that set. ``frozen`` embeds
     with the plain encoder on ``config.backend``, which a reference without a delta on the
-    same backend reads; any other reference is read with its own delta and backend."""
+    same backend reads; any other reference is read with its own delta and backend, and a
+    reference on the frozen and tuned pair with both embeddings side by side."""
     budgets = dict.fromkeys(benign_tune, config.benign_flag_budget)
     if config.benign_reference is None:
         return budgets
@@ -454,11 +455,21 @@ def _benign_budgets(
             f"benign reference {folder} uses {reference.encoder}, not {config.encoder}"
         )
     backend = card_value(heads_path, "backend", Backend.ONNX.value)
-    embed = (
-        frozen
-        if delta is None and backend == config.backend
-        else _embedder(_encoder(config, delta, backend), config.cache_dir, progress)
-    )
+
+    def reader(with_delta: Path | None) -> Embed:
+        if with_delta is None and backend == config.backend:
+            return frozen
+        return _embedder(_encoder(config, with_delta, backend), config.cache_dir, progress)
+
+    embed = reader(delta)
+    if card_value(heads_path, "inputs", "single") == "frozen+tuned":
+        if delta is None:
+            raise ValueError(f"benign reference {folder} reads a pair but ships no delta")
+        plain, tuned = reader(None), embed
+
+        def embed(texts: Sequence[str]) -> FloatArray:
+            return np.hstack([plain(texts), tuned(texts)])
+
     for name, texts in benign_tune.items():
         if texts:
             budgets[name] = min(budgets[name], flag_rate(reference, embed(texts)))

@@ -588,13 +588,14 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
 
 
 def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Path) -> None:
-    # The shipped card names no backend: fp32 ONNX. A run on int8 must read it on fp32.
-    config = _shipped_reference(tmp_path, backend="onnx-int8")
+    # The shipped card names int8 and the frozen and tuned pair: a run on fp32 must read
+    # it with the int8 pair, never with its own fp32 frozen embeddings.
+    config = _shipped_reference(tmp_path, backend="onnx")
 
-    def int8_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        raise AssertionError("the fp32 reference must not be read with int8 embeddings")
+    def fp32_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        raise AssertionError("the int8 pair must not be read with fp32 frozen embeddings")
 
-    assert _benign_budgets(config, BENIGN_SETS, int8_embed, None) == {
+    assert _benign_budgets(config, BENIGN_SETS, fp32_embed, None) == {
         "threats": 0.3,
         "plain": 0.0,
     }
