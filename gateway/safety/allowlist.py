@@ -6,8 +6,8 @@ match itself: a text that matches is scored again with every match of the lists 
 apply replaced by :data:`PLACEHOLDER`, and for those categories in that direction the
 verdict uses, member by member, the lower of the two scores. Every other category keeps
 the text's own scores, and if the masked text still crosses a threshold, the flag stands.
-So "Murder Burger. I will find you and kill you." stays blocked for violence when
-"Murder Burger" is allowlisted for violence: the masked text ("name. i will find you and
+So "Shooter Burger. I will find you and kill you." stays blocked for violence when
+"Shooter Burger" is allowlisted for violence: the masked text ("name. i will find you and
 kill you.") is a text anyone could have sent, and it is judged like one. An allowlist
 adds no way around the filter that sending the masked text would not already give.
 

@@ -1,7 +1,7 @@
 """Custom allowlists: the store on SQLite and PostgreSQL, masking, the engine's exemptions
 on real text with the shipped members, and the API through the whole app.
 
-The product is a made-up restaurant, "Murder Burger": the shipped engine flags a plain
+The product is a made-up restaurant, "Shooter Burger": the shipped engine flags a plain
 booking request that names it for violence and illicit/violent (checked below, before
 any allowlist exists). Allowlisting it must let that request through where the list says
 and nowhere else, and must not let a threat through because it names the restaurant.
@@ -45,14 +45,14 @@ from gateway.safety.settings import SHIPPED_POLICY
 from gateway.safety.taxonomy import AzureCategory, Category, Direction, Severity
 from tests.gateway.conftest import EngineFactory, alembic_config, issue_key, ready_client
 
-BOOKING = "Book a table at Murder Burger downtown."
-THREAT = "Murder Burger. I will find you and kill you."
+BOOKING = "Book a table at Shooter Burger downtown."
+THREAT = "Shooter Burger. I will find you and kill you."
 # Threats that name the restaurant, each blocked by the shipped engine as it stands.
 THREATS = (
     THREAT,
-    "Book a table at Murder Burger downtown, then I will find you and kill you.",
-    "I am going to stab you at Murder Burger and watch you bleed.",
-    "Bring the Murder Burger and I'll shoot everyone in the school.",
+    "Book a table at Shooter Burger downtown, then I will find you and kill you.",
+    "I am going to stab you at Shooter Burger and watch you bleed.",
+    "Bring the Shooter Burger and I'll shoot everyone in the school.",
 )
 EVERY_CATEGORY = [category.value for category in Category]
 BOTH = ["prompt", "completion"]
@@ -76,7 +76,7 @@ def restaurants(
 ) -> None:
     store.create(
         "restaurants",
-        terms=["Murder Burger"] if terms is None and regexes is None else terms or [],
+        terms=["Shooter Burger"] if terms is None and regexes is None else terms or [],
         regexes=regexes or [],
         categories=categories or ["violence", "illicit/violent"],
         directions=directions or ["prompt"],
@@ -123,14 +123,14 @@ def test_store_round_trip(store: AllowlistStore) -> None:
     before = datetime.now(UTC)
     created = store.create(
         "restaurants",
-        terms=["  Murder Burger ", "Murder Burger"],
+        terms=["  Shooter Burger ", "Shooter Burger"],
         regexes=[r"gutshot\s+grill"],
         categories=["violence", "illicit/violent", "violence"],
         directions=["completion", "prompt"],
         created_by="key_admin",
     )
     assert created.name == "restaurants"
-    assert created.terms == ("Murder Burger",)  # stripped, once
+    assert created.terms == ("Shooter Burger",)  # stripped, once
     assert created.regexes == (r"gutshot\s+grill",)
     assert created.categories == (Category.ILLICIT_VIOLENT, Category.VIOLENCE)
     assert created.directions == (Direction.PROMPT, Direction.COMPLETION)
@@ -141,7 +141,7 @@ def test_store_round_trip(store: AllowlistStore) -> None:
     assert store.get("restaurants") == created
     assert store.list() == [created]
 
-    updated = store.update("restaurants", AllowlistChange(enabled=False, terms=["Murder Burger"]))
+    updated = store.update("restaurants", AllowlistChange(enabled=False, terms=["Shooter Burger"]))
     assert updated.enabled is False
     assert updated.regexes == created.regexes  # left as it was
     assert updated.updated_at > created.updated_at
@@ -181,7 +181,7 @@ def test_bad_fields_are_refused_naming_the_field(
 ) -> None:
     store = AllowlistStore(sqlite_database)
     arguments: dict[str, list[str]] = {
-        "terms": ["Murder Burger"],
+        "terms": ["Shooter Burger"],
         "regexes": [],
         "categories": ["violence"],
         "directions": ["prompt"],
@@ -201,7 +201,7 @@ def test_an_update_is_validated_as_a_whole(sqlite_database: Database) -> None:
     assert refused.value.param == "regexes.0"
     with pytest.raises(InvalidRequest):
         store.update("restaurants", AllowlistChange(terms=[]))  # then nothing to match
-    assert store.get("restaurants").terms == ("Murder Burger",)
+    assert store.get("restaurants").terms == ("Shooter Burger",)
 
 
 def test_refresh_picks_up_another_replicas_change(database: Database) -> None:
@@ -211,7 +211,7 @@ def test_refresh_picks_up_another_replicas_change(database: Database) -> None:
     try:
         restaurants(here)
         cached = here.snapshot()
-        assert [hit.allowlist for hit in cached.search("murder burger")] == ["restaurants"]
+        assert [hit.allowlist for hit in cached.search("shooter burger")] == ["restaurants"]
 
         # An update changes no count and no id: the revision moves the version.
         there.update("restaurants", AllowlistChange(enabled=False))
@@ -219,23 +219,23 @@ def test_refresh_picks_up_another_replicas_change(database: Database) -> None:
         assert here.snapshot() is cached  # younger than refresh_s: not even checked
         clock.now += 0.2
         refreshed = here.snapshot()
-        assert refreshed.search("murder burger") == ()
+        assert refreshed.search("shooter burger") == ()
         clock.now += 60
         assert here.snapshot() is refreshed  # checked, unchanged: not rebuilt
 
         there.update("restaurants", AllowlistChange(enabled=True, terms=["Gutshot Grill"]))
         clock.now += 5.0
-        assert here.snapshot().search("murder burger") == ()
+        assert here.snapshot().search("shooter burger") == ()
         assert len(here.snapshot().search("the gutshot grill")) == 1
     finally:
         there.database.dispose()
 
 
 def test_a_change_made_here_is_seen_at_once(store: AllowlistStore) -> None:
-    assert store.snapshot().search("murder burger") == ()
+    assert store.snapshot().search("shooter burger") == ()
     restaurants(store)
-    [hit] = store.snapshot().search("book a table at murder burger downtown.")
-    assert (hit.start, hit.end) == (16, 29)
+    [hit] = store.snapshot().search("book a table at shooter burger downtown.")
+    assert (hit.start, hit.end) == (16, 30)
     assert hit.categories == {Category.VIOLENCE, Category.ILLICIT_VIOLENT}
     assert hit.directions == {Direction.PROMPT}
 
@@ -244,11 +244,11 @@ def test_a_change_made_here_is_seen_at_once(store: AllowlistStore) -> None:
 
 
 def test_mask_replaces_each_match_and_merges_overlaps(store: AllowlistStore) -> None:
-    restaurants(store, regexes=[r"murder\s+burger", r"burger\s+downtown"])
+    restaurants(store, regexes=[r"shooter\s+burger", r"burger\s+downtown"])
     snapshot = store.snapshot()
     folded = normalize(BOOKING).folded
     assert mask(folded, snapshot.search(folded)) == f"book a table at {PLACEHOLDER}."
-    [masking] = maskings(normalize("MURD3R BURG3R for two"), snapshot)
+    [masking] = maskings(normalize("SH00T3R BURG3R for two"), snapshot)
     assert masking.text.folded == f"{PLACEHOLDER} for two"
     assert masking.allowlists == ("restaurants",)
     assert masking.scopes == (
@@ -260,18 +260,18 @@ def test_a_match_longer_than_the_limit_is_never_masked(store: AllowlistStore) ->
     restaurants(store, regexes=[r"book.*downtown"])
     short = normalize(BOOKING)
     assert [m.text.folded for m in maskings(short, store.snapshot())] == [PLACEHOLDER + "."]
-    long = normalize("Book " + "a table at Murder Burger " * 5 + "downtown.")
+    long = normalize("Book " + "a table at Shooter Burger " * 5 + "downtown.")
     assert maskings(long, store.snapshot()) == []
 
 
 def test_decoded_views_are_masked_too(store: AllowlistStore) -> None:
     restaurants(store)
-    text = normalize("Jr jnag gb obbx n gnoyr ng Zheqre Ohetre sbe gjb")  # ROT13
+    text = normalize("Jr jnag gb obbx n gnoyr ng Fubbgre Ohetre sbe gjb")  # ROT13
     [masking] = maskings(text, store.snapshot())
     assert text.views
-    assert "murder burger" in text.views[0]
+    assert "shooter burger" in text.views[0]
     assert PLACEHOLDER in masking.text.views[0]
-    assert "murder burger" not in masking.text.views[0]
+    assert "shooter burger" not in masking.text.views[0]
 
 
 def test_categories_exempted_by_different_lists_get_their_own_masked_text(
@@ -290,7 +290,7 @@ def test_categories_exempted_by_different_lists_get_their_own_masked_text(
     assert plans[("downtown", "restaurants")].text.folded == (
         f"book a table at {PLACEHOLDER} {PLACEHOLDER}."
     )
-    assert plans[("downtown",)].text.folded == f"book a table at murder burger {PLACEHOLDER}."
+    assert plans[("downtown",)].text.folded == f"book a table at shooter burger {PLACEHOLDER}."
     assert plans[("downtown",)].scopes == ((Direction.PROMPT, frozenset({Category.ILLICIT})),)
 
 
@@ -360,8 +360,8 @@ def test_normalised_spellings_of_the_name_are_allowlisted_too(
 ) -> None:
     restaurants(store)
     texts = [
-        "Book a table at MURD3R BURG3R downtown.",
-        "Book a table at M u r d e r Burger downtown.",
+        "Book a table at SH00T3R BURG3R downtown.",
+        "Book a table at S h o o t e r Burger downtown.",
     ]
     assert all(engine.check(texts, direction=Direction.COMPLETION)[i].blocked for i in (0, 1))
     assert not any(verdict.blocked for verdict in engine.check(texts, direction=Direction.PROMPT))
@@ -421,7 +421,7 @@ def test_blocklists_win_over_allowlists(
 ) -> None:
     blocklists = BlocklistStore(database)
     blocklists.create("banned")
-    blocklists.add_items("banned", [NewItem(kind=ItemKind.TERM, value="Murder Burger")])
+    blocklists.add_items("banned", [NewItem(kind=ItemKind.TERM, value="Shooter Burger")])
     restaurants(store, categories=EVERY_CATEGORY, directions=BOTH)
     members = [*loaded_members, MemberSpec(BlocklistClassifier(source=blocklists))]
     engine = SafetyEngine(members, policy=Policy.load(SHIPPED_POLICY), allowlists=store)
@@ -465,7 +465,7 @@ def moderate(client: TestClient, text: str) -> dict[str, object]:
 
 RESTAURANTS = {
     "name": "restaurants",
-    "terms": ["Murder Burger"],
+    "terms": ["Shooter Burger"],
     "categories": ["violence", "illicit/violent"],
     "directions": ["prompt"],
 }
@@ -483,7 +483,7 @@ def test_api_round_trip_changes_what_moderation_says(client: TestClient) -> None
         "id": body["id"],
         "object": "allowlist",
         "name": "restaurants",
-        "terms": ["Murder Burger"],
+        "terms": ["Shooter Burger"],
         "regexes": [],
         "categories": ["illicit/violent", "violence"],
         "directions": ["prompt"],
@@ -505,7 +505,7 @@ def test_api_round_trip_changes_what_moderation_says(client: TestClient) -> None
     disabled = client.patch("/v1/allowlists/restaurants", json={"enabled": False})
     assert disabled.status_code == 200
     assert disabled.json()["enabled"] is False
-    assert disabled.json()["terms"] == ["Murder Burger"]
+    assert disabled.json()["terms"] == ["Shooter Burger"]
     assert moderate(client, BOOKING)["flagged"] is True
 
     deleted = client.delete("/v1/allowlists/restaurants")
@@ -547,7 +547,7 @@ def test_api_refuses_what_re2_cannot_compile(client: TestClient) -> None:
         ({**RESTAURANTS, "directions": ["inbound"]}, "directions.0"),
         ({**RESTAURANTS, "colour": "red"}, "colour"),
         ({k: v for k, v in RESTAURANTS.items() if k != "categories"}, "categories"),
-        ({**RESTAURANTS, "terms": "Murder Burger"}, "terms"),
+        ({**RESTAURANTS, "terms": "Shooter Burger"}, "terms"),
     ],
 )
 def test_api_bad_bodies_are_400s_naming_the_field(
@@ -674,7 +674,7 @@ def test_a_failing_member_still_fails_closed_when_an_allowlist_matches(
 def test_reasons_name_the_categories_whose_own_score_was_exempted(
     engine: SafetyEngine, store: AllowlistStore
 ) -> None:
-    # illicit (0.83, threshold 0.90) is flagged only as illicit/violent's parent: it goes
+    # illicit (0.56, threshold 0.67) is flagged only as illicit/violent's parent: it goes
     # with its subcategory and gets no reason of its own.
     restaurants(store, categories=["violence", "illicit/violent", "illicit"])
     [verdict] = engine.check([BOOKING], direction=Direction.PROMPT)

@@ -247,14 +247,14 @@ def test_an_allowlist_made_on_one_replica_exempts_on_the_other(
     replicas, env = cluster
     admin = _keys(env, "create", "--name", "ops-allowlists", "--role", "admin")
     first, second = replicas
-    text_ = "Book a table at Murder Burger downtown."  # violence to the shipped model
+    text_ = "Book a table at Shooter Burger downtown."  # violence to the shipped model
     assert _moderate(second, admin, text_).json()["results"][0]["flagged"] is True
     created = httpx.post(
         f"{first.base}/v1/allowlists",
         headers={"Authorization": f"Bearer {admin}"},
         json={
             "name": "restaurants",
-            "terms": ["Murder Burger"],
+            "terms": ["Shooter Burger"],
             "categories": ["violence", "illicit/violent"],
             "directions": ["prompt"],
         },

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -229,15 +230,15 @@ def test_the_heads_are_served_on_the_backend_their_model_card_names(tmp_path: Pa
 
     cache = tmp_path / "cache"
     shipped = EncoderHeadsClassifier(cache_dir=cache)
-    assert shipped.encoder.backend is Backend.ONNX  # a card naming none: fp32 ONNX
-
-    int8 = _weights_with_card(tmp_path, backend="onnx-int8")
-    assert EncoderHeadsClassifier(heads_path=int8, cache_dir=cache).encoder.backend is (
-        Backend.ONNX_INT8
-    )
-    assert list(cache.glob("encoder-*-int8-per-channel.onnx"))
-    overridden = EncoderHeadsClassifier(heads_path=int8, backend=Backend.ONNX, cache_dir=cache)
+    assert shipped.encoder.backend is Backend.ONNX_INT8  # the shipped card names int8
+    assert list(cache.glob("encoder-*-int8-per-channel*.onnx"))
+    overridden = EncoderHeadsClassifier(backend=Backend.ONNX, cache_dir=cache)
     assert overridden.encoder.backend is Backend.ONNX  # SAFEGATE_ENCODER__BACKEND wins
+
+    unnamed = _weights_with_card(tmp_path, backend=None)
+    assert EncoderHeadsClassifier(heads_path=unnamed, cache_dir=cache).encoder.backend is (
+        Backend.ONNX  # a card naming none: fp32 ONNX
+    )
 
     unknown = tmp_path / "unknown"
     unknown.mkdir()
@@ -305,8 +306,8 @@ def test_the_onnx_encoder_runs_on_one_thread_while_other_requests_are_in_flight(
 class _CountingEncoder(SentenceEncoder):
     """The real encoder, recording the segments each call embeds."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.segments: list[list[str]] = []
 
     def embed(
@@ -324,7 +325,12 @@ def test_a_text_that_fits_in_one_window_is_encoded_once_with_long_chunking(
     from gateway.safety.normalize import normalize
 
     heads = _weights_with_card(tmp_path, chunking=chunking, backend="onnx")
-    encoder = _CountingEncoder()
+    encoder = _CountingEncoder(  # what the shipped card asks for: the pair in one graph
+        backend=Backend.ONNX,
+        delta=WEIGHTS / "encoder_delta.safetensors",
+        paired=True,
+        cache_dir=tmp_path / "cache",
+    )
     member = EncoderHeadsClassifier(heads_path=heads, encoder=encoder)
     paragraph = (
         "Thanks for the question about the garden. Tomatoes like six hours of sun. Water "
