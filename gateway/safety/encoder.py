@@ -58,6 +58,11 @@ ONNX_OPSET = 17
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_STRIDE = 32
+# Tokens per forward pass, padding included: one full window, or a dozen short texts.
+# Measured on toxicchat's prompts (docs/BENCHMARKS.md): 2.2 times as fast as 32 windows a
+# pass, whose attention buffers (batch x width²) also left ONNX Runtime's arena 300-400 MiB
+# larger after long texts; one text a pass was 20% slower.
+DEFAULT_BATCH_TOKENS = 256
 
 
 def resolve_model_path(model: str) -> str:
@@ -116,6 +121,7 @@ class SentenceEncoder:
         self.name = model
         self.max_tokens = max_tokens
         self.stride = stride
+        self.batch_tokens = DEFAULT_BATCH_TOKENS
         self.device = device
         self.delta = delta
         # ``paired``: one graph gives the frozen encoder's states and, beside them, the
@@ -238,12 +244,16 @@ class SentenceEncoder:
             )
         encoded, owner = self._tokenize(texts, overflow=not first_window_only)
         lengths = encoded["attention_mask"].sum(axis=1)
-        # Longest windows first, so each batch pads as little as possible.
+        # Longest windows first, so each batch pads as little as possible; a batch holds at
+        # most ``batch_size`` windows and ``batch_tokens`` tokens, padding included.
         order = np.argsort(-lengths, kind="stable")
         vectors = np.empty((len(owner), self.dimension), np.float32)
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            width = int(lengths[index].max())
+        start = 0
+        while start < len(order):
+            width = int(lengths[order[start]])
+            count = max(1, min(batch_size, self.batch_tokens // max(width, 1)))
+            index = order[start : start + count]
+            start += count
             batch = {key: value[index, :width] for key, value in encoded.items()}
             hidden = self._forward(batch)
             mask = batch["attention_mask"][..., None].astype(np.float32)

@@ -54,6 +54,32 @@ def test_long_text_is_split_into_overlapping_windows_not_truncated(
     assert np.allclose(norms, 1.0, atol=1e-5)
 
 
+def test_a_forward_pass_holds_at_most_its_token_budget_and_embeds_as_one_pass_would(
+    torch_encoder: SentenceEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = [*TEXTS, *(f"Short message number {n} about the weather." for n in range(30))]
+    whole = SentenceEncoder()
+    whole.batch_tokens = 10**9  # every window in one pass
+    expected = whole.embed(texts)
+    shapes: list[tuple[int, int]] = []
+    forward = torch_encoder._forward
+
+    def spy(batch: dict[str, Any]) -> Any:
+        shapes.append(batch["input_ids"].shape)
+        return forward(batch)
+
+    monkeypatch.setattr(torch_encoder, "_forward", spy)
+    actual = torch_encoder.embed(texts)
+    assert torch_encoder.batch_tokens == 256
+    assert all(rows * width <= 256 or rows == 1 for rows, width in shapes)
+    full = [rows for rows, width in shapes if width == torch_encoder.max_tokens]
+    assert full
+    assert set(full) == {1}  # a full window goes alone
+    assert max(rows for rows, _ in shapes) > 10  # short texts still share a pass
+    assert np.array_equal(expected.owner, actual.owner)
+    assert np.abs(expected.vectors - actual.vectors).max() < 1e-5
+
+
 WINDOW_TEXTS = [
     *TEXTS,
     "",
