@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,34 @@ def sentence_chunks(text: str, *, limit: int = CHUNK_CHARS) -> list[str]:
     if current:
         chunks.append(current)
     return chunks if len(chunks) > 1 else []
+
+
+def served_segments(
+    texts: Sequence[NormalizedText],
+    chunking: str,
+    count_windows: Callable[[Sequence[str]], list[int]],
+) -> tuple[list[str], list[int]]:
+    """Every segment the engine scores for ``texts``, and the index of the text each
+    belongs to; a text's score per label is the highest of its segments'.
+
+    The segments are each folded text, its sentence chunks (``chunking`` "always": every
+    text past ``CHUNK_CHARS``; "long": only texts longer than one window, so a text that
+    fits in one window is encoded once) and its decoded views (base64, hex, ROT13,
+    leetspeak, JSON values). Training tunes thresholds on the same segments.
+    """
+    segments = [text.folded for text in texts]
+    owners = list(range(len(texts)))
+    window_counts = count_windows(segments) if chunking == "long" else []
+    for index, text in enumerate(texts):
+        chunks = (
+            sentence_chunks(text.folded, limit=CHUNK_CHARS)
+            if chunking == "always" or window_counts[index] > 1
+            else []
+        )
+        chunks = [*chunks, *text.views]
+        segments.extend(chunks)
+        owners.extend([index] * len(chunks))
+    return segments, owners
 
 
 def verify_card_files(heads_path: Path) -> Path | None:
@@ -199,20 +227,7 @@ class EncoderHeadsClassifier:
     def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
         if not texts:
             return []
-        segments = [text.folded for text in texts]
-        owners = list(range(len(texts)))
-        # "long": sentence chunks only for texts longer than one window, so a text that
-        # fits in one window is encoded once; "always": every text past CHUNK_CHARS.
-        window_counts = self._encoder.count_windows(segments) if self._chunking == "long" else []
-        for index, text in enumerate(texts):
-            chunks = (
-                sentence_chunks(text.folded, limit=CHUNK_CHARS)
-                if self._chunking == "always" or window_counts[index] > 1
-                else []
-            )
-            chunks = [*chunks, *text.views]  # decoded views (base64, hex, ROT13) always
-            segments.extend(chunks)
-            owners.extend([index] * len(chunks))
+        segments, owners = served_segments(texts, self._chunking, self._encoder.count_windows)
         windows = self._encoder.embed(segments, batch_size=self._batch_size)
         window_scores = self._heads.probabilities(windows.vectors)
         best = np.zeros((len(texts), len(self._labels)), np.float32)

@@ -40,6 +40,29 @@ class Matrix:
     examples: list[Example]
 
 
+@dataclass(frozen=True)
+class Served:
+    """A set of texts as the engine scores them: the embedding of every segment it reads
+    (the text, its sentence chunks, its decoded views: ``encoder_heads.served_segments``),
+    the text each segment belongs to, and the number of texts. A text's probability per
+    label is the highest of its segments'."""
+
+    x: FloatArray
+    owner: npt.NDArray[np.int64]
+    count: int
+
+    @classmethod
+    def whole(cls, x: FloatArray) -> Served:
+        """Texts read as one segment each."""
+        return cls(x, np.arange(len(x), dtype=np.int64), len(x))
+
+    def probabilities(self, heads: Heads) -> FloatArray:
+        segment_scores = heads.probabilities(self.x)
+        best = np.zeros((self.count, segment_scores.shape[1]), np.float32)
+        np.maximum.at(best, self.owner, segment_scores)
+        return best
+
+
 class FitRecipe(Protocol):
     """The options ``fit`` reads (``train.TrainConfig`` has them)."""
 
@@ -166,10 +189,10 @@ def calibrate(model: torch.nn.Module, dev: Matrix, *, encoder: str) -> Heads:
 
 
 def tune_thresholds(
-    heads: Heads, dev: Matrix, benign_sets: Sequence[FloatArray], budgets: Sequence[float]
+    heads: Heads, dev: Matrix, benign_sets: Sequence[Served], budgets: Sequence[float]
 ) -> Heads:
-    """Each label's best-F1 threshold on dev, raised until each benign set (embeddings) is
-    flagged at most its own budget (a share of its texts)."""
+    """Each label's best-F1 threshold on dev, raised until each benign set, scored as the
+    engine serves it, is flagged at most its own budget (a share of its texts)."""
     probabilities = heads.probabilities(dev.x)
     thresholds = np.full(len(heads.labels), 0.5, np.float32)
     for i in range(len(heads.labels)):
@@ -188,8 +211,8 @@ def tune_thresholds(
     # positives it loses on the way. A label whose raise costs no positive goes first.
     # When every flagged text is flagged by several labels, the label flagging most of
     # them rises one step.
-    sets = [(x, b) for x, b in zip(benign_sets, budgets, strict=True) if len(x)]
-    benign_p = [heads.probabilities(x) for x, _ in sets]
+    sets = [(x, b) for x, b in zip(benign_sets, budgets, strict=True) if x.count]
+    benign_p = [x.probabilities(heads) for x, _ in sets]
     positives = [
         probabilities[(dev.known[:, i] > 0) & (dev.y[:, i] > 0), i]
         for i in range(len(heads.labels))
@@ -304,5 +327,6 @@ def calibration_error(heads: Heads, matrix: Matrix) -> float:
     return round(float(error), 4)
 
 
-def flag_rate(heads: Heads, x: FloatArray) -> float:
-    return round(float((heads.probabilities(x) >= heads.threshold).any(axis=1).mean()), 4)
+def flag_rate(heads: Heads, texts: Served) -> float:
+    """The share of ``texts`` flagged on any label, scored as the engine serves them."""
+    return round(float((texts.probabilities(heads) >= heads.threshold).any(axis=1).mean()), 4)

@@ -40,6 +40,7 @@ from gateway.safety.training.corpus import HEAD_LABELS, Example, Split, file_sha
 from gateway.safety.training.embedding_cache import Embed, cached_embedder
 from gateway.safety.training.heads_fit import (
     Matrix,
+    Served,
     calibrate,
     calibration_error,
     fit,
@@ -102,8 +103,8 @@ def run(config: MultilingualConfig, *, progress: Progress | None = None) -> dict
     model = fit(matrices[Split.TRAIN], config.hidden, recipe)
     heads = calibrate(model, matrices[Split.DEV], encoder=ENCODER_NAME)
     dev = matrices[Split.DEV]
-    benign = [
-        dev.x[[not e.positives and e.language == language for e in dev.examples]]
+    benign = [  # the multilingual member reads each text whole
+        Served.whole(dev.x[[not e.positives and e.language == language for e in dev.examples]])
         for language in ("en", *config.languages)
     ]
     heads = tune_thresholds(heads, dev, benign, [config.benign_flag_budget] * len(benign))

@@ -24,7 +24,9 @@ Run it as ``safegate safety train`` (see ``gateway.cli``). Steps, top to bottom:
    every benign tuning set (refusal-direction's harmless validation split; the benign dev
    rows of the own prompts, of the own replies, of the public sets, and of the noise) is
    flagged at most ``benign_flag_budget`` of the time and, with ``benign_reference``, no
-   more often than the reference model (the one that ships) flags it.
+   more often than the reference model (the one that ships) flags it. Benign texts are
+   scored as the engine serves them: the highest score of the text, its sentence chunks
+   under ``chunking`` and its decoded views (``encoder_heads.served_segments``).
 6. Measure on the test split and the benign test sets; write heads.safetensors and
    model_card.json.
 
@@ -51,7 +53,7 @@ import torch
 from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.members import MemberLoadError
-from gateway.safety.members.encoder_heads import card_value, verify_card_files
+from gateway.safety.members.encoder_heads import card_value, served_segments, verify_card_files
 from gateway.safety.normalize import normalize
 from gateway.safety.settings import Backend
 from gateway.safety.training import augment, top_layers
@@ -69,6 +71,7 @@ from gateway.safety.training.heads_fit import (
     CALIBRATION_BINS,
     FloatArray,
     Matrix,
+    Served,
     averaged,
     calibrate,
     calibration_error,
@@ -200,11 +203,11 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     examples += augment.fragments(examples, count=config.fragment_rows, seed=config.seed)
     examples += augment.embedded(examples, count=config.embedded_rows, seed=config.seed)
     benign_tune, benign_test = _benign_sets(config, examples)
-    embed = _embedder(_encoder(config, None, config.backend), config.cache_dir, progress)
+    frozen_encoder = _encoder(config, None, config.backend)
+    embed = _embedder(frozen_encoder, config.cache_dir, progress)
     by_split = {split: [e for e in examples if e.split == split] for split in Split}
     matrices = {split: _matrix(by_split[split], embed, config) for split in Split}
-    benign_tune_x = {name: embed(texts) for name, texts in benign_tune.items()}
-    benign_test_x = {name: embed(texts) for name, texts in benign_test.items()}
+    chosen_embed = embed
 
     variants = {"linear": 0, "mlp": config.hidden}
     fitted = {name: fit(matrices[Split.TRAIN], hidden, config) for name, hidden in variants.items()}
@@ -241,20 +244,25 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         chosen = max(dev_scores, key=lambda name: dev_scores[name])
     if chosen == PAIRED:
         matrices.update(paired_matrices)
-
-        def both(texts: Sequence[str]) -> FloatArray:
-            return np.hstack([embed(texts), tuned_embed(texts)])
-
-        benign_tune_x = {name: both(texts) for name, texts in benign_tune.items()}
-        benign_test_x = {name: both(texts) for name, texts in benign_test.items()}
+        chosen_embed = _side_by_side(embed, tuned_embed)
         delta_path = tuned.delta_path
     elif chosen.startswith(method):
         matrices.update(tuned_matrices)
-        benign_tune_x = {name: tuned_embed(texts) for name, texts in benign_tune.items()}
-        benign_test_x = {name: tuned_embed(texts) for name, texts in benign_test.items()}
+        chosen_embed = tuned_embed
         delta_path = tuned.delta_path
+    # Benign texts are scored as the engine will serve them, sentence chunks and decoded
+    # views included: thresholds tuned on whole texts alone flag more once served.
+    count_windows = frozen_encoder.count_windows
+    benign_tune_x = {
+        name: _served(texts, chosen_embed, config.chunking, count_windows)
+        for name, texts in benign_tune.items()
+    }
+    benign_test_x = {
+        name: _served(texts, chosen_embed, config.chunking, count_windows)
+        for name, texts in benign_test.items()
+    }
     heads = calibrate(fitted[chosen], matrices[Split.DEV], encoder=config.encoder)
-    budgets = _benign_budgets(config, benign_tune, embed, progress)
+    budgets = _benign_budgets(config, benign_tune, embed, progress, count_windows=count_windows)
     heads = tune_thresholds(
         heads,
         matrices[Split.DEV],
@@ -304,12 +312,12 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
                 **{
                     f"tuning: {name}": flag_rate(heads, x)
                     for name, x in benign_tune_x.items()
-                    if len(x)  # a set the data lacks has no rate
+                    if x.count  # a set the data lacks has no rate
                 },
                 **{
                     f"test: {name}": flag_rate(heads, x)
                     for name, x in benign_test_x.items()
-                    if len(x)
+                    if x.count
                 },
             },
             "benign_flag_budget": {name: round(value, 4) for name, value in budgets.items()},
@@ -432,12 +440,15 @@ def _benign_budgets(
     benign_tune: dict[str, list[str]],
     frozen: Embed,
     progress: Progress | None,
+    *,
+    count_windows: Callable[[Sequence[str]], list[int]],
 ) -> dict[str, float]:
     """The share of each benign tuning set the new thresholds may flag: the budget, and
-    with a reference no more than the reference's own rate on that set. ``frozen`` embeds
-    with the plain encoder on ``config.backend``, which a reference without a delta on the
-    same backend reads; any other reference is read with its own delta and backend, and a
-    reference on the frozen and tuned pair with both embeddings side by side."""
+    with a reference no more than the reference's own rate on that set, served as its
+    model card says (its chunking). ``frozen`` embeds with the plain encoder on
+    ``config.backend``, which a reference without a delta on the same backend reads; any
+    other reference is read with its own delta and backend, and a reference on the frozen
+    and tuned pair with both embeddings side by side."""
     budgets = dict.fromkeys(benign_tune, config.benign_flag_budget)
     if config.benign_reference is None:
         return budgets
@@ -465,15 +476,34 @@ def _benign_budgets(
     if card_value(heads_path, "inputs", "single") == "frozen+tuned":
         if delta is None:
             raise ValueError(f"benign reference {folder} reads a pair but ships no delta")
-        plain, tuned = reader(None), embed
-
-        def embed(texts: Sequence[str]) -> FloatArray:
-            return np.hstack([plain(texts), tuned(texts)])
-
+        embed = _side_by_side(reader(None), embed)
+    chunking = card_value(heads_path, "chunking", "always")
     for name, texts in benign_tune.items():
         if texts:
-            budgets[name] = min(budgets[name], flag_rate(reference, embed(texts)))
+            served = _served(texts, embed, chunking, count_windows)
+            budgets[name] = min(budgets[name], flag_rate(reference, served))
     return budgets
+
+
+def _side_by_side(frozen: Embed, tuned: Embed) -> Embed:
+    """Embeddings for heads that read the frozen and the tuned encoder side by side."""
+
+    def embed(texts: Sequence[str]) -> FloatArray:
+        return np.hstack([frozen(texts), tuned(texts)])
+
+    return embed
+
+
+def _served(
+    texts: Sequence[str],
+    embed: Embed,
+    chunking: str,
+    count_windows: Callable[[Sequence[str]], list[int]],
+) -> Served:
+    """``texts`` as the engine scores them: every segment it reads, embedded (each
+    segment's first window, as the training rows are)."""
+    segments, owners = served_segments([normalize(text) for text in texts], chunking, count_windows)
+    return Served(embed(segments), np.asarray(owners, dtype=np.int64), len(texts))
 
 
 def _encoder(config: TrainConfig, delta: Path | None, backend: str) -> SentenceEncoder:

@@ -24,7 +24,7 @@ from gateway.safety.delta import merge_into
 from gateway.safety.encoder import SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.training.encoder_tuning import TuningConfig, tune
-from gateway.safety.training.heads_fit import Matrix, tune_thresholds
+from gateway.safety.training.heads_fit import Matrix, Served, flag_rate, tune_thresholds
 from gateway.safety.training.loop import TunedEncoder, TuningData, fingerprint
 from gateway.safety.training.own_set import (
     HELDOUT_STYLES,
@@ -40,7 +40,7 @@ from gateway.safety.training.top_layers import (
     lower_states,
 )
 from gateway.safety.training.top_layers import tune as tune_top_layers
-from gateway.safety.training.train import TrainConfig, _benign_budgets
+from gateway.safety.training.train import TrainConfig, _benign_budgets, _served
 
 TEXTS = [
     ("how do i kill a python process that hangs", 0),
@@ -436,13 +436,14 @@ def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> No
     scores = np.concatenate([np.linspace(0.6, 0.95, 20), np.linspace(0.05, 0.3, 20)])
     y = np.array([[1.0]] * 20 + [[0.0]] * 20, np.float32)
     dev = Matrix(_logit(scores), y, np.ones_like(y), np.ones(40, np.float32), [])
-    loose = _logit(np.linspace(0.5, 0.69, 100))
-    strict = _logit(np.linspace(0.5, 0.8, 100))  # two thirds of it score 0.6 or more
+    loose = Served.whole(_logit(np.linspace(0.5, 0.69, 100)))
+    strict = Served.whole(_logit(np.linspace(0.5, 0.8, 100)))  # two thirds score 0.6 or more
     heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
     assert 0.55 <= heads.threshold[0] <= 0.62  # both within a loose budget: best F1 stands
     heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
-    flagged = (heads.probabilities(strict) >= heads.threshold).mean()
-    assert 0.04 <= flagged <= 0.05  # raised just until the strict set is within its budget
+    assert (
+        0.04 <= flag_rate(heads, strict) <= 0.05
+    )  # raised just until the strict set is within its budget
     assert 0.78 <= heads.threshold[0] <= 0.8
 
 
@@ -471,12 +472,57 @@ def test_the_benign_budget_is_met_by_raising_the_label_that_costs_fewest_dev_pos
     low = _logit(np.full(50, 0.01))[:, 0]
     band = _logit(np.linspace(0.65, 0.9, 50))[:, 0]
     benign = np.vstack([np.stack([band, low], axis=1), np.stack([low, band], axis=1)])
-    tuned = tune_thresholds(heads, dev, [benign], [0.55])
-    flagged = (tuned.probabilities(benign) >= tuned.threshold).any(axis=1).mean()
-    assert flagged <= 0.55
+    tuned = tune_thresholds(heads, dev, [Served.whole(benign)], [0.55])
+    assert flag_rate(tuned, Served.whole(benign)) <= 0.55
     assert tuned.threshold[0] <= 0.62  # hate keeps its best-F1 cut
     assert tuned.threshold[1] > 0.85  # violence rose instead, losing no dev positive
     assert tuned.threshold[1] <= 0.97
+
+
+def test_benign_texts_are_tuned_on_every_segment_the_engine_scores() -> None:
+    # Forty benign texts: each whole text scores 0.2, but the engine also scores each
+    # one's sentence chunks, and one chunk of every second text scores 0.7. Served, half
+    # the set is flagged at the best-F1 cut of ~0.6; read whole, none would be.
+    scores = np.concatenate([np.linspace(0.6, 0.95, 20), np.linspace(0.05, 0.3, 20)])
+    y = np.array([[1.0]] * 20 + [[0.0]] * 20, np.float32)
+    dev = Matrix(_logit(scores), y, np.ones_like(y), np.ones(40, np.float32), [])
+    chunks = np.arange(0, 40, 2)
+    served = Served(
+        _logit(np.concatenate([np.full(40, 0.2), np.full(20, 0.7)])),
+        np.concatenate([np.arange(40), chunks]).astype(np.int64),
+        40,
+    )
+    untuned = tune_thresholds(_one_label_heads(), dev, [Served.whole(served.x[:40])], [0.1])
+    assert flag_rate(untuned, served) == 0.5  # whole texts alone never raise the cut
+    tuned = tune_thresholds(_one_label_heads(), dev, [served], [0.1])
+    assert flag_rate(tuned, served) == 0.0
+    assert 0.7 < tuned.threshold[0] <= 0.72  # just past the chunks' score
+
+
+def test_a_benign_text_is_served_as_its_sentence_chunks_and_decoded_views() -> None:
+    paragraph = (
+        "Our team met on Monday to plan the spring fair. We booked the hall for Saturday. "
+        "Volunteers will bring cakes, lemonade and folding chairs. Parking is free all day."
+    )
+    encoded = "Please read this: V2UgbWVldCBhdCBub29uIGJ5IHRoZSBsaWJyYXJ5Lg=="
+    seen: list[str] = []
+
+    def embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        seen.extend(texts)
+        return np.zeros((len(texts), 2), np.float32)
+
+    def one_window(texts: Sequence[str]) -> list[int]:
+        return [1] * len(texts)
+
+    served = _served([paragraph, encoded], embed, "always", one_window)
+    assert served.count == 2
+    assert served.owner.tolist() == [0, 1, 0, 0, 1]  # two chunks of 0, a view of 1
+    assert seen[2].startswith("our team met on monday")
+    assert seen[2].endswith("saturday.")
+    assert seen[4] == "we meet at noon by the library."  # the base64 span decoded
+    seen.clear()
+    # "long": a text that fits in one window is read whole; views stay.
+    assert _served([paragraph, encoded], embed, "long", one_window).owner.tolist() == [0, 1, 1]
 
 
 BENIGN_SETS = {
@@ -510,7 +556,7 @@ def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path
     def frozen_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         return encoder.embed(texts).vectors
 
-    budgets = _benign_budgets(config, sets, frozen_embed, None)
+    budgets = _benign_budgets(config, sets, frozen_embed, None, count_windows=encoder.count_windows)
     # The shipped heads flag the threat but not the soup: half the set, above the 0.3
     # budget, which stands; they flag nothing of the plain set, so nothing may be flagged.
     assert budgets == {"threats": 0.3, "plain": 0.0}
@@ -520,7 +566,13 @@ def test_a_benign_reference_caps_each_sets_budget_at_the_reference_rate(tmp_path
     heads = tampered / "heads.safetensors"
     heads.write_bytes(heads.read_bytes()[:-8] + bytes(8))
     with pytest.raises(ValueError, match=r"match its model card: .*heads\.safetensors has sha256"):
-        _benign_budgets(replace(config, benign_reference=tampered), sets, frozen_embed, None)
+        _benign_budgets(
+            replace(config, benign_reference=tampered),
+            sets,
+            frozen_embed,
+            None,
+            count_windows=encoder.count_windows,
+        )
 
 
 def _own_examples_only(
@@ -595,7 +647,8 @@ def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Pa
     def fp32_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         raise AssertionError("the int8 pair must not be read with fp32 frozen embeddings")
 
-    assert _benign_budgets(config, BENIGN_SETS, fp32_embed, None) == {
+    windows = SentenceEncoder().count_windows
+    assert _benign_budgets(config, BENIGN_SETS, fp32_embed, None, count_windows=windows) == {
         "threats": 0.3,
         "plain": 0.0,
     }
