@@ -36,6 +36,7 @@ shared with the multilingual heads (``multilingual``).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import platform
@@ -409,12 +410,19 @@ def _benign_sets(
     refusal-direction's harmless prompts are measurement-only data: they constrain the
     thresholds and are never fitted. Every other set is the benign rows (no label
     positive, every label known) of one kind: tuned on their dev split and tested on their
-    test split, never on what the heads were fitted on.
+    test split, never on what the heads were fitted on. The noise set leaves out the ROT13
+    readings of harmful texts, which the engine decodes and must flag.
     """
     folder = config.data_dir / "refusal-direction"
     val = [row["instruction"] for row in json.loads((folder / "harmless_val.json").read_text())]
     test = [row["instruction"] for row in json.loads((folder / "harmless_test.json").read_text())]
-    benign = [e for e in examples if not e.positives and e.known == ALL_KNOWN]
+    # The ROT13 noise of a harmful text is harmful as served: the engine decodes it.
+    encoded_harm = {codecs.encode(e.text, "rot13") for e in examples if e.positives}
+    benign = [
+        e
+        for e in examples
+        if not e.positives and e.known == ALL_KNOWN and e.text not in encoded_harm
+    ]
     kinds: dict[str, Callable[[Example], bool]] = {
         "own benign prompts": lambda e: e.source == "own" and e.direction == "prompt",
         "own benign replies": lambda e: e.source == "own" and e.direction == "reply",
