@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from gateway.safety.delta import DeltaError, verify
 from gateway.safety.encoder import PairedEncoder, SentenceEncoder
@@ -88,6 +89,16 @@ def served_segments(
         segments.extend(chunks)
         owners.extend([index] * len(chunks))
     return segments, owners
+
+
+def highest_per_text(
+    scores: npt.NDArray[np.float32], owner: npt.NDArray[np.int64], count: int
+) -> npt.NDArray[np.float32]:
+    """Each text's highest score per label over its segments (``owner[i]``: the text that
+    row i of ``scores`` belongs to)."""
+    best = np.zeros((count, scores.shape[1]), np.float32)
+    np.maximum.at(best, owner, scores)
+    return best
 
 
 def verify_card_files(heads_path: Path) -> Path | None:
@@ -230,8 +241,7 @@ class EncoderHeadsClassifier:
         segments, owners = served_segments(texts, self._chunking, self._encoder.count_windows)
         windows = self._encoder.embed(segments, batch_size=self._batch_size)
         window_scores = self._heads.probabilities(windows.vectors)
-        best = np.zeros((len(texts), len(self._labels)), np.float32)
-        np.maximum.at(best, np.asarray(owners)[windows.owner], window_scores)
+        best = highest_per_text(window_scores, np.asarray(owners)[windows.owner], len(texts))
         return [
             Detection(scores=dict(zip(self._labels, row.tolist(), strict=True))) for row in best
         ]

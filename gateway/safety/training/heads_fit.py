@@ -23,6 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from gateway.safety.heads import Heads
+from gateway.safety.members.encoder_heads import highest_per_text
 from gateway.safety.training.corpus import HEAD_LABELS, Example
 from gateway.safety.training.loop import masked_loss, positive_weight
 
@@ -57,10 +58,7 @@ class Served:
         return cls(x, np.arange(len(x), dtype=np.int64), len(x))
 
     def probabilities(self, heads: Heads) -> FloatArray:
-        segment_scores = heads.probabilities(self.x)
-        best = np.zeros((self.count, segment_scores.shape[1]), np.float32)
-        np.maximum.at(best, self.owner, segment_scores)
-        return best
+        return highest_per_text(heads.probabilities(self.x), self.owner, self.count)
 
 
 class FitRecipe(Protocol):

@@ -442,9 +442,8 @@ def test_thresholds_rise_until_every_benign_set_is_within_its_own_budget() -> No
     heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.7])
     assert 0.55 <= heads.threshold[0] <= 0.62  # both within a loose budget: best F1 stands
     heads = tune_thresholds(_one_label_heads(), dev, [loose, strict], [0.7, 0.05])
-    assert (
-        0.04 <= flag_rate(heads, strict) <= 0.05
-    )  # raised just until the strict set is within its budget
+    # Raised just until the strict set is within its budget.
+    assert 0.04 <= flag_rate(heads, strict) <= 0.05
     assert 0.78 <= heads.threshold[0] <= 0.8
 
 
@@ -549,7 +548,6 @@ def test_a_benign_text_is_served_as_its_sentence_chunks_and_decoded_views() -> N
     assert seen[2].startswith("our team met on monday")
     assert seen[2].endswith("saturday.")
     assert seen[4] == "we meet at noon by the library."  # the base64 span decoded
-    seen.clear()
     # "long": a text that fits in one window is read whole; views stay.
     assert _served([paragraph, encoded], embed, "long", one_window).owner.tolist() == [0, 1, 1]
 
