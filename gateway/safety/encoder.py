@@ -59,9 +59,9 @@ ONNX_OPSET = 17
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_STRIDE = 32
 # Tokens per forward pass, padding included: one full window, or a dozen short texts.
-# Measured on toxicchat's prompts (docs/BENCHMARKS.md): 2.2 times as fast as 32 windows a
-# pass, whose attention buffers (batch x width²) also left ONNX Runtime's arena 300-400 MiB
-# larger after long texts; one text a pass was 20% slower.
+# Measured on toxicchat's prompts (bench/encoder_batch_tokens.py): 2.8 times as fast as 32
+# windows a pass, whose attention buffers (batch x width²) also left ONNX Runtime's arena
+# 300-400 MiB larger after long texts; one text a pass was 21% slower.
 DEFAULT_BATCH_TOKENS = 256
 
 
