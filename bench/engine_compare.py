@@ -19,8 +19,10 @@ the candidate was never fitted, calibrated or tuned on:
   refusals rated harmful (severity >= medium, completion direction);
 - multilingual (``data/safety/v2/multilingual_eval.jsonl``, never trained on): harmful
   caught and benign blocked per language;
-- evasion: own held-out harmful prompts and benign contrasts under spaced letters,
-  leetspeak, base64, hex, ROT13 and homoglyphs: harmful caught, benign blocked;
+- evasion: own held-out harmful prompts and benign contrasts under every variant of
+  ``bench/evasion.py`` (spaced, dotted and dashed letters, leetspeak, base64, hex, binary,
+  ROT13, reversed and upside-down text, percent and HTML escapes, doubled letters, glued
+  words, regional indicators, homoglyphs): harmful caught, benign blocked;
 - robustness: random strings, single words and short benign replies flagged.
 
 Usage: .venv/bin/python bench/engine_compare.py --candidate gateway/safety/weights
@@ -30,8 +32,6 @@ Usage: .venv/bin/python bench/engine_compare.py --candidate gateway/safety/weigh
 from __future__ import annotations
 
 import argparse
-import base64
-import codecs
 import csv
 import json
 import os
@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,6 +51,8 @@ from sklearn.metrics import average_precision_score
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from evasion import EVASIONS  # noqa: E402
 
 from gateway.config import Settings  # noqa: E402
 from gateway.engine_factory import build_engine  # noqa: E402
@@ -163,19 +165,6 @@ def per_label(rows: Sequence[dict[str, object]], verdicts: Sequence[Verdict]) ->
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-_CYRILLIC = str.maketrans({"a": "а", "e": "е", "o": "о", "c": "с", "p": "р", "x": "х"})
-_LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
-EVASIONS: dict[str, Callable[[str], str]] = {
-    "plain": lambda text: text,
-    "spaced letters": lambda text: "  ".join(" ".join(word) for word in text.split()),
-    "leetspeak": lambda text: text.lower().translate(_LEET),
-    "base64": lambda text: base64.b64encode(text.encode()).decode(),
-    "hex": lambda text: text.encode().hex(),
-    "rot13": lambda text: codecs.encode(text, "rot13"),
-    "homoglyphs": lambda text: text.translate(_CYRILLIC),
-}
 
 
 def evaluate(engine: SafetyEngine, data: Path, cap: int | None) -> dict[str, object]:

@@ -11,10 +11,12 @@ Measures, in one run:
    moderated ``--lines`` realistic texts (toxicchat-train's prompts, 16 per request);
 5. throughput of ``safegate moderate`` over a ``--lines`` file of texts with
    toxicchat-train's length distribution (its own prompts, cycled), for the shipped
-   engine and, with ``--baseline-ref``, the engine of that git ref, in the same run.
+   engine and, in the same run, with ``--baseline-ref``, today's code serving the weights
+   of that git ref, and with ``--baseline-code-ref``, the whole engine of that ref: its
+   code and weights, run from a git worktree of it with this virtual environment.
 
 Usage: .venv/bin/python bench/engine_latency.py [--requests 300] [--lines 10000]
-       [--baseline-ref 71354db] [--parts compute,serve,moderate]
+       [--baseline-ref 71354db] [--baseline-code-ref 71354db] [--parts compute,serve,moderate]
 (``--parts serve`` alone measures memory of ``safegate serve``; it needs no idle machine.)
 Prints a JSON record; docs/BENCHMARKS.md quotes it.
 """
@@ -175,30 +177,43 @@ def serve_and_measure(requests: int, lines: int) -> dict[str, float]:
         process.wait(timeout=30)
 
 
-def moderate_throughput(lines: int, heads: Path | None = None) -> dict[str, float]:
+def moderate_throughput(
+    lines: int, heads: Path | None = None, code: Path | None = None
+) -> dict[str, float]:
+    """``safegate moderate`` over ``lines`` texts; ``code``: a checkout whose ``gateway``
+    package runs instead of this one's (the engine as it was at that checkout).
+
+    A first run over one line fills the home's caches (the ONNX export and its int8
+    quantisation, made once per installation), so the timed run loads the engine as every
+    later run does."""
     texts = sample_texts(lines)
     folder = Path(tempfile.mkdtemp())
     source = folder / "in.jsonl"
     source.write_text("".join(json.dumps({"text": text[:32_000]}) + "\n" for text in texts))
+    warm = folder / "warm.jsonl"
+    warm.write_text(json.dumps({"text": texts[0]}) + "\n")
     env = {**os.environ, "SAFEGATE_HOME": str(folder / "home")}
     if heads is not None:
         env["SAFEGATE_ENCODER__HEADS"] = str(heads)
-    started = time.perf_counter()
-    subprocess.run(  # noqa: S603 - our own CLI
-        [
-            str(ROOT / ".venv/bin/safegate"),
-            "moderate",
-            "--input",
-            str(source),
-            "--output",
-            str(folder / "out.jsonl"),
-        ],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    seconds = time.perf_counter() - started
+    command = [str(ROOT / ".venv/bin/safegate")]
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+        command = [sys.executable, "-c", "from gateway.cli import app; app()"]
+
+    def moderate(path: Path) -> float:
+        started = time.perf_counter()
+        subprocess.run(  # noqa: S603 - our own CLI
+            [*command, "moderate", "--input", str(path), "--output", str(folder / "out.jsonl")],
+            env=env,
+            cwd=code or ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        return time.perf_counter() - started
+
+    moderate(warm)
+    seconds = moderate(source)
     written = sum(1 for _ in (folder / "out.jsonl").open())
     return {
         "lines": written,
@@ -223,6 +238,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--baseline-ref", default=None, help="git ref of weights to compare")
+    parser.add_argument(
+        "--baseline-code-ref", default=None, help="git ref of a whole engine (code and weights)"
+    )
     parser.add_argument(
         "--parts",
         default="compute,serve,moderate",
@@ -251,21 +269,35 @@ def main() -> None:
     if "serve" in parts:
         record["moderations_endpoint"] = serve_and_measure(args.requests, args.lines)
     if "moderate" in parts:
-        record["moderate_cli"] = moderate_cli(args.lines, args.baseline_ref)
+        record["moderate_cli"] = moderate_cli(args.lines, args.baseline_ref, args.baseline_code_ref)
     json.dump(record, sys.stdout, indent=2)
     sys.stdout.write("\n")
 
 
-def moderate_cli(lines: int, baseline_ref: str | None) -> dict[str, object]:
-    throughput: dict[str, object] = dict(moderate_throughput(lines))
+def moderate_cli(lines: int, baseline_ref: str | None, code_ref: str | None) -> dict[str, object]:
+    throughput: dict[str, object] = {"shipped": moderate_throughput(lines)}
     if baseline_ref:
         from engine_compare import weights_at
 
-        baseline = weights_at(baseline_ref)
-        throughput = {
-            "shipped": throughput,
-            f"baseline {baseline_ref}": moderate_throughput(lines, baseline / "heads.safetensors"),
-        }
+        heads = weights_at(baseline_ref) / "heads.safetensors"
+        throughput[f"weights of {baseline_ref}"] = moderate_throughput(lines, heads)
+    if code_ref:
+        worktree = Path(tempfile.mkdtemp()) / "engine"
+        subprocess.run(  # noqa: S603 - git, our own repository
+            ["git", "worktree", "add", "--detach", str(worktree), code_ref],  # noqa: S607
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        try:
+            throughput[f"engine of {code_ref}"] = moderate_throughput(lines, code=worktree)
+        finally:
+            subprocess.run(  # noqa: S603
+                ["git", "worktree", "remove", "--force", str(worktree)],  # noqa: S607
+                cwd=ROOT,
+                check=False,
+                capture_output=True,
+            )
     return throughput
 
 

@@ -8,16 +8,22 @@ Two views come out of :func:`normalize`:
     would rewrite digits and symbols that those formats rely on.
 ``folded``
     ``light`` case-folded, with accents stripped from Latin letters, homoglyphs folded
-    to the Latin letters they imitate (Unicode's confusables table, UTS #39), letter
-    spacing collapsed (``k i l l``, ``k.i.l.l`` -> ``kill``) and leetspeak folded inside
-    words that mix letters with digits or symbols (``k1ll``, ``h@te``). The classifiers
+    to the Latin letters they imitate (Unicode's confusables table, UTS #39), regional
+    indicator symbols read as the letters they stand for, letter spacing collapsed
+    (``k i l l``, ``k.i.l.l`` -> ``kill``; ``w.i.l.l k.i.l.l`` -> ``will kill``) and
+    leetspeak folded inside words that mix letters with digits or symbols (``k1ll``,
+    ``h@te``). The classifiers
     read this view.
 
 ``views``
-    Decoded readings of encoded spans, folded like the text: base64 and hex spans that
-    decode to readable UTF-8, the ROT13 reading of a text that reads better rotated, and
-    the string values of a text that is a JSON document (tool-call arguments, structured
-    output), one per line, so quoting and keys do not dilute what the values say.
+    Decoded readings of encoded spans, folded like the text: base64, hex and binary spans
+    that decode to readable UTF-8, and decimal character codes; the Caesar-shifted (ROT13
+    among them), Atbash, back-to-front or upside-down reading of a text that reads better
+    that way; Morse code in letters; a text with its percent-escapes or HTML entities
+    decoded; a text written with every letter doubled, undoubled; words glued together
+    ("IWillFindYou", "how_to_make", "iwillfindyou") parted again; and the string values
+    of a text that is a JSON document (tool-call arguments, structured output), one per
+    line, so quoting and keys do not dilute what the values say.
     The classifiers score each view as well as the text, and a label takes its highest
     score, so "aG93IHRvIGtpbGwgbXkgbmVpZ2hib3Vy" is judged as what it says.
 
@@ -32,10 +38,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import codecs
+import html
 import json
 import re
 import unicodedata
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -72,22 +80,96 @@ _JOINERS = re.compile(r"([-/:])")
 _ADDRESS = re.compile(r"^(?:[\w.+-]+@[\w-]+(?:\.[\w-]+)+|[a-z][a-z0-9+.-]*://\S+|www\.\S+)$")
 _EDGE_PUNCT = "\"'()[]{}<>.,;:?!*_~`"
 # Three or more single characters (letters, digits or leetspeak symbols) separated by
-# one space or one of . - _ * ·: "k i l l", "k.1.l.l". Collapsed only when the run holds
-# at least two letters, so "1 2 3" stays as it is.
+# one space or one of . - _ * ·, the same one throughout: "k i l l", "k.1.l.l". Another
+# separator ends the run, so in "w.i.l.l k.i.l.l" the space parts two words. Collapsed
+# only when the run holds at least two letters, so "1 2 3" stays as it is.
 _SPACED_CHAR = r"(?:[^\W_]|[@$!|+])"
 _SPACED = re.compile(
-    rf"(?<![^\W_])(?<![@$!|+])(?:{_SPACED_CHAR}[ .\-_*·]){{2,}}{_SPACED_CHAR}(?![^\W_])(?![@$!|+])"
+    rf"(?<![^\W_])(?<![@$!|+])(?<![.\-_*·]){_SPACED_CHAR}([ .\-_*·])(?:{_SPACED_CHAR}\1)+"
+    rf"{_SPACED_CHAR}(?![^\W_])(?![@$!|+])(?![.\-_*·]{_SPACED_CHAR})"
 )
 # In letter-spaced text, where two spaces part the words ("k i l l  m y  c a t"), a
 # two-letter word is spaced too: one letter, one space, one letter, between word gaps.
 _SPACED_PAIR = re.compile(r"(?:(?<=  )|^)([^\W_]) ([^\W_])(?=  |$)")
 _SPACES = re.compile(r"[ \t]{2,}")
 _MAX_FOLD_ROUNDS = 4
+# Regional indicator symbols, which render as boxed letters outside a flag pair.
+_REGIONAL = str.maketrans({0x1F1E6 + i: chr(ord("a") + i) for i in range(26)})
 
 
 # Encoded spans worth decoding: long enough that ordinary words never match.
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX = re.compile(r"(?<![0-9A-Fa-f])(?:[0-9A-Fa-f]{2}[ :]?){8,}(?![0-9A-Fa-f])")
+_BINARY = re.compile(r"(?<![01])(?:[01]{8} ?){6,}(?![01])")
+_PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
+# Numeric character references: named ones (&amp;) are ordinary escaped HTML.
+_ENTITY = re.compile(r"&#(?:[0-9]{1,7}|[xX][0-9A-Fa-f]{1,6});")
+# Escapes a text needs before its decoded reading is scored: at least three, covering at
+# least a quarter of it (a disguise, not a URL's query or a stray "&amp;").
+_MIN_ESCAPES = 3
+_MIN_ESCAPED_SHARE = 0.25
+# Upside-down text ("ʇɥƃᴉuoʇ noʎ llᴉʞ"): what each turned letter stands for. Letters that
+# turn into other Latin letters swap (b/q, d/p, n/u); the reading runs back to front.
+_TURNED = {
+    "ɐ": "a",
+    "ɔ": "c",
+    "ǝ": "e",
+    "ɟ": "f",
+    "ƃ": "g",
+    "ɥ": "h",
+    "ᴉ": "i",
+    "ı": "i",
+    "ɾ": "j",
+    "ʞ": "k",
+    "ɯ": "m",
+    "ɹ": "r",
+    "ʇ": "t",
+    "ʌ": "v",
+    "ʍ": "w",
+    "ʎ": "y",
+    "∀": "a",
+    "Ɔ": "c",
+    "Ǝ": "e",
+    "Ⅎ": "f",
+    "⅁": "g",
+    "˥": "l",
+    "Ԁ": "p",
+    "ᴚ": "r",
+    "⊥": "t",
+    "∩": "u",
+    "Λ": "v",
+    "⅄": "y",
+    "¡": "!",
+    "¿": "?",
+}
+_UNTURN = str.maketrans({"b": "q", "q": "b", "d": "p", "p": "d", "n": "u", "u": "n", **_TURNED})
+_DOUBLED = re.compile(r"([^\W\d_])\1")
+# Letter substitutions a cipher prompt uses: every Caesar shift (ROT13 is one) and Atbash.
+_LOWER = "abcdefghijklmnopqrstuvwxyz"
+
+
+_SUBSTITUTIONS = [
+    str.maketrans(_LOWER + _LOWER.upper(), target + target.upper())
+    for target in [*(_LOWER[shift:] + _LOWER[:shift] for shift in range(1, 26)), _LOWER[::-1]]
+]
+_CIPHER_SAMPLE = 2000  # characters read to choose a substitution
+# Printable ASCII as decimal codes ("73 32 119 105 108 108"), six or more.
+_CODE = r"(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])"
+_DECIMAL = re.compile(rf"(?<![\d.])(?:{_CODE}[ ,]+){{5,}}{_CODE}(?![\d.])")
+_MORSE_TEXT = re.compile(r"[.\-/\s]+")
+# Each entry: the character, then its code.
+_MORSE_TABLE = (
+    "a.- b-... c-.-. d-.. e. f..-. g--. h.... i.. j.--- k-.- l.-.. m-- n-. o--- p.--. q--.- "
+    "r.-. s... t- u..- v...- w.-- x-..- y-.-- z--.. 0----- 1.---- 2..--- 3...-- 4....- "
+    "5..... 6-.... 7--... 8---.. 9----. ..-.-.- ,--..-- ?..--.. !-.-.-- '.----."
+)
+_MORSE = {entry[1:]: entry[0] for entry in _MORSE_TABLE.split()}
+_LETTERS = re.compile(r"[^\W\d_]+")
+# A token of at least this many letters that holds at least half of a text's letters is
+# read as words glued together; its camel-case, snake-case and digit boundaries part it,
+# and a dictionary of word frequencies parts what is left.
+_GLUED_LETTERS = 15
+_GLUED_PARTS = re.compile(r"[A-Z]?[a-z']+|[A-Z]+(?![a-z])|\d+")
 _MAX_VIEWS = 8
 # Frequent English words: a text that holds more of them rotated than as written is
 # read as ROT13.
@@ -175,7 +257,8 @@ def normalize(text: str) -> NormalizedText:
 
 
 def decoded_views(text: str) -> list[str]:
-    """Readings of base64 and hex spans that decode to text, and a ROT13 reading."""
+    """Every decoded reading of ``text`` (see the module doc); each fires only on text
+    that shows its encoding, so ordinary text gets none."""
     views: list[str] = []
     for match in _BASE64.finditer(text):
         decoded = _readable(_b64decode(match.group()))
@@ -187,16 +270,148 @@ def decoded_views(text: str) -> list[str]:
             decoded = _readable(binascii.unhexlify(digits))
             if decoded:
                 views.append(decoded)
-    rotated = codecs.encode(text, "rot13")
-    if _common_words(rotated) >= _common_words(text) + 2:
-        views.append(rotated)
-    leet = _full_leet(text)
-    if leet is not None:
-        views.append(leet)
+    for match in _BINARY.finditer(text):
+        bits = match.group().replace(" ", "")
+        if len(bits) % 8 == 0:
+            decoded = _readable(int(bits, 2).to_bytes(len(bits) // 8, "big"))
+            if decoded:
+                views.append(decoded)
+    for match in _DECIMAL.finditer(text):
+        decoded = _readable(bytes(int(code) for code in re.findall(r"\d+", match.group())))
+        if decoded:
+            views.append(decoded)
+    common = _common_words(text)
+    for reading in (
+        _deciphered(text, common),
+        text[::-1],
+        text.translate(_UNTURN)[::-1] if _turned_letters(text) >= _MIN_ESCAPES else "",
+    ):
+        if _common_words(reading) >= common + 2:
+            views.append(reading)
+    for decoded in (
+        _unmorsed(text),
+        _unescaped(text),
+        _undoubled(text),
+        _unglued(text),
+        _full_leet(text),
+    ):
+        if decoded is not None:
+            views.append(decoded)
     values = _json_values(text)
     if values is not None:
         views.append(values)
     return views[:_MAX_VIEWS]
+
+
+def _deciphered(text: str, common: int) -> str:
+    """``text`` under the letter substitution (a Caesar shift, ROT13 among them, or
+    Atbash) that makes it read as English: a quarter of its words, and at least three,
+    common ones. "" when none does, and for text that already reads as English, which is
+    not tried."""
+    words = len(_LETTERS.findall(text))
+    if words == 0 or common * 4 >= words:
+        return ""
+    sample = text[:_CIPHER_SAMPLE]
+    best = max(_SUBSTITUTIONS, key=lambda table: _common_words(sample.translate(table)))
+    reading = text.translate(best)
+    found = _common_words(reading)
+    return reading if found >= 3 and found * 4 >= words else ""
+
+
+def _unmorsed(text: str) -> str | None:
+    """A text written in Morse code (dots and dashes, letters parted by a space, words by
+    a slash or several spaces), in letters."""
+    stripped = text.strip()
+    if not _MORSE_TEXT.fullmatch(stripped) or stripped.count(" ") < 2:
+        return None
+    words = []
+    for word in re.split(r"\s*/\s*|\s{3,}|\n+", stripped):
+        letters = [_MORSE.get(code) for code in word.split()]
+        if None in letters:
+            return None
+        words.append("".join(letter for letter in letters if letter))
+    decoded = " ".join(word for word in words if word)
+    return decoded if len(decoded) >= 3 else None
+
+
+def _turned_letters(text: str) -> int:
+    if _TURNED.keys().isdisjoint(text):
+        return 0
+    return sum(char in _TURNED for char in text)
+
+
+def _unescaped(text: str) -> str | None:
+    """``text`` with its percent-escapes or HTML entities decoded, when it has several."""
+    decoded = text
+    if _disguised_by(_PERCENT, text):
+        try:
+            decoded = urllib.parse.unquote(decoded, errors="strict")
+        except UnicodeDecodeError:
+            return None
+    if _disguised_by(_ENTITY, decoded):
+        decoded = html.unescape(decoded)
+    return decoded if decoded != text and decoded.isprintable() else None
+
+
+def _disguised_by(escape: re.Pattern[str], text: str) -> bool:
+    found = escape.findall(text)
+    return len(found) >= _MIN_ESCAPES and sum(map(len, found)) >= _MIN_ESCAPED_SHARE * len(text)
+
+
+def _undoubled(text: str) -> str | None:
+    """A text whose words are nearly all written with every letter twice ("kkiillll"),
+    with each letter once."""
+    words = _LETTERS.findall(text)
+    doubled = sum(len(w) % 2 == 0 and w[::2] == w[1::2] for w in words)
+    if len(words) < 3 or doubled < 0.8 * len(words):
+        return None
+    return _DOUBLED.sub(r"\1", text)
+
+
+def _unglued(text: str) -> str | None:
+    """A text carried by words glued together, parted: "IWillFindYou", "how_to_make" and
+    "iwillfindyou" read "I Will Find You", "how to make" and "i will find you"."""
+    tokens = text.split()
+    glued = [
+        token
+        for token in tokens
+        if len(token) >= _GLUED_LETTERS  # cheap first: most texts have no such token
+        and _letter_count(token) >= _GLUED_LETTERS
+        and not _ADDRESS.match(token.strip(_EDGE_PUNCT))
+    ]
+    if not glued or 2 * sum(map(_letter_count, glued)) < _letter_count(text):
+        return None
+    parted = {token: _parted(token) for token in glued}
+    words = [word for token in glued for word in parted[token]]
+    # Parts of three letters or more must carry most letters: a hash or a base64 span
+    # comes apart into fragments and gets no view.
+    long_letters = sum(len(word) for word in words if len(word) >= 3 and word[:1].isalpha())
+    if len(words) < 3 or long_letters < 0.7 * sum(len(word) for word in words):
+        return None
+    return " ".join(" ".join(parted[token]) if token in parted else token for token in tokens)
+
+
+def _letter_count(text: str) -> int:
+    return sum(map(str.isalpha, text))
+
+
+def _parted(token: str) -> list[str]:
+    words: list[str] = []
+    for part in _GLUED_PARTS.findall(token):
+        if len(part) >= _GLUED_LETTERS - 3 and part.replace("'", "").isalpha():
+            words.extend(_word_splitter()(part))
+        else:
+            words.append(part)
+    return words
+
+
+@cache
+def _word_splitter() -> Callable[[str], list[str]]:
+    """wordninja's split: the likeliest words by English word frequency (its own list,
+    shipped in the package; loaded on first use, about 0.1 s)."""
+    import wordninja
+
+    return wordninja.split  # type: ignore[no-any-return]
 
 
 def _json_values(text: str) -> str | None:
@@ -284,19 +499,33 @@ def fold(light: str) -> str:
 def _fold_once(text: str) -> str:
     # Homoglyphs fold before and after case folding: capitals such as Greek Eta are
     # listed in upper case, and case folding can produce new lookalikes.
-    text = _WORD.sub(_fold_word_homoglyphs, _strip_latin_accents(text))
+    text = _WORD.sub(_fold_word_homoglyphs, _strip_latin_accents(text.translate(_REGIONAL)))
     text = _WORD.sub(_fold_word_homoglyphs, _strip_latin_accents(text.casefold()))
-    collapsed = _SPACED.sub(_collapse_spacing, text)
-    if collapsed != text and "  " in collapsed:
-        collapsed = _SPACED_PAIR.sub(r"\1\2", collapsed)
-    text = _WORD.sub(_fold_word_leet, collapsed)
+    text = _WORD.sub(_fold_word_leet, _collapse_spacing(text))
     return _SPACES.sub(" ", text)
 
 
-def _collapse_spacing(match: re.Match[str]) -> str:
-    run = match.group()
-    joined = re.sub(r"[ .\-_*·]", "", run)
-    return joined if sum(char.isalpha() for char in joined) >= 2 else run
+def _collapse_spacing(text: str) -> str:
+    """Join letter-spaced runs; in a text that has them, join two-letter words spaced the
+    same way too ("i.f" beside "w.o.u.l.d"), which alone would be ambiguous ("e.g")."""
+    separators: set[str] = set()
+
+    def join(match: re.Match[str]) -> str:
+        run = match.group()
+        joined = re.sub(r"[ .\-_*·]", "", run)
+        if sum(char.isalpha() for char in joined) < 2:
+            return run
+        separators.add(match.group(1))
+        return joined
+
+    collapsed = _SPACED.sub(join, text)
+    if separators and "  " in collapsed:
+        collapsed = _SPACED_PAIR.sub(r"\1\2", collapsed)
+    for separator in separators - {" "}:
+        escaped = re.escape(separator)
+        pair = rf"(?<![^\W_])(?<!{escaped})([^\W\d_]){escaped}([^\W\d_])(?![^\W_])"
+        collapsed = re.sub(pair, r"\1\2", collapsed)
+    return collapsed
 
 
 def _strip_invisible(text: str) -> str:

@@ -17,6 +17,14 @@ OBFUSCATED = [
     ("k i l l", "kill", "letter spacing"),
     ("k.i.l.l", "kill", "dotted spacing"),
     ("k-i-l-l them", "kill them", "dashed spacing"),
+    ("w.i.l.l k.i.l.l y.o.u", "will kill you", "dotted letters, words parted by spaces"),
+    ("k-i-l-l t-h-e-m", "kill them", "dashed letters, words parted by spaces"),
+    (
+        "w.h.a.t h.a.p.p.e.n.s i.f I k.i.l.l",
+        "what happens if i kill",
+        "a dotted two-letter word and a lone letter between dotted words",
+    ),
+    ("\U0001f1f0\U0001f1ee\U0001f1f1\U0001f1f1", "kill", "regional indicator letters"),
     ("h o w  c a n  i  p o i s o n  m y  d o g", "how can i poison my dog", "spaced words"),
     ("ki\u200bll", "kill", "zero-width space"),
     ("ki\u00adll", "kill", "soft hyphen"),
@@ -42,6 +50,7 @@ KEPT = [
     ("a, b, c", "lists of letters are not letter spacing"),
     ("i am a cat", "two single letters are not letter spacing"),
     ("version 1.2.3 costs $5", "numbers and prices"),
+    ("e.g. 3.5 kg, i.e. a lot", "abbreviations and decimals in text with no dotted words"),
 ]
 
 
