@@ -40,7 +40,9 @@ import codecs
 import hashlib
 import json
 import platform
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -344,7 +346,8 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
             ],
         },
         "training": {
-            "command": "safegate safety train --data-dir ../shared/data",
+            "command": _command(),
+            "code": _code_version(),
             "config": config.to_json(),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -368,6 +371,37 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         json.dumps(card, indent=2, sort_keys=True) + "\n"
     )
     return card
+
+
+def _command() -> str:
+    """The command line this run was started with, as a user would type it."""
+    program = Path(sys.argv[0]).name
+    if program != "safegate":
+        return "safegate safety train (called from Python: see config)"
+    return shlex.join([program, *sys.argv[1:]])
+
+
+def _code_version() -> str | None:
+    """The git commit of the code that trained, with ``+changes`` when the checkout had
+    uncommitted changes; None outside a git checkout. Training reads text as the engine
+    folds it, so the same command on other code can train other weights."""
+    root = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        return subprocess.run(  # noqa: S603 - git, in this package's own checkout
+            ["git", "-C", str(root), *args],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+changes" if changed else commit
 
 
 def _tune_encoder(config: TrainConfig, data: TuningData, progress: Progress | None) -> TunedEncoder:

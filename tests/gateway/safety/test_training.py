@@ -7,6 +7,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -727,6 +728,9 @@ def test_a_run_with_a_tuned_encoder_ships_heads_on_the_frozen_and_tuned_pair(
     )
     card = run(config)
     assert card["inputs"] == "frozen+tuned"
+    # The commit of the code that trained (this checkout), so a rerun can use the same.
+    code = card["training"]["code"]  # type: ignore[index]
+    assert re.fullmatch(r"[0-9a-f]{7,40}(\+changes)?", code), code
     assert card["architecture"]["variant"] == "mlp|tuned+mlp"  # type: ignore[index]
     assert set(card["selection"]["dev_mean_auprc"]) >= {"mlp", "top-layers+mlp", "mlp|tuned+mlp"}  # type: ignore[index]
     assert card["encoder_delta"] == "encoder_delta.safetensors"
