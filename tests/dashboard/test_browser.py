@@ -4,8 +4,9 @@ seeded home. It signs in with a reviewer key, opens every page, labels a flagged
 checks the label landed in the audit store with the reviewer's key id; then signs in again
 as an admin and chats in the playground through a real gateway (``served_gateway``: the
 real engine, upstreams answered by litellm's ``mock_response``), seeing the streamed answer
-and the filter's annotations. It saves a screenshot of each page to ``docs/screenshots/``
-(refreshed on every run).
+and the filter's annotations. It saves a screenshot of each page to a scratch folder, or
+to ``$SAFEGATE_SCREENSHOTS`` (``SAFEGATE_SCREENSHOTS=docs/screenshots`` refreshes the
+README's).
 
 It needs ``/usr/bin/chromium`` and ``chromedriver`` (Debian packages ``chromium`` and
 ``chromium-driver``; ``make browser``, part of ``make test``, installs them as root) and
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,7 +42,11 @@ from tests.dashboard.served_gateway import (
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+# Where each page's screenshot goes: a scratch folder, so a test run leaves the checkout as
+# it was; SAFEGATE_SCREENSHOTS=docs/screenshots refreshes the README's.
+SCREENSHOTS = Path(
+    os.environ.get("SAFEGATE_SCREENSHOTS") or Path(tempfile.gettempdir()) / "safegate-screenshots"
+)
 CHROMIUM = os.environ.get("SAFEGATE_CHROMIUM", "/usr/bin/chromium")
 SKIP = "SAFEGATE_SKIP_BROWSER_TEST"
 START_TIMEOUT_S = 120.0
