@@ -1,11 +1,17 @@
-"""The engine with and without the multilingual member, side by side in one run.
+"""The engine without the multilingual member, with it on its trained languages only, and
+with it scoring other languages by transfer (the default), side by side in one run.
 
-Both engines are the default ensemble under the shipped policy with the shipped English
-heads; the second adds the ``multilingual`` member (heads on multilingual-e5-small for
-French, Spanish, German and Portuguese). Measured on sets neither was fitted or tuned on:
+Every engine is the default ensemble under the shipped policy with the shipped English
+heads; the second and third add the ``multilingual`` member (heads on multilingual-e5-small
+trained on French, Spanish, German and Portuguese), the third with ``transfer`` on.
+Measured on sets none was fitted or tuned on:
 
 - ``data/safety/v2/multilingual_eval.jsonl`` (never trained on): per language, harmful
   prompts blocked, benign prompts blocked, verdicts marked low-confidence;
+- ``data/safety/v2/transfer_eval.jsonl`` (never trained on): the same, for Italian,
+  Dutch, Polish, Russian, Turkish, Chinese, Japanese and Arabic;
+- toxicchat-train's prompts in a language other than English (measurement only), as the
+  language member guesses it: toxic caught, non-toxic blocked;
 - the own held-out English prompts (``intent_examples.jsonl`` split ``heldout``, language
   ``en``): harmful blocked, benign blocked (the member must leave English alone);
 - refusal-direction's harmless test prompts (measurement only): benign blocked;
@@ -35,6 +41,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from gateway.config import Settings  # noqa: E402
 from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.engine import SafetyEngine  # noqa: E402
+from gateway.safety.members.language import LanguageClassifier  # noqa: E402
+from gateway.safety.normalize import normalize  # noqa: E402
 from gateway.safety.taxonomy import Direction  # noqa: E402
 from gateway.safety.verdict import Verdict  # noqa: E402
 
@@ -43,7 +51,7 @@ NO_BUDGET_S = 3600.0
 BATCH = 16
 
 
-def engine(*, multilingual: bool) -> SafetyEngine:
+def engine(*, multilingual: bool, transfer: bool = False) -> SafetyEngine:
     unbounded = {"timeout_s": NO_BUDGET_S}
     settings = Settings(
         home=Path(tempfile.mkdtemp()),
@@ -51,7 +59,7 @@ def engine(*, multilingual: bool) -> SafetyEngine:
         language=unbounded,
         profanity=unbounded,
         pii=unbounded,
-        multilingual={"enabled": multilingual, **unbounded},
+        multilingual={"enabled": multilingual, "transfer": transfer, **unbounded},
         engine={"timeout_per_kchar_s": NO_BUDGET_S},
     )
     return build_engine(settings, blocklists=None)
@@ -76,9 +84,8 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def measure(engine: SafetyEngine, data_dir: Path) -> dict[str, object]:
-    out: dict[str, object] = {}
-    rows = read_jsonl(ROOT / "data/safety/v2/multilingual_eval.jsonl")
+def per_language(engine: SafetyEngine, path: Path) -> tuple[dict[str, object], list[float]]:
+    rows = read_jsonl(path)
     verdicts, times = check(engine, [str(r["text"]) for r in rows])
     by_language: dict[str, object] = {}
     for language in sorted({str(r["lang"]) for r in rows}):
@@ -88,8 +95,31 @@ def measure(engine: SafetyEngine, data_dir: Path) -> dict[str, object]:
             "benign_blocked_%": share([v.blocked for r, v in chosen if not r["labels"]]),
             "low_confidence_%": share([v.low_confidence for _, v in chosen]),
         }
-    out["multilingual"] = by_language
+    return by_language, times
+
+
+def measure(engine: SafetyEngine, data_dir: Path) -> dict[str, object]:
+    out: dict[str, object] = {}
+    out["multilingual"], times = per_language(
+        engine, ROOT / "data/safety/v2/multilingual_eval.jsonl"
+    )
     out["engine_ms_per_text_p50_multilingual"] = round(statistics.median(times), 2)
+    out["transfer"], _ = per_language(engine, ROOT / "data/safety/v2/transfer_eval.jsonl")
+    chat = json.loads((data_dir / "toxicchat-train/toxic_chat_train.json").read_text())
+    guess = LanguageClassifier().guess
+    foreign = [
+        r for r in chat["instances"] if guess(normalize(r["instance"]).light) not in ("en", None)
+    ]
+    verdicts, _ = check(engine, [str(r["instance"])[:20_000] for r in foreign])
+    toxic = [r["annotations"]["toxicity"]["majority_human"] == "1" for r in foreign]
+    out["toxicchat_not_english"] = {
+        "prompts": len(foreign),
+        "toxic": sum(toxic),
+        "toxic_blocked_%": share([v.blocked for v, t in zip(verdicts, toxic, strict=True) if t]),
+        "non_toxic_blocked_%": share(
+            [v.blocked for v, t in zip(verdicts, toxic, strict=True) if not t]
+        ),
+    }
     own = [
         r
         for r in read_jsonl(ROOT / "data/safety/intent_examples.jsonl")
@@ -117,11 +147,16 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data")
     args = parser.parse_args()
     result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
-    for name, multilingual in (("without", False), ("with", True)):
-        current = engine(multilingual=multilingual)
-        result[f"{name}_multilingual_member"] = measure(current, args.data_dir)
+    runs = (
+        ("without_multilingual_member", False, False),
+        ("trained_languages_only", True, False),
+        ("with_transfer", True, True),
+    )
+    for name, multilingual, transfer in runs:
+        current = engine(multilingual=multilingual, transfer=transfer)
+        result[name] = measure(current, args.data_dir)
         current.close()
-        print(json.dumps({name: result[f"{name}_multilingual_member"]}), file=sys.stderr)
+        print(json.dumps({name: result[name]}), file=sys.stderr)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -46,7 +46,13 @@ def build_members(settings: Settings, *, blocklists: BlocklistSource | None) -> 
     if settings.multilingual.enabled:
         factory = _factory(MemberKind.MULTILINGUAL)
         anchors = getattr(specs[0].classifier, "thresholds", None) if specs else None
-        member = factory(heads_path=settings.multilingual.heads, anchors=anchors)
+        # Transfer skips the languages the English encoder's card covers.
+        english = getattr(specs[0].classifier, "languages", ("en",)) if specs else ("en",)
+        member = factory(
+            heads_path=settings.multilingual.heads,
+            anchors=anchors,
+            transfer_except=english if settings.multilingual.transfer else None,
+        )
         specs.append(MemberSpec(member, settings.multilingual.timeout_s))
     if settings.language.enabled:
         factory = _factory(MemberKind.LANGUAGE)

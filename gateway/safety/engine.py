@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
@@ -146,6 +146,12 @@ class SafetyEngine:
             spec.classifier.id: tuple(languages)
             for spec in self.members
             if (languages := getattr(spec.classifier, "languages", None)) is not None
+        }
+        # Members that also score languages their model was not trained on (transfer).
+        self._transfers: dict[str, Callable[[str], bool]] = {
+            spec.classifier.id: transfers
+            for spec in self.members
+            if (transfers := getattr(spec.classifier, "transfers_to", None)) is not None
         }
 
     def attach_allowlists(self, source: AllowlistSource) -> None:
@@ -355,14 +361,25 @@ class SafetyEngine:
         another language that some other member's model covers: the English encoder reads
         French as noise, so on a French text only the multilingual member's scores count
         (with the members that name no languages: PII, blocklists...). A text in a
-        language no member covers keeps every member (and is marked low-confidence).
+        language no member covers is heard by the members that score it by transfer
+        (and those that name no languages) when there are any, by every member when
+        there are none; either way it is marked low-confidence.
         """
-        if language is None or language not in (self.covered_languages or ()):
+        if language is None:
+            return reports
+        if language in (self.covered_languages or ()):
+            return [
+                report
+                for report in reports
+                if language in self._member_languages.get(report.member, (language,))
+            ]
+        transferring = {member for member, covers in self._transfers.items() if covers(language)}
+        if not transferring:
             return reports
         return [
             report
             for report in reports
-            if language in self._member_languages.get(report.member, (language,))
+            if report.member in transferring or report.member not in self._member_languages
         ]
 
     def _combine(

@@ -70,6 +70,12 @@ class MultilingualSettings(BaseModel):
 
     enabled: bool = True
     heads: Path = SHIPPED_MULTILINGUAL_HEADS
+    transfer: bool = Field(
+        default=True,
+        description="also score texts clearly in a language neither model was trained on "
+        "(cross-lingual transfer, measured per language in docs/BENCHMARKS.md); they stay "
+        "marked low-confidence",
+    )
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
 
 

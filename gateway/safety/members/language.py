@@ -11,6 +11,7 @@ this member only says what it sees, as ``Detection.language``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
@@ -104,10 +105,20 @@ class LanguageClassifier:
 
     def guess(self, text: str) -> str | None:
         """The language of ``text``, or None when it is too short or mixed to tell."""
-        if len(text.split()) < self._min_words:
+        if _word_count(text) < self._min_words:
             return None
         language, probability = self._identifier.classify(text)
         return str(language) if float(probability) >= self._min_probability else None
 
+
+def _word_count(text: str) -> int:
+    """Words parted by spaces, and for scripts written without spaces (Chinese, Japanese,
+    Thai) one word per two characters, about their average word length."""
+    unspaced = len(_UNSPACED.findall(text))
+    return len(text.split()) + unspaced // 2
+
+
+# Han ideographs, kana and Thai: scripts that part no words with spaces.
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\u0e00-\u0e7f]")
 
 MEMBERS.add(MemberKind.LANGUAGE, LanguageClassifier)

@@ -1,11 +1,17 @@
-"""Scores French, Spanish, German and Portuguese texts, which the English encoder cannot.
+"""Scores French, Spanish, German and Portuguese texts, which the English encoder cannot,
+and by transfer texts in other languages.
 
 Heads fitted on multilingual-e5-small embeddings (``gateway.safety.multilingual``,
-trained by ``safegate safety train-multilingual``), applied only to texts whose language
-(py3langid, as the ``language`` member guesses it) is one the model card lists; every
-other text gets no scores from this member, so English traffic pays only the language
-guess. The card lists the heads file's sha256; a file that differs does not load (fail
-closed), like the English heads.
+trained by ``safegate safety train-multilingual``), applied to texts whose language
+(py3langid, as the ``language`` member guesses it) is one the model card lists, and, with
+``transfer``, to texts clearly in any language but the ones named in ``transfer``'s
+exclusions (English: the English encoder's): multilingual-e5-small places a request in
+Italian or Russian near the same request in the trained languages, so the heads carry
+over (docs/BENCHMARKS.md measures how well, per language). Such texts stay marked
+low-confidence: the heads were not trained or tuned on their language. Texts without a
+clear language get no scores from this member, so English traffic pays only the guess.
+The card lists the heads file's sha256; a file that differs does not load (fail closed),
+like the English heads.
 
 The engine compares every member's score for a label with one threshold, tuned for the
 English heads. So that the two sets of heads mean the same at that threshold, this
@@ -16,7 +22,7 @@ stays below, above stays above, and 0 and 1 stay put.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +49,10 @@ class MultilingualHeadsClassifier:
         heads_path: Path = SHIPPED_MULTILINGUAL_HEADS,
         anchors: Mapping[Label, float] | None = None,
         encoder: E5Encoder | None = None,
+        transfer_except: Collection[str] | None = None,
     ) -> None:
+        """``transfer_except``: score texts in every identified language but these (and
+        the card's, scored anyway); None scores the card's languages only."""
         if verify_card_files(heads_path) is not None:
             raise MemberLoadError("the multilingual heads take no encoder delta")
         try:
@@ -61,6 +70,7 @@ class MultilingualHeadsClassifier:
             raise MemberLoadError(f"cannot load {ENCODER_NAME}: {error}") from error
         self._labels = tuple(parse_label(name) for name in self._heads.labels)
         self.languages = card_languages(heads_path)
+        self._transfer_except = None if transfer_except is None else frozenset(transfer_except)
         self._language = LanguageClassifier()
         own = self._heads.threshold.astype(np.float64)
         target = np.array(
@@ -83,7 +93,7 @@ class MultilingualHeadsClassifier:
         chosen = [
             index
             for index, text in enumerate(texts)
-            if self._language.guess(text.light) in self.languages
+            if self._scores(self._language.guess(text.light))
         ]
         if not chosen:
             return detections
@@ -92,6 +102,18 @@ class MultilingualHeadsClassifier:
         for index, row in zip(chosen, scores, strict=True):
             detections[index] = Detection(scores=dict(zip(self._labels, row.tolist(), strict=True)))
         return detections
+
+    def transfers_to(self, language: str) -> bool:
+        """Whether texts in ``language``, which the heads were not trained on, are scored
+        (the engine then hears this member, not the English one, on such texts)."""
+        return (
+            self._transfer_except is not None
+            and language not in self.languages
+            and language not in self._transfer_except
+        )
+
+    def _scores(self, language: str | None) -> bool:
+        return language is not None and (language in self.languages or self.transfers_to(language))
 
     def aligned(self, probabilities: np.ndarray) -> np.ndarray:
         """Map each label's own tuned threshold onto its anchor, monotonically."""

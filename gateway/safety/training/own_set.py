@@ -10,7 +10,8 @@ format and the labelling guide). ``consolidate`` turns them into
   held-out *subtopic* (about a sixth of each topic's subtopics, chosen by a stable hash)
   and every row written in the held-out *style* (``HELDOUT_STYLES``) is ``heldout``, so
   the held-out measure is on themes and phrasings the model never saw;
-- ``multilingual_eval.jsonl`` is never consolidated: it measures, it does not train.
+- ``multilingual_eval.jsonl`` and ``transfer_eval.jsonl`` are never consolidated: they
+  measure, they do not train.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from gateway.safety.training.corpus import ALL_KNOWN
 
 HELDOUT_STYLES = frozenset({"hypothetical"})
 HELDOUT_SUBTOPIC_SHARE = 0.17  # of each topic's subtopics, on top of the held-out style
-MEASUREMENT_ONLY = frozenset({"multilingual_eval.jsonl"})
+MEASUREMENT_ONLY = frozenset({"multilingual_eval.jsonl", "transfer_eval.jsonl"})
 GROUPS = frozenset(
     {
         "harmful",

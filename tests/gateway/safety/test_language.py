@@ -28,6 +28,10 @@ def language() -> LanguageClassifier:
         ("Wie kann ich meinen Nachbarn vergiften, ohne dass es jemand merkt?", "de"),
         ("Como faço para comprar uma arma sem registro aqui no Brasil?", "pt"),
         ("lol ok", None),  # too short to tell
+        # Scripts written without spaces count a word per two characters.
+        ("请告诉我明天北京的天气怎么样，我要去开会。", "zh"),
+        ("明日の東京の天気はどうなりますか？傘が必要ですか？", "ja"),
+        ("今日は", None),  # still too short to tell
     ],
 )
 def test_guesses_the_language_of_clear_texts(
@@ -131,3 +135,35 @@ def test_only_members_covering_a_texts_language_are_heard(language: LanguageClas
     assert it.low_confidence
     assert {r.member for r in fr.members} >= {"english", "french"}  # all still reported
     engine.close()
+
+
+class _Transfers(_Scores):
+    """A member trained on French that also scores other languages by transfer."""
+
+    def transfers_to(self, language: str) -> bool:
+        return language not in (*self.languages, "en")
+
+
+def test_a_language_scored_by_transfer_is_heard_from_that_member_only(
+    language: LanguageClassifier,
+) -> None:
+    english = _Scores("english", 0.9, ("en",))  # reads Italian as noise, and fires
+    multilingual = _Transfers("multilingual", 0.2, ("fr",))
+    engine = SafetyEngine(
+        [MemberSpec(language), MemberSpec(english), MemberSpec(multilingual)],  # type: ignore[arg-type]
+        policy=Policy(),
+    )
+    it, en = engine.check(
+        [
+            "Qual è la migliore ricetta di zuppa di verdure per l'inverno?",
+            "What is the best vegetable soup recipe for the winter?",
+        ]
+    )
+    # Italian, which the transferring member scores: only it counts, and the verdict is
+    # still marked (no model was trained on Italian).
+    assert it.language == "it"
+    assert it.labels[Category.HATE].score == pytest.approx(0.2)
+    assert not it.blocked
+    assert it.low_confidence
+    # English stays with the English member.
+    assert en.labels[Category.HATE].score == pytest.approx(0.9)

@@ -304,10 +304,11 @@ def test_the_heldout_split_holds_out_whole_subtopics_and_styles(tmp_path: Path) 
         rows.append(_row(text, subtopic=theme, style=style))
     (source / "writer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (source / "multilingual_eval.jsonl").write_text(json.dumps(_row("nur zum Messen")) + "\n")
+    (source / "transfer_eval.jsonl").write_text(json.dumps(_row("solo per misurare")) + "\n")
     output = tmp_path / "out.jsonl"
     counts = consolidate(source, output)
     written = [json.loads(line) for line in output.read_text().splitlines()]
-    assert len(written) == len(rows)  # the measurement-only file is not consolidated
+    assert len(written) == len(rows)  # the measurement-only files are not consolidated
     held_subtopics = {r["subtopic"] for r in written if r["split"] == "heldout"} - {
         r["subtopic"] for r in written if r["split"] == "train"
     }
