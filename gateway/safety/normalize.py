@@ -12,8 +12,7 @@ Two views come out of :func:`normalize`:
     indicator symbols read as the letters they stand for, letter spacing collapsed
     (``k i l l``, ``k.i.l.l`` -> ``kill``; ``w.i.l.l k.i.l.l`` -> ``will kill``) and
     leetspeak folded inside words that mix letters with digits or symbols (``k1ll``,
-    ``h@te``). The classifiers
-    read this view.
+    ``h@te``). The classifiers read this view.
 
 ``views``
     Decoded readings of encoded spans, folded like the text: base64, hex and binary spans
@@ -170,6 +169,7 @@ _LETTERS = re.compile(r"[^\W\d_]+")
 # and a dictionary of word frequencies parts what is left.
 _GLUED_LETTERS = 15
 _GLUED_PARTS = re.compile(r"[A-Z]?[a-z']+|[A-Z]+(?![a-z])|\d+")
+_SPLIT_CHARS = 1000  # characters of one text the dictionary split reads, at most
 _MAX_VIEWS = 8
 # Frequent English words: a text that holds more of them rotated than as written is
 # read as ROT13.
@@ -381,7 +381,10 @@ def _unglued(text: str) -> str | None:
     ]
     if not glued or 2 * sum(map(_letter_count, glued)) < _letter_count(text):
         return None
-    parted = {token: _parted(token) for token in glued}
+    parted: dict[str, list[str]] = {}
+    budget = _SPLIT_CHARS
+    for token in glued:
+        parted[token], budget = _parted(token, budget)
     words = [word for token in glued for word in parted[token]]
     # Parts of three letters or more must carry most letters: a hash or a base64 span
     # comes apart into fragments and gets no view.
@@ -395,14 +398,19 @@ def _letter_count(text: str) -> int:
     return sum(map(str.isalpha, text))
 
 
-def _parted(token: str) -> list[str]:
+def _parted(token: str, budget: int) -> tuple[list[str], int]:
+    """``token``'s words, and what is left of ``budget``: the characters the dictionary
+    split may still read (it costs about 30 µs a character; past the budget, parts stay
+    whole, so a 32,000-letter token costs no second of CPU)."""
     words: list[str] = []
     for part in _GLUED_PARTS.findall(token):
-        if len(part) >= _GLUED_LETTERS - 3 and part.replace("'", "").isalpha():
+        run_together = len(part) >= _GLUED_LETTERS - 3 and part.replace("'", "").isalpha()
+        if run_together and len(part) <= budget:
             words.extend(_word_splitter()(part))
+            budget -= len(part)
         else:
             words.append(part)
-    return words
+    return words, budget
 
 
 @cache

@@ -106,3 +106,23 @@ def test_joined_parts_fold_on_their_own(text: str, expected: str) -> None:
 )
 def test_addresses_keep_their_symbols(address: str) -> None:
     assert normalize(f"write to {address} today").folded == f"write to {address} today"
+
+
+def test_the_dictionary_split_reads_a_bounded_part_of_a_long_glued_text(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It costs about 30 µs a character: a text of one 32,000-letter token must not cost
+    # a second of CPU.
+    from gateway.safety import normalize as module
+
+    read: list[int] = []
+
+    def splitter(part: str) -> list[str]:
+        read.append(len(part))
+        return [part]
+
+    monkeypatch.setattr(module, "_word_splitter", lambda: splitter)
+    normalize("a" * 32_000)
+    normalize(" ".join(["howtomakeapipebombathome"] * 1_000))
+    assert read
+    assert sum(read) <= 2 * module._SPLIT_CHARS  # two texts, each within the budget
