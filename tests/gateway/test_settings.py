@@ -122,6 +122,7 @@ def test_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
         "multilingual": {
             "enabled": True,
             "heads": str(GATEWAY / "safety" / "weights" / "multilingual" / "heads.safetensors"),
+            "transfer": True,
             "timeout_s": 5.0,
         },
         "language": {"enabled": True, "timeout_s": 5.0},
@@ -187,6 +188,7 @@ ENVIRONMENT = [
     ("SAFEGATE_ENCODER__BACKEND", "torch", ("encoder", "backend"), "torch"),
     ("SAFEGATE_LANGUAGE__ENABLED", "false", ("language", "enabled"), False),
     ("SAFEGATE_MULTILINGUAL__ENABLED", "false", ("multilingual", "enabled"), False),
+    ("SAFEGATE_MULTILINGUAL__TRANSFER", "false", ("multilingual", "transfer"), False),
     ("SAFEGATE_PROFANITY__TIMEOUT_S", "2.5", ("profanity", "timeout_s"), 2.5),
     ("SAFEGATE_PII__DEFAULT_REGION", "GB", ("pii", "default_region"), "GB"),
     ("SAFEGATE_BLOCKLIST__REFRESH_S", "9", ("blocklist", "refresh_s"), 9.0),
