@@ -43,21 +43,13 @@ EVASIONS: dict[str, Callable[[str], str]] = {
 }
 
 
-def read_jsonl(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
-def rate(flags: Sequence[bool]) -> float | None:
-    return round(sum(flags) / len(flags), 4) if flags else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--limit", type=int, default=2000, help="rows per plain benign set")
     args = parser.parse_args()
 
-    from engine_compare import engine_for
+    from engine_compare import engine_for, rate, read_jsonl
 
     from gateway.safety.taxonomy import Direction
 
