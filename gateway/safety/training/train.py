@@ -59,7 +59,7 @@ from gateway.safety.members import MemberLoadError
 from gateway.safety.members.encoder_heads import card_value, served_segments, verify_card_files
 from gateway.safety.normalize import normalize
 from gateway.safety.settings import Backend
-from gateway.safety.training import augment, top_layers
+from gateway.safety.training import augment, loop, top_layers
 from gateway.safety.training.corpus import (
     ALL_KNOWN,
     HEAD_LABELS,
@@ -550,12 +550,13 @@ def _served(
 
 def _encoder(config: TrainConfig, delta: Path | None, backend: str) -> SentenceEncoder:
     """The encoder whose embeddings heads for ``backend`` are fitted on: torch for fp32
-    (ONNX Runtime's fp32 graph matches it within 2e-6), the quantised graph for int8."""
+    (ONNX Runtime's fp32 graph matches it within 2e-6), on the GPU when there is one, and
+    the quantised graph for int8 (ONNX Runtime on the CPU)."""
     if backend == Backend.ONNX_INT8.value:
         return SentenceEncoder(
             config.encoder, backend=Backend.ONNX_INT8, cache_dir=config.cache_dir, delta=delta
         )
-    return SentenceEncoder(config.encoder, delta=delta)
+    return SentenceEncoder(config.encoder, delta=delta, device=str(loop.training_device()))
 
 
 def _embedder(encoder: SentenceEncoder, cache_dir: Path, progress: Progress | None) -> Embed:
