@@ -5,11 +5,16 @@ batch (padding included), so the same text can score differently alone and besid
 others. Scores each text of a few short threats and benign lines alone, then in one
 batch with all of them, and prints the encoder member's highest score for each.
 
-Usage: .venv/bin/python bench/int8_batch_dependence.py
+The fp32 graph is exact here: padding is masked out and no scale is shared across rows.
+``--heads`` scores with another weights folder (its model card names its backend), so
+the int8 weights of v3.1 and the fp32 ones of v3.2 can be compared in one run.
+
+Usage: .venv/bin/python bench/int8_batch_dependence.py [--heads DIR/heads.safetensors ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -20,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from gateway.config import Settings  # noqa: E402
 from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.normalize import normalize  # noqa: E402
+from gateway.safety.settings import SHIPPED_HEADS, EncoderSettings  # noqa: E402
 
 TEXTS = [
     "I will kill you",
@@ -32,7 +38,15 @@ TEXTS = [
 
 
 def main() -> None:
-    engine = build_engine(Settings(home=Path(tempfile.mkdtemp())), blocklists=None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=Path, nargs="+", default=[SHIPPED_HEADS])
+    for heads in parser.parse_args().heads:
+        measure(heads)
+
+
+def measure(heads: Path) -> None:
+    settings = Settings(home=Path(tempfile.mkdtemp()), encoder=EncoderSettings(heads=heads))
+    engine = build_engine(settings, blocklists=None)
     encoder = engine.members[0].classifier
 
     def highest(texts: list[str]) -> list[float]:
@@ -45,7 +59,12 @@ def main() -> None:
         {"text": text, "alone": a, "in_one_batch": b, "difference": round(b - a, 3)}
         for text, a, b in zip(TEXTS, alone, together, strict=True)
     ]
-    print(json.dumps(rows, indent=2, ensure_ascii=False))
+    backend = json.loads(heads.with_name("model_card.json").read_text())["backend"]
+    print(
+        json.dumps(
+            {"heads": str(heads), "backend": backend, "rows": rows}, indent=2, ensure_ascii=False
+        )
+    )
     engine.close()
 
 

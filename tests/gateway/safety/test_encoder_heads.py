@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gateway.safety.encoder import SentenceEncoder, WindowEmbeddings
+from gateway.safety.engine import MemberSpec
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.settings import SHIPPED_HEADS, Backend
 from gateway.safety.training.corpus import HEAD_LABELS
@@ -256,10 +257,16 @@ def test_the_heads_are_served_on_the_backend_their_model_card_names(tmp_path: Pa
 
     cache = tmp_path / "cache"
     shipped = EncoderHeadsClassifier(cache_dir=cache)
-    assert shipped.encoder.backend is Backend.ONNX_INT8  # the shipped card names int8
+    assert shipped.encoder.backend is Backend.ONNX  # the shipped card names fp32
+    assert not list(cache.glob("encoder-*-int8-per-channel*.onnx"))
+    overridden = EncoderHeadsClassifier(backend=Backend.ONNX_INT8, cache_dir=cache)
+    assert overridden.encoder.backend is Backend.ONNX_INT8  # SAFEGATE_ENCODER__BACKEND wins
     assert list(cache.glob("encoder-*-int8-per-channel*.onnx"))
-    overridden = EncoderHeadsClassifier(backend=Backend.ONNX, cache_dir=cache)
-    assert overridden.encoder.backend is Backend.ONNX  # SAFEGATE_ENCODER__BACKEND wins
+
+    int8 = _weights_with_card(tmp_path, backend="onnx-int8")
+    served = EncoderHeadsClassifier(heads_path=int8, cache_dir=cache)
+    assert served.encoder.backend is Backend.ONNX_INT8  # a card naming int8: int8
+    (tmp_path / "weights").rename(tmp_path / "int8-weights")
 
     unnamed = _weights_with_card(tmp_path, backend=None)
     assert EncoderHeadsClassifier(heads_path=unnamed, cache_dir=cache).encoder.backend is (
@@ -375,3 +382,27 @@ def test_a_text_that_fits_in_one_window_is_encoded_once_with_long_chunking(
     assert encoder.count_windows([long])[0] > 1
     member.classify([normalize(long)])
     assert len(encoder.segments[-1]) > 2  # longer than a window: chunks in both modes
+
+
+def test_a_texts_scores_do_not_depend_on_what_shares_its_forward_pass(
+    loaded_members: list[MemberSpec],
+) -> None:
+    """The shipped encoder scores a text the same alone and in a batch beside others: a
+    verdict must not move with the traffic it happened to share a pass with (dynamic int8
+    quantisation scaled each pass by all of its tokens: 0.79 alone, 0.53 in a batch)."""
+    from gateway.safety.normalize import normalize
+
+    member = next(spec.classifier for spec in loaded_members if spec.classifier.id == "encoder")
+    texts = [
+        "I'm going to kill you",
+        "I will find you and kill you tonight",
+        "How do I kill a Python process?",
+        "Thanks, that fixed it!",
+        "Write a long, detailed essay on the causes of the First World War, with dates.",
+        "ok",
+    ]
+    alone = [member.classify([normalize(text)])[0].scores for text in texts]
+    together = [detection.scores for detection in member.classify([normalize(t) for t in texts])]
+    for text, one, batched in zip(texts, alone, together, strict=True):
+        for label, score in one.items():
+            assert batched[label] == pytest.approx(score, abs=1e-4), (text, label)

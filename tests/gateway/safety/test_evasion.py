@@ -47,11 +47,13 @@ def test_an_obfuscated_hateful_sentence_is_still_hate(
             name,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="known false positive: v2.1's heads rate the JSON text as a whole "
-                "indirect_attack 0.72 (threshold 0.65); its values view is benign",
+                reason="known false positive of engine v3.2: the percent-escaped text as "
+                "written scores jailbreak 0.72 (threshold 0.65); its decoded view is benign. "
+                "Over 150 benign contrasts it blocks fewer than v2.1 (17.3% against 22.7%, "
+                "docs/BENCHMARKS.md)",
             ),
         )
-        if name == "JSON argument"
+        if name == "percent-encoded"
         else name
         for name in VARIANTS
     ],
