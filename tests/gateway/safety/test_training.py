@@ -669,9 +669,16 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
 
 
 def test_a_benign_reference_on_another_backend_is_read_with_its_own(tmp_path: Path) -> None:
-    # The shipped card names int8 and the frozen and tuned pair: a run on fp32 must read
-    # it with the int8 pair, never with its own fp32 frozen embeddings.
-    config = _shipped_reference(tmp_path, backend="onnx")
+    # A reference whose card names int8 and the frozen and tuned pair (the shipped weights,
+    # their card saying int8): a run on fp32 must read it with the int8 pair, never with
+    # its own fp32 frozen embeddings.
+    from gateway.safety.settings import SHIPPED_WEIGHTS
+
+    reference = tmp_path / "int8-reference"
+    shutil.copytree(SHIPPED_WEIGHTS, reference)
+    card = reference / "model_card.json"
+    card.write_text(json.dumps({**json.loads(card.read_text()), "backend": "onnx-int8"}))
+    config = _shipped_reference(tmp_path, backend="onnx", benign_reference=reference)
 
     def fp32_embed(texts: Sequence[str]) -> npt.NDArray[np.float32]:
         raise AssertionError("the int8 pair must not be read with fp32 frozen embeddings")
