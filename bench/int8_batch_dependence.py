@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gateway.config import Settings  # noqa: E402
 from gateway.engine_factory import build_engine  # noqa: E402
+from gateway.safety.members.encoder_heads import card_value  # noqa: E402
 from gateway.safety.normalize import normalize  # noqa: E402
 from gateway.safety.settings import SHIPPED_HEADS, EncoderSettings  # noqa: E402
 
@@ -47,7 +48,7 @@ def main() -> None:
 def measure(heads: Path) -> None:
     settings = Settings(home=Path(tempfile.mkdtemp()), encoder=EncoderSettings(heads=heads))
     engine = build_engine(settings, blocklists=None)
-    encoder = engine.members[0].classifier
+    encoder = next(spec.classifier for spec in engine.members if spec.classifier.id == "encoder")
 
     def highest(texts: list[str]) -> list[float]:
         detections = encoder.classify([normalize(text) for text in texts])
@@ -59,7 +60,7 @@ def measure(heads: Path) -> None:
         {"text": text, "alone": a, "in_one_batch": b, "difference": round(b - a, 3)}
         for text, a, b in zip(TEXTS, alone, together, strict=True)
     ]
-    backend = json.loads(heads.with_name("model_card.json").read_text())["backend"]
+    backend = card_value(heads, "backend", "onnx")
     print(
         json.dumps(
             {"heads": str(heads), "backend": backend, "rows": rows}, indent=2, ensure_ascii=False
