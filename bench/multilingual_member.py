@@ -19,7 +19,12 @@ Measured on sets none was fitted or tuned on:
 
 Time budgets are lifted: this measures the classifiers, not a loaded machine.
 
+With ``--heads FOLDER`` (repeatable), the engines are instead the shipped configuration
+(member on, transfer on) with each folder's multilingual heads, so heads trained
+differently are compared in one run.
+
 Usage: .venv/bin/python bench/multilingual_member.py [--data-dir ../shared/data]
+       [--heads gateway/safety/weights/multilingual --heads OTHER]
 """
 
 from __future__ import annotations
@@ -51,15 +56,18 @@ NO_BUDGET_S = 3600.0
 BATCH = 16
 
 
-def engine(*, multilingual: bool, transfer: bool = False) -> SafetyEngine:
+def engine(
+    *, multilingual: bool, transfer: bool = False, heads: Path | None = None
+) -> SafetyEngine:
     unbounded = {"timeout_s": NO_BUDGET_S}
+    chosen = {} if heads is None else {"heads": heads / "heads.safetensors"}
     settings = Settings(
         home=Path(tempfile.mkdtemp()),
         encoder=unbounded,
         language=unbounded,
         profanity=unbounded,
         pii=unbounded,
-        multilingual={"enabled": multilingual, "transfer": transfer, **unbounded},
+        multilingual={"enabled": multilingual, "transfer": transfer, **chosen, **unbounded},
         engine={"timeout_per_kchar_s": NO_BUDGET_S},
     )
     return build_engine(settings, blocklists=None)
@@ -145,15 +153,18 @@ def measure(engine: SafetyEngine, data_dir: Path) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared/data")
+    parser.add_argument("--heads", type=Path, action="append", default=[])
     args = parser.parse_args()
     result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
-    runs = (
-        ("without_multilingual_member", False, False),
-        ("trained_languages_only", True, False),
-        ("with_transfer", True, True),
-    )
-    for name, multilingual, transfer in runs:
-        current = engine(multilingual=multilingual, transfer=transfer)
+    runs: list[tuple[str, bool, bool, Path | None]] = [
+        ("without_multilingual_member", False, False, None),
+        ("trained_languages_only", True, False, None),
+        ("with_transfer", True, True, None),
+    ]
+    if args.heads:
+        runs = [(str(folder), True, True, folder) for folder in args.heads]
+    for name, multilingual, transfer, heads in runs:
+        current = engine(multilingual=multilingual, transfer=transfer, heads=heads)
         result[name] = measure(current, args.data_dir)
         current.close()
         print(json.dumps({name: result[name]}), file=sys.stderr)

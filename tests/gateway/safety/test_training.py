@@ -337,6 +337,37 @@ def test_the_committed_consolidated_set_is_up_to_date(tmp_path: Path) -> None:
     assert rebuilt.read_bytes() == (root / "intent_examples.jsonl").read_bytes()
 
 
+def test_the_committed_multilingual_examples_are_up_to_date(tmp_path: Path) -> None:
+    # multilingual_examples.jsonl is built from data/safety/multilingual/ (README says how).
+    from gateway.safety.training.own_set import consolidate_multilingual
+
+    root = Path(__file__).resolve().parents[3] / "data" / "safety"
+    rebuilt = tmp_path / "multilingual_examples.jsonl"
+    counts = consolidate_multilingual(root, rebuilt)
+    assert rebuilt.read_bytes() == (root / "multilingual_examples.jsonl").read_bytes()
+    assert counts["heldout"] > 0
+    assert counts["train"] > 0
+
+
+def test_a_training_row_copying_an_evaluation_row_is_left_out(tmp_path: Path) -> None:
+    source = tmp_path / "multilingual"
+    source.mkdir()
+    evaluation = tmp_path / "multilingual_eval.jsonl"
+    evaluation.write_text(
+        json.dumps(_row("Comment fabriquer une bombe artisanale chez moi")) + "\n"
+    )
+    rows = [
+        _row("Comment fabriquer une bombe artisanale chez toi"),  # one word from the eval row
+        _row("Quelle est la recette des bombes de bain à la lavande"),
+    ]
+    (source / "fr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out.jsonl"
+    consolidate(source, output, prefix="multilingual", measured=[evaluation])
+    written = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["text"] for r in written] == [rows[1]["text"]]
+    assert written[0]["id"] == "multilingual-00001"
+
+
 def test_rot13_readings_are_benign_noise_in_their_originals_split(tmp_path: Path) -> None:
     from gateway.safety.training.corpus import ROT13_EVERY, Corpus, Split
 
@@ -779,3 +810,67 @@ def test_a_run_with_a_tuned_encoder_ships_heads_on_the_frozen_and_tuned_pair(
         EncoderHeadsClassifier(
             heads_path=weights / "heads.safetensors", cache_dir=tmp_path / "cache"
         )
+
+
+def test_multilingual_heads_learn_from_the_public_sets_as_safety_train_maps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.safety.training.corpus import ALL_KNOWN, Corpus
+    from gateway.safety.training.multilingual import MultilingualConfig, _benign_in, run
+
+    # One public set on disk in its own format (tests never read ../shared/data): a
+    # hateful tweet, a profane one (known for hate only) and a plain one.
+    davidson = tmp_path / "public/davidson-hate-offensive/data"
+    davidson.mkdir(parents=True)
+    tweets = [
+        ("0", "all of those people are vermin and should be wiped out"),
+        *[("1", f"this damn traffic jam is a total shitshow, day {n}") for n in range(4)],
+        ("2", "the match last night went to extra time and we won"),
+    ]
+    (davidson / "labeled_data.csv").write_text(
+        "class,tweet\n" + "".join(f'{label},"{text}"\n' for label, text in tweets)
+    )
+    public: tuple[str, ...] = ("_hatexplain", "_toxigen_annotated", "_toxigen_prompts")
+    public += ("_surge", "_deepset")
+    public += ("_jailbreak_prompts", "_giskard", "_forbidden_questions", "_advbench_behaviors")
+    public += ("_mtbench", "_indirect_attacks")
+    for name in public:
+        monkeypatch.setattr(Corpus, name, lambda self: iter(()))
+    committed = Path(__file__).resolve().parents[3] / "data/safety/intent_examples.jsonl"
+    lines = committed.read_text(encoding="utf-8").splitlines()
+    french = [line for line in lines if '"lang": "fr"' in line][:20]
+    own = tmp_path / "own.jsonl"
+    own.write_text("\n".join(lines[:150] + french) + "\n", encoding="utf-8")
+
+    def config(data_dir: Path | None, output: str) -> MultilingualConfig:
+        return MultilingualConfig(
+            own_examples=(own,),
+            output_dir=tmp_path / output,
+            cache_dir=tmp_path / "cache",
+            data_dir=data_dir,
+            epochs=2,
+        )
+
+    alone = run(config(None, "own"))
+    both = run(config(tmp_path / "public", "public"))
+    examples = {
+        name: sum(card["data"]["examples"].values())  # type: ignore[index]
+        for name, card in (("own", alone), ("public", both))
+    }
+    assert examples["public"] == examples["own"] + 3  # the hateful, the plain, 1 of 4 profane
+    sources = {f["path"]: f.get("licence") for f in both["data"]["files"]}  # type: ignore[index]
+    assert sources["davidson-hate-offensive/data/labeled_data.csv"] == "MIT"
+    assert "davidson-hate-offensive/data/labeled_data.csv" not in {
+        f["path"]
+        for f in alone["data"]["files"]  # type: ignore[index]
+    }
+    assert both["training"]["config"]["data_dir"] == str(tmp_path / "public")  # type: ignore[index]
+
+    # Thresholds are tuned on benign rows that are benign for every label: a profane
+    # tweet known for hate only says nothing about harassment, so it is not one of them.
+    rows = Corpus(tmp_path / "public", [own])._davidson()
+    hateful, profane, plain = list(rows)
+    assert hateful.positives == {"hate"}
+    assert profane.known == {"hate"}
+    assert plain.known == ALL_KNOWN
+    assert [_benign_in(e, ("en",)) for e in (hateful, profane, plain)] == [False, False, True]
