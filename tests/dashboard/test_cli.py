@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -79,10 +80,16 @@ def test_stopping_the_dashboard_leaves_no_streamlit_behind(
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
+        # Streamlit binds its port, then starts uvicorn and its runtime, and only then
+        # installs its SIGINT and SIGTERM handlers: a SIGINT in that gap meets Python's
+        # default handler, a KeyboardInterrupt that left the process hanging once on a
+        # loaded machine (Streamlit's own start-up race, not safegate's). The dashboard
+        # counts as running when it answers its health check, which narrows the gap to
+        # a few turns of its event loop.
         deadline = time.monotonic() + 120
-        while not port_in_use(port):
-            assert dashboard.poll() is None, "the dashboard exited before listening"
-            assert time.monotonic() < deadline, "the dashboard did not start listening"
+        while not _healthy(port):
+            assert dashboard.poll() is None, "the dashboard exited before serving"
+            assert time.monotonic() < deadline, "the dashboard did not start serving"
             time.sleep(0.2)
         dashboard.send_signal(stop)
         dashboard.wait(timeout=30)
@@ -94,3 +101,10 @@ def test_stopping_the_dashboard_leaves_no_streamlit_behind(
         if dashboard.poll() is None:
             dashboard.kill()
             dashboard.wait()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
