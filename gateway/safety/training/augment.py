@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from gateway.safety.members.encoder_heads import CHUNK_CHARS, sentence_chunks
-from gateway.safety.training.corpus import ALL_KNOWN, Example, Split
+from gateway.safety.training.corpus import Example, Split
 
 FRAGMENT_CHARS = (12, 90)  # a streamed increment up to a sentence or two
 EMBED_MAX_CHARS = 420  # fits the 128-token window the top blocks are tuned on
@@ -36,10 +36,7 @@ def fragments(examples: Sequence[Example], *, count: int, seed: int) -> list[Exa
     benign = [
         e
         for e in examples
-        if e.split == Split.TRAIN
-        and not e.positives
-        and e.known == ALL_KNOWN
-        and len(e.text) > FRAGMENT_CHARS[1]
+        if e.split == Split.TRAIN and e.benign and len(e.text) > FRAGMENT_CHARS[1]
     ]
     rng.shuffle(benign)
     pieces: list[Example] = []
@@ -58,11 +55,7 @@ def embedded(examples: Sequence[Example], *, count: int, seed: int) -> list[Exam
     rng = random.Random(seed + 1)  # noqa: S311 - data, not secrets
     train = [e for e in examples if e.split == Split.TRAIN]
     contexts = {
-        direction: [
-            e
-            for e in train
-            if e.direction == direction and not e.positives and e.known == ALL_KNOWN
-        ]
+        direction: [e for e in train if e.direction == direction and e.benign]
         for direction in ("prompt", "reply")
     }
     harmful = [e for e in train if e.positives and len(e.text) <= EMBED_MAX_CHARS // 2]

@@ -72,6 +72,12 @@ class Example:
         if unknown:
             raise ValueError(f"{self.source}: unknown labels {sorted(unknown)}")
 
+    @property
+    def benign(self) -> bool:
+        """No label positive and every label known: benign for every head (a public row
+        labelled for hate only says nothing about harassment)."""
+        return not self.positives and self.known == ALL_KNOWN
+
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:

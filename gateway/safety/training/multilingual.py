@@ -39,7 +39,6 @@ from gateway.safety.heads import Heads
 from gateway.safety.multilingual import ENCODER_NAME, E5Encoder
 from gateway.safety.normalize import normalize
 from gateway.safety.training.corpus import (
-    ALL_KNOWN,
     Corpus,
     Example,
     SourceFile,
@@ -199,9 +198,9 @@ def _examples(config: MultilingualConfig) -> tuple[list[Example], list[SourceFil
 
 
 def _benign_in(example: Example, languages: Collection[str]) -> bool:
-    """A benign row in one of ``languages`` for threshold tuning: no label positive, every
-    label known (a public row labelled for hate only says nothing about harassment)."""
-    return not example.positives and example.known == ALL_KNOWN and example.language in languages
+    """A row benign for every head (``Example.benign``) in one of ``languages``: the rows
+    thresholds are tuned on."""
+    return example.benign and example.language in languages
 
 
 def _by_language(heads: Heads, matrix: Matrix) -> dict[str, object]:

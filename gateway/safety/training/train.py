@@ -61,7 +61,6 @@ from gateway.safety.normalize import normalize
 from gateway.safety.settings import Backend
 from gateway.safety.training import augment, loop, top_layers
 from gateway.safety.training.corpus import (
-    ALL_KNOWN,
     HEAD_LABELS,
     Corpus,
     Example,
@@ -454,11 +453,7 @@ def _benign_sets(
     test = [row["instruction"] for row in json.loads((folder / "harmless_test.json").read_text())]
     # The ROT13 noise of a harmful text is harmful as served: the engine decodes it.
     encoded_harm = {codecs.encode(e.text, "rot13") for e in examples if e.positives}
-    benign = [
-        e
-        for e in examples
-        if not e.positives and e.known == ALL_KNOWN and e.text not in encoded_harm
-    ]
+    benign = [e for e in examples if e.benign and e.text not in encoded_harm]
     kinds: dict[str, Callable[[Example], bool]] = {
         "own benign prompts": lambda e: e.source == "own" and e.direction == "prompt",
         "own benign replies": lambda e: e.source == "own" and e.direction == "reply",
