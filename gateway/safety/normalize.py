@@ -5,7 +5,12 @@ Two views come out of :func:`normalize`:
 ``light``
     Unicode NFKC, with zero-width, bidi and other control characters removed (newlines
     and tabs stay). Spans of personal data and secrets are found here, because folding
-    would rewrite digits and symbols that those formats rely on.
+    would rewrite digits and symbols that those formats rely on. A text written wholly
+    in a disguise that decodes without guessing is read here as what it says
+    (:func:`exact_reading`: one base64, hex, binary or decimal-code span, Morse code,
+    percent-escapes or HTML character references, words glued at case or underscore
+    boundaries such as ``how_to_make`` or ``HowToMake``), so every member reads the
+    words and none the disguise.
 ``folded``
     ``light`` case-folded, with accents stripped from Latin letters, homoglyphs folded
     to the Latin letters they imitate (Unicode's confusables table, UTS #39), regional
@@ -15,16 +20,17 @@ Two views come out of :func:`normalize`:
     ``h@te``). The classifiers read this view.
 
 ``views``
-    Decoded readings of encoded spans, folded like the text: base64, hex and binary spans
-    that decode to readable UTF-8, and decimal character codes; the Caesar-shifted (ROT13
-    among them), Atbash, back-to-front or upside-down reading of a text that reads better
-    that way; Morse code in letters; a text with its percent-escapes or HTML entities
-    decoded; a text written with every letter doubled, undoubled; words glued together
-    ("IWillFindYou", "how_to_make", "iwillfindyou") parted again; and the string values
-    of a text that is a JSON document (tool-call arguments, structured output), one per
-    line, so quoting and keys do not dilute what the values say.
-    The classifiers score each view as well as the text, and a label takes its highest
-    score, so "aG93IHRvIGtpbGwgbXkgbmVpZ2hib3Vy" is judged as what it says.
+    Readings scored beside the text, folded like it: base64, hex and binary spans that
+    decode to readable UTF-8, and decimal character codes, inside a text that says
+    something else too; the Caesar-shifted (ROT13 among them), Atbash, back-to-front or
+    upside-down reading of a text that reads better that way; Morse code in letters; a
+    text with its percent-escapes or HTML entities decoded; a text written with every
+    letter doubled, undoubled; words glued together ("iwillfindyou") parted by a
+    dictionary; leetspeak folded in every word; and the string values of a text that is
+    a JSON document (tool-call arguments, structured output), one per line, so quoting
+    and keys do not dilute what the values say. The classifiers score each view as well
+    as the text, and a label takes its highest score, so "Decode this:
+    aG93IHRvIGtpbGwgbXkgbmVpZ2hib3Vy" is judged as what it says.
 
 Folding is deliberately conservative where it could damage ordinary text: a word made
 only of Cyrillic or Greek letters stays as it is unless every letter imitates a Latin
@@ -51,6 +57,7 @@ from importlib import resources
 # words ("ki\u200bll") to split tokens. Categories Cf (format) and Cc (control) cover
 # them, except the whitespace controls we keep.
 _KEEP_CONTROLS = frozenset("\n\t\r")
+_WHITESPACE_CONTROLS = str.maketrans(dict.fromkeys(_KEEP_CONTROLS, " "))
 
 _LEET = str.maketrans(
     {
@@ -152,8 +159,9 @@ _SUBSTITUTIONS = [
     for target in [*(_LOWER[shift:] + _LOWER[:shift] for shift in range(1, 26)), _LOWER[::-1]]
 ]
 _CIPHER_SAMPLE = 2000  # characters read to choose a substitution
-# Printable ASCII as decimal codes ("73 32 119 105 108 108"), six or more.
-_CODE = r"(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6])"
+# Printable ASCII, tab and line breaks as decimal codes ("73 32 119 105 108 108"), six
+# or more.
+_CODE = r"(?:3[2-9]|[4-9]\d|1[01]\d|12[0-6]|9|10|13)"
 _DECIMAL = re.compile(rf"(?<![\d.])(?:{_CODE}[ ,]+){{5,}}{_CODE}(?![\d.])")
 _MORSE_TEXT = re.compile(r"[.\-/\s]+")
 # Each entry: the character, then its code.
@@ -169,8 +177,44 @@ _LETTERS = re.compile(r"[^\W\d_]+")
 # and a dictionary of word frequencies parts what is left.
 _GLUED_LETTERS = 15
 _GLUED_PARTS = re.compile(r"[A-Z]?[a-z']+|[A-Z]+(?![a-z])|\d+")
+_BOUNDED_WORD = re.compile(r"[A-Za-z0-9']+")
+# Tokens that name an address, a path or an assignment: their underscores are not spaces.
+_NOT_PROSE = re.compile(r"[@/\\=]|://|^www\.")
+_PLAIN_WORD = re.compile(r"[A-Za-z][a-z']*|[A-Z']+")
+# English words of one or two letters: camel-cased prose is full of them, a hash is not.
+_SHORT_WORDS = frozenset(
+    [
+        "a",
+        "i",
+        "am",
+        "an",
+        "as",
+        "at",
+        "be",
+        "by",
+        "do",
+        "go",
+        "he",
+        "if",
+        "in",
+        "is",
+        "it",
+        "me",
+        "my",
+        "no",
+        "of",
+        "on",
+        "or",
+        "so",
+        "to",
+        "up",
+        "us",
+        "we",
+    ]
+)
 _SPLIT_CHARS = 1000  # characters of one text the dictionary split reads, at most
 _MAX_VIEWS = 8
+_MAX_READINGS = 3  # disguises read off one inside another ("how%5Fto%5Fmake")
 # Frequent English words: a text that holds more of them rotated than as written is
 # read as ROT13.
 _COMMON = frozenset(
@@ -251,35 +295,54 @@ class NormalizedText:
 
 def normalize(text: str) -> NormalizedText:
     """Return the ``light``, ``folded`` and decoded views of ``text``."""
-    light = _strip_invisible(unicodedata.normalize("NFKC", text))
-    views = tuple(dict.fromkeys(fold(view) for view in decoded_views(light)))
-    return NormalizedText(original=text, light=light, folded=fold(light), views=views)
+    light = _lightly_normalized(text)
+    reading = exact_reading(light)
+    if reading != light:
+        light = _lightly_normalized(reading)
+    folded = fold(light)
+    readings = dict.fromkeys(fold(view) for view in decoded_views(light))
+    views = tuple(view for view in readings if view != folded)
+    return NormalizedText(original=text, light=light, folded=folded, views=views)
+
+
+def exact_reading(text: str) -> str:
+    """``text`` as what it says when the whole of it is written in a disguise that decodes
+    without guessing; ``text`` itself otherwise.
+
+    The disguises: one base64, hex, binary or decimal-code span that is the whole text;
+    Morse code; percent-escapes or HTML character references; words glued at explicit
+    boundaries (``how_to_make``, ``HowToMake``). The reading holds everything the text
+    as written does, so it replaces it: the classifiers read what it says and not how it
+    is written (the string of escapes or underscores alone scored as an injection or
+    worse: docs/BENCHMARKS.md). Readings that guess (a Caesar shift, a dictionary split,
+    leetspeak, text read backwards) stay views beside the text as written.
+    """
+    for _ in range(_MAX_READINGS):
+        stripped = text.strip()
+        decoded = next(
+            (
+                reading
+                for pattern, decode in _SPAN_DECODERS
+                if pattern.fullmatch(stripped) and (reading := decode(stripped))
+            ),
+            None,
+        )
+        decoded = decoded or _unmorsed(text) or _unescaped(text) or _parted_at_boundaries(text)
+        if decoded is None:
+            break
+        text = decoded
+    return text
 
 
 def decoded_views(text: str) -> list[str]:
     """Every decoded reading of ``text`` (see the module doc); each fires only on text
     that shows its encoding, so ordinary text gets none."""
     views: list[str] = []
-    for match in _BASE64.finditer(text):
-        decoded = _readable(_b64decode(match.group()))
-        if decoded:
-            views.append(decoded)
-    for match in _HEX.finditer(text):
-        digits = re.sub(r"[ :]", "", match.group())
-        if len(digits) % 2 == 0:
-            decoded = _readable(binascii.unhexlify(digits))
+    for pattern, decode in _SPAN_DECODERS:
+        for match in pattern.finditer(text):
+            decoded = decode(match.group())
             if decoded:
                 views.append(decoded)
-    for match in _BINARY.finditer(text):
-        bits = match.group().replace(" ", "")
-        if len(bits) % 8 == 0:
-            decoded = _readable(int(bits, 2).to_bytes(len(bits) // 8, "big"))
-            if decoded:
-                views.append(decoded)
-    for match in _DECIMAL.finditer(text):
-        decoded = _readable(bytes(int(code) for code in re.findall(r"\d+", match.group())))
-        if decoded:
-            views.append(decoded)
     common = _common_words(text)
     for reading in (
         _deciphered(text, common),
@@ -301,6 +364,34 @@ def decoded_views(text: str) -> list[str]:
     if values is not None:
         views.append(values)
     return views[:_MAX_VIEWS]
+
+
+def _from_base64(span: str) -> str | None:
+    return _readable(_b64decode(span))
+
+
+def _from_hex(span: str) -> str | None:
+    digits = re.sub(r"[ :]", "", span)
+    return _readable(binascii.unhexlify(digits)) if len(digits) % 2 == 0 else None
+
+
+def _from_binary(span: str) -> str | None:
+    bits = span.replace(" ", "")
+    if len(bits) % 8:
+        return None
+    return _readable(int(bits, 2).to_bytes(len(bits) // 8, "big"))
+
+
+def _from_decimal(span: str) -> str | None:
+    return _readable(bytes(int(code) for code in re.findall(r"\d+", span)))
+
+
+_SPAN_DECODERS: tuple[tuple[re.Pattern[str], Callable[[str], str | None]], ...] = (
+    (_BASE64, _from_base64),
+    (_HEX, _from_hex),
+    (_BINARY, _from_binary),
+    (_DECIMAL, _from_decimal),
+)
 
 
 def _deciphered(text: str, common: int) -> str:
@@ -350,7 +441,8 @@ def _unescaped(text: str) -> str | None:
             return None
     if _disguised_by(_ENTITY, decoded):
         decoded = html.unescape(decoded)
-    return decoded if decoded != text and decoded.isprintable() else None
+    readable = _strip_whitespace_controls(decoded).isprintable()
+    return decoded if decoded != text and readable else None
 
 
 def _disguised_by(escape: re.Pattern[str], text: str) -> bool:
@@ -394,6 +486,50 @@ def _unglued(text: str) -> str | None:
     return " ".join(" ".join(parted[token]) if token in parted else token for token in tokens)
 
 
+def _parted_at_boundaries(text: str) -> str | None:
+    """A text carried by words glued at underscore, case or digit boundaries
+    ("how_to_make,_step_by_step", "IWillFindYou"), parted with nothing lost but the
+    underscores. A word that would come apart into fragments (a hash, a base64 span, an
+    acronym) stays as written, and so does a token that names an address or a path; a
+    text with no word glued that way, or whose glued words hold under half its letters,
+    gives None (words run together with no boundary are the dictionary's, a view)."""
+    pieces: list[str] = []
+    end = parted = letters = 0
+    for match in _WORD.finditer(text):
+        token = match.group()
+        if _letter_count(token) < _GLUED_LETTERS or _NOT_PROSE.search(token):
+            continue
+        words = [_parted_piece(piece) for piece in token.split("_") if piece]
+        reading = " ".join(words)
+        if reading == token:
+            continue
+        pieces += [text[end : match.start()], reading]
+        end = match.end()
+        parted += sum(word.count(" ") + 1 for word in words)
+        letters += _letter_count(token)
+    if parted < 3 or 2 * letters < _letter_count(text):
+        return None
+    return "".join([*pieces, text[end:]])
+
+
+def _parted_piece(piece: str) -> str:
+    """``piece`` (a part of a token between underscores) with its words parted at case
+    and digit boundaries, or as written when they would come apart into fragments."""
+    core = piece.strip(_EDGE_PUNCT)
+    if not _BOUNDED_WORD.fullmatch(core) or _PLAIN_WORD.fullmatch(core):
+        return piece
+    words = _GLUED_PARTS.findall(core)
+    word_like = sum(
+        len(word)
+        for word in words
+        if (len(word) >= 3 and word[:1].isalpha()) or word.casefold() in _SHORT_WORDS
+    )
+    if "".join(words) != core or word_like < 0.7 * _letter_count(core):
+        return piece
+    start = piece.index(core)
+    return piece[:start] + " ".join(words) + piece[start + len(core) :]
+
+
 def _letter_count(text: str) -> int:
     return sum(map(str.isalpha, text))
 
@@ -404,13 +540,17 @@ def _parted(token: str, budget: int) -> tuple[list[str], int]:
     whole, so a 32,000-letter token costs no second of CPU)."""
     words: list[str] = []
     for part in _GLUED_PARTS.findall(token):
-        run_together = len(part) >= _GLUED_LETTERS - 3 and part.replace("'", "").isalpha()
-        if run_together and len(part) <= budget:
+        if _run_together(part) and len(part) <= budget:
             words.extend(_word_splitter()(part))
             budget -= len(part)
         else:
             words.append(part)
     return words, budget
+
+
+def _run_together(part: str) -> bool:
+    """A part too long to be one word: words run together that only a dictionary parts."""
+    return len(part) >= _GLUED_LETTERS - 3 and part.replace("'", "").isalpha()
 
 
 @cache
@@ -473,15 +613,20 @@ def _b64decode(span: str) -> bytes:
 
 
 def _readable(data: bytes) -> str | None:
-    """``data`` as text when it is UTF-8 made mostly of letters and spaces."""
+    """``data`` as text when it is UTF-8 made mostly of letters and spaces (lines and
+    tabs included: an encoded prompt is often several lines)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if len(text) < 6 or not text.isprintable():
+    if len(text) < 6 or not _strip_whitespace_controls(text).isprintable():
         return None
     letters = sum(char.isalpha() or char.isspace() for char in text)
     return text if letters / len(text) >= 0.8 and " " in text.strip() else None
+
+
+def _strip_whitespace_controls(text: str) -> str:
+    return text.translate(_WHITESPACE_CONTROLS)
 
 
 def _common_words(text: str) -> int:
@@ -534,6 +679,10 @@ def _collapse_spacing(text: str) -> str:
         pair = rf"(?<![^\W_])(?<!{escaped})([^\W\d_]){escaped}([^\W\d_])(?![^\W_])"
         collapsed = re.sub(pair, r"\1\2", collapsed)
     return collapsed
+
+
+def _lightly_normalized(text: str) -> str:
+    return _strip_invisible(unicodedata.normalize("NFKC", text))
 
 
 def _strip_invisible(text: str) -> str:
