@@ -18,6 +18,10 @@ TEXTS = [
     "Please restart the router and try again.",
     "damn it, the build failed again",
     "",
+    "the and of to it",  # stop words only: no feature at all
+    "shit shit shit, damn damn",  # repeated words weigh by their count
+    "Ça suffit, espèce de crétin !",
+    "x" * 5000,
 ]
 
 
