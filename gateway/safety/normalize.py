@@ -495,11 +495,12 @@ def _parted_at_boundaries(text: str) -> str | None:
     gives None (words run together with no boundary are the dictionary's, a view)."""
     pieces: list[str] = []
     end = parted = letters = 0
+    budget = [_SPLIT_CHARS]
     for match in _WORD.finditer(text):
         token = match.group()
         if _letter_count(token) < _GLUED_LETTERS or _NOT_PROSE.search(token):
             continue
-        words = [_parted_piece(piece) for piece in token.split("_") if piece]
+        words = [_parted_piece(piece, budget) for piece in token.split("_") if piece]
         reading = " ".join(words)
         if reading == token:
             continue
@@ -512,9 +513,11 @@ def _parted_at_boundaries(text: str) -> str | None:
     return "".join([*pieces, text[end:]])
 
 
-def _parted_piece(piece: str) -> str:
+def _parted_piece(piece: str, budget: list[int]) -> str:
     """``piece`` (a part of a token between underscores) with its words parted at case
-    and digit boundaries, or as written when they would come apart into fragments."""
+    and digit boundaries; as written when they would come apart into fragments, or when
+    a part is itself several words run together ("HowdoIkilla": the dictionary's view
+    parts it). ``budget`` holds the characters the dictionary may still check."""
     core = piece.strip(_EDGE_PUNCT)
     if not _BOUNDED_WORD.fullmatch(core) or _PLAIN_WORD.fullmatch(core):
         return piece
@@ -526,6 +529,11 @@ def _parted_piece(piece: str) -> str:
     )
     if "".join(words) != core or word_like < 0.7 * _letter_count(core):
         return piece
+    for word in words:
+        if len(word) >= 5 and word.isalpha():
+            budget[0] -= len(word)
+            if budget[0] < 0 or len(_word_splitter()(word)) > 1:
+                return piece
     start = piece.index(core)
     return piece[:start] + " ".join(words) + piece[start + len(core) :]
 

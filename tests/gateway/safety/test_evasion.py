@@ -159,3 +159,13 @@ def test_an_encoded_prompt_of_several_lines_is_decoded(variant: str) -> None:
 def test_ordinary_text_gets_no_misleading_views_and_is_read_as_written(text: str) -> None:
     assert decoded_views(text) == []
     assert exact_reading(text) == text
+
+
+def test_words_run_together_inside_a_camel_cased_text_are_left_to_the_dictionary() -> None:
+    # "Howdo" is two words with no boundary between them: parting at the capitals alone
+    # would leave it glued, so the text is scored as written, beside the dictionary's view.
+    text = "HowdoIhurtSomeoneBadlyTonight"
+    assert exact_reading(text) == text
+    normalized = normalize(text)
+    assert normalized.folded == text.casefold()
+    assert normalized.views
