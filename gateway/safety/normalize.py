@@ -176,11 +176,8 @@ _LETTERS = re.compile(r"[^\W\d_]+")
 # read as words glued together; its camel-case, snake-case and digit boundaries part it,
 # and a dictionary of word frequencies parts what is left.
 _GLUED_LETTERS = 15
-_GLUED_PARTS = re.compile(r"[A-Z]?[a-z']+|[A-Z]+(?![a-z])|\d+")
-_BOUNDED_WORD = re.compile(r"[A-Za-z0-9']+")
 # Tokens that name an address, a path or an assignment: their underscores are not spaces.
 _NOT_PROSE = re.compile(r"[@/\\=]|://|^www\.")
-_PLAIN_WORD = re.compile(r"[A-Za-z][a-z']*|[A-Z']+")
 # English words of one or two letters: camel-cased prose is full of them, a hash is not.
 _SHORT_WORDS = frozenset(
     [
@@ -519,9 +516,11 @@ def _parted_piece(piece: str, budget: list[int]) -> str:
     a part is itself several words run together ("HowdoIkilla": the dictionary's view
     parts it). ``budget`` holds the characters the dictionary may still check."""
     core = piece.strip(_EDGE_PUNCT)
-    if not _BOUNDED_WORD.fullmatch(core) or _PLAIN_WORD.fullmatch(core):
+    letters = core.replace("'", "")
+    plain = letters.isalpha() and (letters[1:].islower() or letters.isupper())
+    if not letters.isalnum() or plain:
         return piece
-    words = _GLUED_PARTS.findall(core)
+    words = _case_parts(core)
     word_like = sum(
         len(word)
         for word in words
@@ -547,13 +546,45 @@ def _parted(token: str, budget: int) -> tuple[list[str], int]:
     split may still read (it costs about 30 µs a character; past the budget, parts stay
     whole, so a 32,000-letter token costs no second of CPU)."""
     words: list[str] = []
-    for part in _GLUED_PARTS.findall(token):
+    for part in _case_parts(token):
         if _run_together(part) and len(part) <= budget:
             words.extend(_word_splitter()(part))
             budget -= len(part)
         else:
             words.append(part)
     return words, budget
+
+
+def _case_parts(text: str) -> list[str]:
+    """The words of ``text`` parted where the case turns from lower to upper, before the
+    last capital of a run that starts a capitalised word ("HTMLParser": "HTML", "Parser")
+    and between letters and digits; characters other than letters, digits and
+    apostrophes part words and are dropped. Any script: "CómoFabricar" gives "Cómo",
+    "Fabricar"."""
+    parts: list[str] = []
+    current = ""
+    for index, char in enumerate(text):
+        if not (char.isalnum() or char == "'"):
+            if current:
+                parts.append(current)
+            current = ""
+            continue
+        if current:
+            last = current[-1]
+            upper_run = len(current) > 1 and current.isalpha() and current.isupper()
+            following_lower = index + 1 < len(text) and text[index + 1].islower()
+            if (
+                last.isdigit() != char.isdigit()
+                or (char.isupper() and (last.islower() or last == "'"))
+                or (char.isupper() and last.isupper() and following_lower)
+                or (char == "'" and upper_run)
+            ):
+                parts.append(current)
+                current = ""
+        current += char
+    if current:
+        parts.append(current)
+    return parts
 
 
 def _run_together(part: str) -> bool:
