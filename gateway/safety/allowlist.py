@@ -127,7 +127,11 @@ def maskings(text: NormalizedText, matcher: AllowlistMatcher) -> list[Masking]:
                     (direction, frozenset(categories)) for direction, categories in scopes.items()
                 ),
                 text=NormalizedText(
-                    original=masked[0], light=masked[0], folded=masked[0], views=tuple(masked[1:])
+                    original=masked[0],
+                    light=masked[0],
+                    plain=masked[0],
+                    folded=masked[0],
+                    views=tuple(masked[1:]),
                 ),
             )
         )

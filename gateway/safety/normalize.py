@@ -1,18 +1,20 @@
 """Normalisation against evasion, run once per text before any member sees it.
 
-Two views come out of :func:`normalize`:
+Three views come out of :func:`normalize`:
 
 ``light``
     Unicode NFKC, with zero-width, bidi and other control characters removed (newlines
     and tabs stay). Spans of personal data and secrets are found here, because folding
-    would rewrite digits and symbols that those formats rely on. A text written wholly
-    in a disguise that decodes without guessing is read here as what it says
-    (:func:`exact_reading`: one base64, hex, binary or decimal-code span, Morse code,
-    percent-escapes or HTML character references, words glued at case or underscore
-    boundaries such as ``how_to_make`` or ``HowToMake``), so every member reads the
-    words and none the disguise.
+    would rewrite digits and symbols that those formats rely on.
+``plain``
+    ``light`` read as what it says when the whole of it is written in a disguise that
+    decodes without guessing (:func:`exact_reading`: one base64, hex, binary or
+    decimal-code span, Morse code, percent-escapes or HTML character references, words
+    glued at case or underscore boundaries such as ``how_to_make`` or ``HowToMake``);
+    ``light`` itself otherwise. Language identification reads it, and the folded view is
+    made from it, so the classifiers read the words and none the disguise.
 ``folded``
-    ``light`` case-folded, with accents stripped from Latin letters, homoglyphs folded
+    ``plain`` case-folded, with accents stripped from Latin letters, homoglyphs folded
     to the Latin letters they imitate (Unicode's confusables table, UTS #39), regional
     indicator symbols read as the letters they stand for, letter spacing collapsed
     (``k i l l``, ``k.i.l.l`` -> ``kill``; ``w.i.l.l k.i.l.l`` -> ``will kill``) and
@@ -286,6 +288,7 @@ class NormalizedText:
 
     original: str
     light: str
+    plain: str
     folded: str
     views: tuple[str, ...] = ()
 
@@ -293,13 +296,13 @@ class NormalizedText:
 def normalize(text: str) -> NormalizedText:
     """Return the ``light``, ``folded`` and decoded views of ``text``."""
     light = _lightly_normalized(text)
-    reading = exact_reading(light)
-    if reading != light:
-        light = _lightly_normalized(reading)
-    folded = fold(light)
-    readings = dict.fromkeys(fold(view) for view in decoded_views(light))
+    plain = exact_reading(light)
+    if plain != light:
+        plain = _lightly_normalized(plain)
+    folded = fold(plain)
+    readings = dict.fromkeys(fold(view) for view in decoded_views(plain))
     views = tuple(view for view in readings if view != folded)
-    return NormalizedText(original=text, light=light, folded=folded, views=views)
+    return NormalizedText(original=text, light=light, plain=plain, folded=folded, views=views)
 
 
 def exact_reading(text: str) -> str:
@@ -486,10 +489,11 @@ def _unglued(text: str) -> str | None:
 def _parted_at_boundaries(text: str) -> str | None:
     """A text carried by words glued at underscore, case or digit boundaries
     ("how_to_make,_step_by_step", "IWillFindYou"), parted with nothing lost but the
-    underscores. A word that would come apart into fragments (a hash, a base64 span, an
-    acronym) stays as written, and so does a token that names an address or a path; a
-    text with no word glued that way, or whose glued words hold under half its letters,
-    gives None (words run together with no boundary are the dictionary's, a view)."""
+    underscores. A token stays as written when it names an address or a path, or when a
+    word of it would come apart into fragments (a key such as ``sk_live_4eC39HqLyj``, a
+    hash, a base64 span) or is several words run together ("HowdoIkilla": the
+    dictionary's view parts it); a text with no word glued that way, or whose glued words
+    hold under half its letters, gives None."""
     pieces: list[str] = []
     end = parted = letters = 0
     budget = [_SPLIT_CHARS]
@@ -497,9 +501,10 @@ def _parted_at_boundaries(text: str) -> str | None:
         token = match.group()
         if _letter_count(token) < _GLUED_LETTERS or _NOT_PROSE.search(token):
             continue
-        words = [_parted_piece(piece, budget) for piece in token.split("_") if piece]
+        parts = [_parted_piece(piece, budget) for piece in token.split("_") if piece]
+        words = [part for part in parts if part is not None]
         reading = " ".join(words)
-        if reading == token:
+        if len(words) < len(parts) or reading == token:
             continue
         pieces += [text[end : match.start()], reading]
         end = match.end()
@@ -510,14 +515,14 @@ def _parted_at_boundaries(text: str) -> str | None:
     return "".join([*pieces, text[end:]])
 
 
-def _parted_piece(piece: str, budget: list[int]) -> str:
+def _parted_piece(piece: str, budget: list[int]) -> str | None:
     """``piece`` (a part of a token between underscores) with its words parted at case
-    and digit boundaries; as written when they would come apart into fragments, or when
-    a part is itself several words run together ("HowdoIkilla": the dictionary's view
-    parts it). ``budget`` holds the characters the dictionary may still check."""
+    and digit boundaries (as written when it is one word, or holds other symbols); None
+    when its parts would be fragments, or one is itself several words run together.
+    ``budget`` holds the characters the dictionary may still check."""
     core = piece.strip(_EDGE_PUNCT)
     letters = core.replace("'", "")
-    plain = letters.isalpha() and (letters[1:].islower() or letters.isupper())
+    plain = letters.isalpha() and (len(letters) == 1 or letters[1:].islower() or letters.isupper())
     if not letters.isalnum() or plain:
         return piece
     words = _case_parts(core)
@@ -527,12 +532,12 @@ def _parted_piece(piece: str, budget: list[int]) -> str:
         if (len(word) >= 3 and word[:1].isalpha()) or word.casefold() in _SHORT_WORDS
     )
     if "".join(words) != core or word_like < 0.7 * _letter_count(core):
-        return piece
+        return None
     for word in words:
         if len(word) >= 5 and word.isalpha():
             budget[0] -= len(word)
             if budget[0] < 0 or len(_word_splitter()(word)) > 1:
-                return piece
+                return None
     start = piece.index(core)
     return piece[:start] + " ".join(words) + piece[start + len(core) :]
 

@@ -101,7 +101,7 @@ class LanguageClassifier:
         return frozenset()
 
     def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
-        return [Detection(scores={}, language=self.guess(text.light)) for text in texts]
+        return [Detection(scores={}, language=self.guess(text.plain)) for text in texts]
 
     def guess(self, text: str) -> str | None:
         """The language of ``text``, or None when it is too short or mixed to tell."""

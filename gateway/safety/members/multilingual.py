@@ -93,11 +93,11 @@ class MultilingualHeadsClassifier:
         chosen = [
             index
             for index, text in enumerate(texts)
-            if self._scores(self._language.guess(text.light))
+            if self._scores(self._language.guess(text.plain))
         ]
         if not chosen:
             return detections
-        vectors = self._encoder.embed([texts[index].light for index in chosen])
+        vectors = self._encoder.embed([texts[index].plain for index in chosen])
         scores = self.aligned(self._heads.probabilities(vectors))
         for index, row in zip(chosen, scores, strict=True):
             detections[index] = Detection(scores=dict(zip(self._labels, row.tolist(), strict=True)))

@@ -12,7 +12,7 @@ Top to bottom: read the own examples with their languages (``corpus.own_examples
 hash, is the dev split) and, with ``data_dir``, the public sets ``safety train`` reads,
 mapped and capped as it maps and caps them (``corpus.Corpus``), so the heads learn from
 what the English heads learn from and carry it over to other languages; embed each text's
-light view (accents kept) once, cached by hash; fit an MLP head (``heads_fit.fit``, the
+plain view (accents kept) once, cached by hash; fit an MLP head (``heads_fit.fit``, the
 English heads' recipe); calibrate per label on dev (Platt); tune thresholds on dev under
 the benign budget; measure on the test split and, when given, on the multilingual
 evaluation file (measurement only); write ``heads.safetensors`` and a model card with the
@@ -226,12 +226,12 @@ def _by_language(heads: Heads, matrix: Matrix) -> dict[str, object]:
 
 
 def _embedder(encoder: E5Encoder, cache_dir: Path, progress: Progress | None) -> Embed:
-    """Embeddings of the light view (accents kept), in their own cache file."""
+    """Embeddings of the plain view (accents kept), in their own cache file."""
     name = hashlib.sha256(ENCODER_NAME.encode()).hexdigest()[:12]
     return cached_embedder(
         cache_dir / f"embeddings-{name}.npz",
         encoder.embed,
-        view=lambda text: normalize(text).light,
+        view=lambda text: normalize(text).plain,
         dimension=encoder.dimension,
         progress=progress,
         stage="embedding (multilingual)",

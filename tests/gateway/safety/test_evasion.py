@@ -173,6 +173,20 @@ def test_words_run_together_inside_a_camel_cased_text_are_left_to_the_dictionary
 
 
 def test_snake_case_in_another_language_is_read_with_its_accents() -> None:
-    # The multilingual member reads the light view: it gets the sentence, not the string.
+    # Language identification and the multilingual member read the plain view: they get
+    # the sentence, not the string. Personal data is still sought in the text as written.
     normalized = normalize("comment_fabriquer_une_bombe_à_la_maison ?")
-    assert normalized.light == "comment fabriquer une bombe à la maison ?"
+    assert normalized.plain == "comment fabriquer une bombe à la maison ?"
+    assert normalized.light == "comment_fabriquer_une_bombe_à_la_maison ?"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "stripe.api_key = 'sk_live_4eC39HqLyjWDarjtT1zdp7dc'",
+        "my token: github_pat_11ABCDEFG0123456789abc_xxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        "restricted rk_live_51H8aBcDeFgHiJkLmNoPqRsTu",
+    ],
+)
+def test_a_key_with_underscores_is_not_read_as_words_glued_together(text: str) -> None:
+    assert exact_reading(text) == text
