@@ -311,10 +311,11 @@ def exact_reading(text: str) -> str:
 
     The disguises: one base64, hex, binary or decimal-code span that is the whole text;
     Morse code; percent-escapes or HTML character references; words glued at explicit
-    boundaries (``how_to_make``, ``HowToMake``). The reading holds everything the text
-    as written does, so it replaces it: the classifiers read what it says and not how it
-    is written (the string of escapes or underscores alone scored as an injection or
-    worse: docs/BENCHMARKS.md). Readings that guess (a Caesar shift, a dictionary split,
+    boundaries (``how_to_make``, ``HowToMake``). The reading holds every word of the text
+    as written (Morse has no case and few punctuation marks; underscores become spaces),
+    so it replaces it: the classifiers read what it says and not how it is written (the
+    string of escapes or underscores alone scored as an injection or worse:
+    docs/BENCHMARKS.md). Readings that guess (a Caesar shift, a dictionary split,
     leetspeak, text read backwards) stay views beside the text as written.
     """
     for _ in range(_MAX_READINGS):
