@@ -50,7 +50,7 @@ import json
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -479,10 +479,7 @@ def _unglued(text: str) -> str | None:
     for token in glued:
         parted[token], budget = _parted(token, budget)
     words = [word for token in glued for word in parted[token]]
-    # Parts of three letters or more must carry most letters: a hash or a base64 span
-    # comes apart into fragments and gets no view.
-    long_letters = sum(len(word) for word in words if len(word) >= 3 and word[:1].isalpha())
-    if len(words) < 3 or long_letters < 0.7 * sum(len(word) for word in words):
+    if len(words) < 3 or _word_like_letters(words) < 0.7 * sum(len(word) for word in words):
         return None
     return " ".join(" ".join(parted[token]) if token in parted else token for token in tokens)
 
@@ -500,7 +497,11 @@ def _parted_at_boundaries(text: str) -> str | None:
     budget = [_SPLIT_CHARS]
     for match in _WORD.finditer(text):
         token = match.group()
-        if _letter_count(token) < _GLUED_LETTERS or _NOT_PROSE.search(token):
+        if (
+            len(token) < _GLUED_LETTERS  # cheap first: most tokens are short
+            or _letter_count(token) < _GLUED_LETTERS
+            or _NOT_PROSE.search(token)
+        ):
             continue
         parts = [_parted_piece(piece, budget) for piece in token.split("_") if piece]
         words = [part for part in parts if part is not None]
@@ -527,11 +528,7 @@ def _parted_piece(piece: str, budget: list[int]) -> str | None:
     if not letters.isalnum() or plain:
         return piece
     words = _case_parts(core)
-    word_like = sum(
-        len(word)
-        for word in words
-        if (len(word) >= 3 and word[:1].isalpha()) or word.casefold() in _SHORT_WORDS
-    )
+    word_like = _word_like_letters(words, short_words=_SHORT_WORDS)
     if "".join(words) != core or word_like < 0.7 * _letter_count(core):
         return None
     for word in words:
@@ -541,6 +538,16 @@ def _parted_piece(piece: str, budget: list[int]) -> str | None:
                 return None
     start = piece.index(core)
     return piece[:start] + " ".join(words) + piece[start + len(core) :]
+
+
+def _word_like_letters(words: Sequence[str], *, short_words: frozenset[str] = frozenset()) -> int:
+    """Characters in the parts that read as words: three letters or more, or one of
+    ``short_words``. A hash or a base64 span comes apart into fragments that do not."""
+    return sum(
+        len(word)
+        for word in words
+        if (len(word) >= 3 and word[:1].isalpha()) or word.casefold() in short_words
+    )
 
 
 def _letter_count(text: str) -> int:
