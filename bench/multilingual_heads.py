@@ -5,8 +5,9 @@ them was fitted, calibrated or tuned on:
 
 - ``data/safety/v2/multilingual_eval.jsonl`` (measurement only): per language;
 - ``data/safety/v2/transfer_eval.jsonl`` (measurement only): per language, and the mean;
-- the held-out rows of ``data/safety/multilingual_examples.jsonl`` (whole subtopics and the
-  hypothetical style; prompts and replies): per language.
+- the held-out rows of ``data/safety/multilingual_examples.jsonl`` and of each later
+  batch's file (whole subtopics and the hypothetical style; prompts and replies): per
+  language.
 
 Each text gets one score: the highest over labels of the head's log-odds minus its
 threshold's, so 0 is where the member flags and the ranking does not depend on where the
@@ -40,13 +41,14 @@ SETS = {
     "multilingual_eval": ROOT / "data/safety/v2/multilingual_eval.jsonl",
     "transfer_eval": ROOT / "data/safety/v2/transfer_eval.jsonl",
     "own_heldout": ROOT / "data/safety/multilingual_examples.jsonl",
+    "own_heldout_b2": ROOT / "data/safety/multilingual_examples_b2.jsonl",
 }
 
 
 def rows_of(name: str) -> list[dict[str, object]]:
     lines = SETS[name].read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines if line]
-    return [r for r in rows if name != "own_heldout" or r["split"] == "heldout"]
+    return [r for r in rows if not name.startswith("own_heldout") or r["split"] == "heldout"]
 
 
 def margins(heads: Heads, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
@@ -73,9 +75,9 @@ def main() -> None:
     args = parser.parse_args()
     encoder = E5Encoder()
     embedded = {}
-    for name in SETS:
+    for name in [name for name, path in SETS.items() if path.exists()]:
         rows = rows_of(name)
-        x = encoder.embed([normalize(str(r["text"])).light for r in rows])
+        x = encoder.embed([normalize(str(r["text"])).plain for r in rows])
         embedded[name] = (rows, x)
     result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
     for folder in args.heads:

@@ -273,8 +273,6 @@ OWN_EXAMPLES = tuple(
 
 
 MULTILINGUAL_EVALUATION = OWN_EXAMPLES_DIR / "v2" / "multilingual_eval.jsonl"
-# Written for the multilingual heads only; the English heads do not read it.
-MULTILINGUAL_EXAMPLES = OWN_EXAMPLES_DIR / "multilingual_examples.jsonl"
 
 
 @safety.command("train-multilingual")
@@ -305,9 +303,12 @@ def safety_train_multilingual(
     """
     offline_defaults()
     from gateway.safety.training.multilingual import MultilingualConfig, run
+    from gateway.safety.training.own_set import MULTILINGUAL_BATCHES
 
+    # Written for the multilingual heads only; the English heads do not read them.
+    written = tuple(OWN_EXAMPLES_DIR / name for _, name, _ in MULTILINGUAL_BATCHES)
     config = MultilingualConfig(
-        own_examples=(*OWN_EXAMPLES, MULTILINGUAL_EXAMPLES),
+        own_examples=(*OWN_EXAMPLES, *written),
         output_dir=output_dir,
         cache_dir=get_settings().home_dir / "cache",
         evaluation=MULTILINGUAL_EVALUATION,

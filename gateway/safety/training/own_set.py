@@ -16,7 +16,8 @@ format and the labelling guide). ``consolidate`` turns them into
 ``data/safety/multilingual/*.jsonl`` (French, Spanish, German and Portuguese rows written
 for the multilingual heads only) is consolidated the same way, on its own, into
 ``data/safety/multilingual_examples.jsonl``: a file of its own, so adding to it changes
-neither the English heads' training rows nor which English rows are held out.
+neither the English heads' training rows nor which English rows are held out. Later
+batches (``MULTILINGUAL_BATCHES``) get files of their own for the same reason.
 """
 
 from __future__ import annotations
@@ -175,12 +176,29 @@ def consolidate(
     return dict(sorted(counts.items()))
 
 
-def consolidate_multilingual(root: Path, output: Path | None = None) -> dict[str, int]:
-    """Consolidate ``root/multilingual`` (``root``: data/safety) into
-    ``multilingual_examples.jsonl``, leaving out near-copies of the evaluation files."""
+# Batches of rows written for the multilingual heads: (folder, consolidated file, id prefix).
+# Each batch is consolidated on its own, with its own held-out fifth, so adding a batch moves
+# no row of an earlier one between train and held out.
+MULTILINGUAL_BATCHES = (
+    ("multilingual", "multilingual_examples.jsonl", "multilingual"),
+    ("multilingual_b2", "multilingual_examples_b2.jsonl", "multilingual-b2"),
+)
+
+
+def consolidate_multilingual(
+    root: Path, output: Path | None = None, *, batch: int = 0
+) -> dict[str, int]:
+    """Consolidate batch ``batch`` of ``MULTILINGUAL_BATCHES`` (``root``: data/safety),
+    leaving out near-copies of the evaluation files' rows and of earlier batches' rows."""
+    folder, name, prefix = MULTILINGUAL_BATCHES[batch]
+    earlier = [
+        path
+        for earlier_folder, _, _ in MULTILINGUAL_BATCHES[:batch]
+        for path in sorted((root / earlier_folder).glob("*.jsonl"))
+    ]
     return consolidate(
-        root / "multilingual",
-        output or root / "multilingual_examples.jsonl",
-        prefix="multilingual",
-        measured=[root / "v2" / name for name in sorted(MEASUREMENT_ONLY)],
+        root / folder,
+        output or root / name,
+        prefix=prefix,
+        measured=[*(root / "v2" / measured for measured in sorted(MEASUREMENT_ONLY)), *earlier],
     )

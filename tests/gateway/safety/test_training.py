@@ -337,16 +337,52 @@ def test_the_committed_consolidated_set_is_up_to_date(tmp_path: Path) -> None:
     assert rebuilt.read_bytes() == (root / "intent_examples.jsonl").read_bytes()
 
 
-def test_the_committed_multilingual_examples_are_up_to_date(tmp_path: Path) -> None:
-    # multilingual_examples.jsonl is built from data/safety/multilingual/ (README says how).
-    from gateway.safety.training.own_set import consolidate_multilingual
+@pytest.mark.parametrize("batch", range(2))
+def test_the_committed_multilingual_examples_are_up_to_date(tmp_path: Path, batch: int) -> None:
+    # Each multilingual_examples*.jsonl is built from its batch's folder (README says how).
+    from gateway.safety.training.own_set import MULTILINGUAL_BATCHES, consolidate_multilingual
 
     root = Path(__file__).resolve().parents[3] / "data" / "safety"
-    rebuilt = tmp_path / "multilingual_examples.jsonl"
-    counts = consolidate_multilingual(root, rebuilt)
-    assert rebuilt.read_bytes() == (root / "multilingual_examples.jsonl").read_bytes()
+    rebuilt = tmp_path / "rebuilt.jsonl"
+    counts = consolidate_multilingual(root, rebuilt, batch=batch)
+    committed = root / MULTILINGUAL_BATCHES[batch][1]
+    assert rebuilt.read_bytes() == committed.read_bytes()
     assert counts["heldout"] > 0
     assert counts["train"] > 0
+
+
+def test_a_later_batch_leaves_out_copies_of_earlier_batches_and_keeps_their_split(
+    tmp_path: Path,
+) -> None:
+    from gateway.safety.training import own_set
+
+    (tmp_path / "v2").mkdir()
+    for name in own_set.MEASUREMENT_ONLY:
+        (tmp_path / "v2" / name).write_text(json.dumps(_row("nur zum Messen")) + "\n")
+    first = [
+        _row(f"Wie repariere ich den Wasserhahn im Bad, Frage {n}", subtopic=f"s{n}")
+        for n in range(8)
+    ]
+    (tmp_path / "multilingual").mkdir()
+    (tmp_path / "multilingual" / "de.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in first)
+    )
+    own_set.consolidate_multilingual(tmp_path, batch=0)
+    before = (tmp_path / "multilingual_examples.jsonl").read_bytes()
+    second = [
+        _row("Wie repariere ich den Wasserhahn im Keller, Frage 3", subtopic="s3"),  # a copy
+        _row("Welche Dübel halten in einer Wand aus Gipskarton am besten", subtopic="t1"),
+    ]
+    (tmp_path / "multilingual_b2").mkdir()
+    (tmp_path / "multilingual_b2" / "de.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in second)
+    )
+    own_set.consolidate_multilingual(tmp_path, batch=1)
+    written = (tmp_path / "multilingual_examples_b2.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in written] == [second[1]["text"]]
+    assert json.loads(written[0])["id"] == "multilingual-b2-00001"
+    own_set.consolidate_multilingual(tmp_path, batch=0)
+    assert (tmp_path / "multilingual_examples.jsonl").read_bytes() == before
 
 
 def test_a_training_row_copying_an_evaluation_row_is_left_out(tmp_path: Path) -> None:
