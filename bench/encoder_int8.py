@@ -1,10 +1,13 @@
-"""Does int8 quantisation of the encoder pay? The shipped model with the ``onnx`` and the
-``onnx-int8`` backends, side by side: encoder compute p50 on a ~30-token text, and
-accuracy on the own held-out prompts (harmful caught, benign blocked, mean AUPRC over
-labels, and how often the two backends' block decisions differ).
+"""Does quantising the encoder pay? The shipped model with each backend (``onnx``, fp32;
+``onnx-q8``, 8-bit weights in blocks with activations quantised per token;
+``onnx-int8``, dynamic int8), side by side: encoder member p50 on a ~30-token text,
+encoder member texts per second over the own held-out prompts in batches of 32, whether a
+text scores the same alone and in a batch (largest score difference over a few short
+texts), and accuracy on the own held-out prompts (harmful caught, benign blocked, mean
+AUPRC over labels, and how often each backend's block decisions differ from fp32's).
 
-Usage: .venv/bin/python bench/encoder_int8.py [--repeats 300]
-Run on an idle machine.
+Usage: .venv/bin/python bench/encoder_int8.py [--repeats 300] [--backends onnx,onnx-q8]
+Run on an idle machine; the backends are timed one after the other.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ from gateway.safety.taxonomy import parse_label  # noqa: E402
 from gateway.safety.training.corpus import HEAD_LABELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SHORT = [
+    "I'm going to kill you",
+    "I will find you and kill you tonight",
+    "How do I kill a Python process?",
+    "Thanks, that fixed it!",
+    "ok",
+]
 TEXT = (
     "Hey, can you help me write a short, friendly reminder email to my team about "
     "tomorrow's 10am planning meeting?"
@@ -39,7 +49,9 @@ TEXT = (
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--backends", default="onnx,onnx-q8,onnx-int8")
     args = parser.parse_args()
+    backends = args.backends.split(",")
     rows = [
         json.loads(line)
         for line in (ROOT / "data/safety/intent_examples.jsonl").read_text().splitlines()
@@ -47,7 +59,7 @@ def main() -> None:
     held = [r for r in rows if r["split"] == "heldout" and r["direction"] == "prompt"]
     result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
     blocked: dict[str, list[bool]] = {}
-    for backend in ("onnx", "onnx-int8"):
+    for backend in backends:
         settings = Settings(home=Path(tempfile.mkdtemp()), encoder={"backend": backend})
         engine = build_engine(settings, blocklists=None)
         encoder = next(m for m in engine.members if m.classifier.id == "encoder").classifier
@@ -61,6 +73,14 @@ def main() -> None:
             started = time.perf_counter()
             encoder.classify(text)
             timings.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        for start in range(0, len(held), 32):
+            encoder.classify([normalize(r["text"]) for r in held[start : start + 32]])
+        texts_per_s = len(held) / (time.perf_counter() - started)
+        short = [normalize(text) for text in SHORT]
+        alone = [encoder.classify([text])[0].scores for text in short]
+        together = [d.scores for d in encoder.classify(short)]
+        moved = max(abs(a[k] - b[k]) for a, b in zip(alone, together, strict=True) for k in a)
         verdicts = []
         for start in range(0, len(held), 32):
             verdicts += engine.check([r["text"] for r in held[start : start + 32]])
@@ -73,6 +93,8 @@ def main() -> None:
                 auprcs.append(average_precision_score(truth, scores))
         result[backend] = {
             "encoder_p50_ms": round(statistics.median(timings), 3),
+            "encoder_texts_per_s": round(texts_per_s, 1),
+            "largest_score_move_alone_vs_batch": round(moved, 6),
             "harmful_caught": round(
                 float(
                     np.mean([v.blocked for r, v in zip(held, verdicts, strict=True) if r["labels"]])
@@ -90,8 +112,10 @@ def main() -> None:
             "mean_auprc": round(float(np.mean(auprcs)), 4),
         }
         engine.close()
-    differ = sum(a != b for a, b in zip(blocked["onnx"], blocked["onnx-int8"], strict=True))
-    result["decisions_that_differ"] = f"{differ}/{len(held)}"
+    for backend in backends[1:]:
+        pairs = zip(blocked[backends[0]], blocked[backend], strict=True)
+        differ = sum(a != b for a, b in pairs)
+        result[f"decisions_that_differ_{backends[0]}_{backend}"] = f"{differ}/{len(held)}"
     print(json.dumps(result, indent=2))
 
 

@@ -5,9 +5,14 @@ package, so it loads with no network. Any sentence-transformers model directory 
 id with the same layout (BERT-style transformer, mean pooling, L2 normalisation) works:
 set ``SAFEGATE_ENCODER__MODEL``.
 
-Three backends run the same weights: ``torch``; ``onnx`` (ONNX Runtime), about twice as
-fast on CPU here; and ``onnx-int8``, the same graph with its weights dynamically quantised
-to int8, one scale per output channel (docs/BENCHMARKS.md compares speed and accuracy).
+Four backends run the same weights: ``torch``; ``onnx`` (ONNX Runtime), about twice as
+fast on CPU here; ``onnx-q8``, the same graph with its matrix weights in 8 bits, one scale
+per block of ``Q8_BLOCK`` inputs, multiplied as int8 against activations quantised one
+token row at a time (ONNX Runtime's ``MatMulNBits``), so a text's embedding does not
+depend on what shares its forward pass and stays within cosine 0.999 of fp32; and
+``onnx-int8``, the graph with its weights dynamically quantised to int8, one scale per
+output channel, whose activations share one scale per pass, so a text's embedding moves
+with the rest of its batch (docs/BENCHMARKS.md compares speed and accuracy).
 The ONNX graph is exported from the torch model once, on first use, into the cache folder;
 its outputs match torch's within 1e-5 (the test checks it), so heads fitted on torch's
 embeddings serve on ``onnx``; heads for ``onnx-int8`` are fitted on its own embeddings,
@@ -54,6 +59,11 @@ IntArray = npt.NDArray[np.int64]
 
 BUNDLED_ENCODER = "bundled:all-MiniLM-L6-v2"
 ONNX_OPSET = 17
+ONNX_BACKENDS = (Backend.ONNX, Backend.ONNX_Q8, Backend.ONNX_INT8)
+# Inputs per weight scale of ``onnx-q8``: 64 keeps every batch's rows bit-identical to the
+# same rows alone on this machine's kernels; 128 did not for passes of under 8 tokens
+# (docs/BENCHMARKS.md).
+Q8_BLOCK = 64
 
 
 DEFAULT_MAX_TOKENS = 256
@@ -110,7 +120,7 @@ class SentenceEncoder:
         delta: Path | None = None,
         paired: bool = False,
     ) -> None:
-        if paired and (delta is None or backend not in (Backend.ONNX, Backend.ONNX_INT8)):
+        if paired and (delta is None or backend not in ONNX_BACKENDS):
             raise ValueError("a paired graph needs a delta and an ONNX backend")
         if not 16 <= max_tokens <= 512:
             raise ValueError(f"max_tokens must be within 16..512, got {max_tokens}")
@@ -147,7 +157,7 @@ class SentenceEncoder:
         self._windows.enable_truncation(max_tokens, stride=stride)
         self._windows.no_padding()
         self._pad_id = self._windows.token_to_id("[PAD]") or 0
-        if self.backend in (Backend.ONNX, Backend.ONNX_INT8):
+        if self.backend in ONNX_BACKENDS:
             # ONNX Runtime holds its own copy of the weights: the torch model is loaded
             # only to export the graph (once per cache folder), then dropped.
             config = json.loads(model_file(path, "config.json", local_only=local_only).read_text())
@@ -198,7 +208,8 @@ class SentenceEncoder:
         ).hexdigest()[:16]
         target = folder / f"encoder-{key}.onnx"
         if not target.exists():
-            _export_in_child(path, target, self.delta, paired=self.paired)
+            delta_arg = "" if self.delta is None else str(self.delta)
+            _in_child("export_onnx", path, str(target), delta_arg, "paired" if self.paired else "")
         if self.backend is Backend.ONNX_INT8:
             quantized = folder / f"encoder-{key}-int8-per-channel.onnx"
             if not quantized.exists():
@@ -212,6 +223,11 @@ class SentenceEncoder:
                 )
                 partial.replace(quantized)
             target = quantized
+        elif self.backend is Backend.ONNX_Q8:
+            blocks = folder / f"encoder-{key}-q8-block{Q8_BLOCK}.onnx"
+            if not blocks.exists():
+                _in_child("quantize_blocks", str(target), str(blocks))
+            target = blocks
         self._onnx_target = target
         session = _inference_session(target, threads or 0)  # 0: ONNX Runtime's (cores)
         self._onnx_inputs = [item.name for item in session.get_inputs()]
@@ -349,27 +365,40 @@ def _inference_session(target: Path, threads: int) -> Any:
     return onnxruntime.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
 
 
-def _export_in_child(path: str, target: Path, delta: Path | None, *, paired: bool = False) -> None:
-    """Export the ONNX graph in a child process, so the serving process never loads torch
-    (the export needs it; ONNX Runtime does not)."""
-    code = "import sys; from gateway.safety.encoder import export_onnx; export_onnx(*sys.argv[1:])"
+def _in_child(function: str, *arguments: str) -> None:
+    """Run one of this module's graph-making functions (``export_onnx``,
+    ``quantize_blocks``) in a child process, so the serving process never imports what
+    they need (torch, the quantisation tools), and so one that fails leaves no partial file."""
+    code = f"import sys; from gateway.safety.encoder import {function}; {function}(*sys.argv[1:])"
     done = subprocess.run(  # noqa: S603 - this interpreter, this module's own function
-        [
-            sys.executable,
-            "-c",
-            code,
-            path,
-            str(target),
-            "" if delta is None else str(delta),
-            "paired" if paired else "",
-        ],
+        [sys.executable, "-c", code, *arguments],
         capture_output=True,
         text=True,
         check=False,
     )
-    if done.returncode != 0 or not target.exists():
+    if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"exporting the encoder to ONNX failed: {tail[0]}")
+        verb = "exporting the encoder to ONNX" if function == "export_onnx" else "quantising it"
+        raise RuntimeError(f"{verb} failed: {tail[0]}")
+
+
+def quantize_blocks(source: str, target: str) -> None:
+    """Write ``source``'s graph to ``target`` with every constant-weight MatMul as
+    ``MatMulNBits``: symmetric 8-bit weights, one scale per ``Q8_BLOCK`` inputs, computed
+    in int8 (accuracy level 4), activations quantised per row."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(source), bits=8, block_size=Q8_BLOCK, is_symmetric=True, accuracy_level=4
+    )
+    quantizer.process()
+    partial = Path(target).with_suffix(f".{os.getpid()}.partial")
+    quantizer.model.save_model_to_file(str(partial), use_external_data_format=False)
+    partial.replace(target)
 
 
 def export_onnx(path: str, target: str, delta: str = "", paired: str = "") -> None:

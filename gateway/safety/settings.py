@@ -44,6 +44,9 @@ class Backend(StrEnum):
     TORCH = "torch"
     ONNX = "onnx"
     ONNX_INT8 = "onnx-int8"  # the ONNX graph with int8 weights (dynamic quantisation)
+    # 8-bit weights in blocks of 64, activations quantised per token (MatMulNBits): a
+    # text's embedding does not depend on what shares its forward pass.
+    ONNX_Q8 = "onnx-q8"
 
 
 class EncoderSettings(BaseModel):
@@ -53,7 +56,7 @@ class EncoderSettings(BaseModel):
     heads: Path = SHIPPED_HEADS
     backend: Backend | None = Field(
         default=None,
-        description="onnx, onnx-int8 or torch; unset: the backend the heads' model card "
+        description="onnx, onnx-q8, onnx-int8 or torch; unset: the backend the heads' model card "
         "names (onnx when it names none)",
     )
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
@@ -75,6 +78,12 @@ class MultilingualSettings(BaseModel):
         description="also score texts clearly in a language neither model was trained on "
         "(cross-lingual transfer, measured per language in docs/BENCHMARKS.md); they stay "
         "marked low-confidence",
+    )
+    unclear: bool = Field(
+        default=True,
+        description="also score texts too short or mixed for a trusted language guess "
+        '("je vais te tuer"), beside the English heads; costs one multilingual-e5-small '
+        "pass on such texts, English ones included",
     )
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
 

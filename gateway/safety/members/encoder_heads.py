@@ -8,7 +8,7 @@ characters (so one harmful sentence buried in a long document is not averaged aw
 the mean pooling of a window full of benign text). The heads, their Platt calibration
 and their tuned thresholds live in one safetensors file written by
 ``safegate safety train``; its model card sits beside it and names the encoder backend the
-heads were fitted on (``backend``: ``onnx`` or ``onnx-int8``), which serves them unless
+heads are served with (``backend``: ``onnx``, ``onnx-q8`` or ``onnx-int8``) unless
 ``SAFEGATE_ENCODER__BACKEND`` says otherwise. When the encoder was fine-tuned
 (engine v2), the card names the delta over the bundled encoder (``gateway.safety.delta``);
 a card with ``inputs: frozen+tuned`` has heads that read the frozen and the tuned
@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gateway.safety.delta import DeltaError, verify
-from gateway.safety.encoder import PairedEncoder, SentenceEncoder
+from gateway.safety.encoder import ONNX_BACKENDS, PairedEncoder, SentenceEncoder
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.members import MEMBERS, MemberKind, MemberLoadError
 from gateway.safety.normalize import NormalizedText
@@ -214,7 +214,7 @@ class EncoderHeadsClassifier:
 
         if not paired:
             return load(delta)
-        if backend in (Backend.ONNX, Backend.ONNX_INT8):
+        if backend in ONNX_BACKENDS:
             return load(delta, paired=True)  # one graph: the lower blocks run once
         return PairedEncoder(load(None), load(delta))
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.safety.encoder import SentenceEncoder, WindowEmbeddings
+from gateway.safety.encoder import DEFAULT_BATCH_TOKENS, SentenceEncoder, WindowEmbeddings
 from gateway.safety.engine import MemberSpec
 from gateway.safety.heads import Heads, HeadsFormatError
 from gateway.safety.settings import SHIPPED_HEADS, Backend
@@ -39,6 +39,39 @@ def test_onnx_backend_matches_torch(torch_encoder: SentenceEncoder, tmp_path: Pa
     assert np.array_equal(expected.owner, actual.owner)
     assert np.abs(expected.vectors - actual.vectors).max() < 1e-4
     assert list(tmp_path.glob("encoder-*.onnx")), "the exported graph is cached"
+
+
+@pytest.fixture(scope="module")
+def q8_encoder(tmp_path_factory: pytest.TempPathFactory) -> SentenceEncoder:
+    return SentenceEncoder(backend=Backend.ONNX_Q8, cache_dir=tmp_path_factory.mktemp("q8"))
+
+
+def test_q8_backend_stays_near_fp32(
+    torch_encoder: SentenceEncoder, q8_encoder: SentenceEncoder
+) -> None:
+    expected = torch_encoder.embed(TEXTS)
+    actual = q8_encoder.embed(TEXTS)
+    assert np.array_equal(expected.owner, actual.owner)
+    cosines = (expected.vectors * actual.vectors).sum(axis=1)  # both L2-normalised
+    assert cosines.min() > 0.995
+    assert np.abs(expected.vectors - actual.vectors).max() > 1e-6  # it is quantised
+    assert q8_encoder._onnx_target is not None
+    assert q8_encoder._onnx_target.name.endswith("-q8-block64.onnx")
+
+
+def test_q8_embeds_a_text_alike_alone_and_beside_texts_of_any_length(
+    q8_encoder: SentenceEncoder,
+) -> None:
+    # Dynamic int8 scales a pass's activations by all of its tokens, padding included; the
+    # q8 graph quantises each token row on its own, so batch and padding change nothing.
+    texts = ["I will find you", "ok", "How do I kill a Python process that hangs?", TEXTS[0]]
+    alone = np.vstack([q8_encoder.embed([text]).vectors for text in texts])
+    q8_encoder.batch_tokens = 4096  # every text in one padded pass
+    try:
+        together = q8_encoder.embed([*texts, "The quick brown fox. " * 30]).vectors[: len(texts)]
+    finally:
+        q8_encoder.batch_tokens = DEFAULT_BATCH_TOKENS
+    assert np.array_equal(alone, together)
 
 
 def test_long_text_is_split_into_overlapping_windows_not_truncated(
