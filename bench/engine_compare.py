@@ -18,7 +18,9 @@ the candidate was never fitted, calibrated or tuned on:
 - replies labelled for the refusal detector (``data/evals/refusal_labels.jsonl``):
   refusals rated harmful (severity >= medium, completion direction);
 - multilingual (``data/safety/v2/multilingual_eval.jsonl``, never trained on): harmful
-  caught and benign blocked per language;
+  caught and benign blocked per language; the held-out rows written for the multilingual
+  heads (every batch), per language and, pooled, the short ones; the transfer file's eight
+  languages (``transfer_eval.jsonl``, never trained on), pooled;
 - evasion: own held-out harmful prompts and benign contrasts under every variant of
   ``bench/evasion.py`` (spaced, dotted and dashed letters, leetspeak, base64, hex, binary,
   ROT13, reversed and upside-down text, percent and HTML escapes, doubled letters, glued
@@ -298,6 +300,34 @@ def evaluate(engine: SafetyEngine, data: Path, cap: int | None) -> dict[str, obj
             "marked_low_confidence": rate([v.low_confidence for _, v in pairs]),
         }
     record["multilingual"] = by_language
+
+    # Rows written for the multilingual heads, held out (whole subtopics and a style) in
+    # every batch; short ones (six words or fewer) on their own, since a short text gets no
+    # trusted language guess.
+    own_multi = [
+        r
+        for name in ("multilingual_examples.jsonl", "multilingual_examples_b2.jsonl")
+        for r in read_jsonl(ROOT / "data/safety" / name)
+        if r["split"] == "heldout" and r["direction"] == "prompt"
+    ][:cap]
+    own_verdicts = check(engine, [str(r["text"]) for r in own_multi])
+    pairs = list(zip(own_multi, own_verdicts, strict=True))
+    groups = {str(r["lang"]): [p for p in pairs if p[0]["lang"] == r["lang"]] for r in own_multi}
+    groups["short, all four"] = [p for p in pairs if len(str(p[0]["text"]).split()) <= 6]
+    record["multilingual_own_heldout"] = {
+        name: {
+            "harmful_caught": rate([v.blocked for r, v in group if r["labels"]]),
+            "benign_blocked": rate([v.blocked for r, v in group if not r["labels"]]),
+        }
+        for name, group in sorted(groups.items())
+    }
+    transfer = read_jsonl(ROOT / "data/safety/v2/transfer_eval.jsonl")[:cap]
+    transfer_verdicts = check(engine, [str(r["text"]) for r in transfer])
+    pairs = list(zip(transfer, transfer_verdicts, strict=True))
+    record["transfer_eight_languages"] = {
+        "harmful_caught": rate([v.blocked for r, v in pairs if r["labels"]]),
+        "benign_blocked": rate([v.blocked for r, v in pairs if not r["labels"]]),
+    }
 
     english = [r for r in prompts if r["lang"] == "en" and len(str(r["text"])) < 300]
     generator = random.Random(0)  # noqa: S311 - sampling, not secrets

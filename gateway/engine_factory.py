@@ -52,6 +52,7 @@ def build_members(settings: Settings, *, blocklists: BlocklistSource | None) -> 
             heads_path=settings.multilingual.heads,
             anchors=anchors,
             transfer_except=english if settings.multilingual.transfer else None,
+            unclear=settings.multilingual.unclear,
         )
         specs.append(MemberSpec(member, settings.multilingual.timeout_s))
     if settings.language.enabled:

@@ -110,6 +110,13 @@ class LanguageClassifier:
         language, probability = self._identifier.classify(text)
         return str(language) if float(probability) >= self._min_probability else None
 
+    def likeliest(self, text: str) -> str | None:
+        """The likeliest language of ``text`` however short or mixed it is (None for a
+        text with no words): not a guess to report, a hint of which model may read it."""
+        if not text.split():
+            return None
+        return str(self._identifier.classify(text)[0])
+
 
 def _word_count(text: str) -> int:
     """Words parted by spaces, and for scripts written without spaces (Chinese, Japanese,

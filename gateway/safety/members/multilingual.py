@@ -8,8 +8,13 @@ trained by ``safegate safety train-multilingual``), applied to texts whose langu
 exclusions (English: the English encoder's): multilingual-e5-small places a request in
 Italian or Russian near the same request in the trained languages, so the heads carry
 over (docs/BENCHMARKS.md measures how well, per language). Such texts stay marked
-low-confidence: the heads were not trained or tuned on their language. Texts without a
-clear language get no scores from this member, so English traffic pays only the guess.
+low-confidence: the heads were not trained or tuned on their language. With ``unclear``,
+a text too short or mixed for a trusted guess is scored too when its likeliest language
+is one the heads were trained in: "je vais te tuer" or "vou te matar" has no trusted
+language, and the English heads read it as noise; the engine hears every member on a
+text without a language, so both sets of heads judge it. Short English texts, random
+strings (whose likeliest language is anyone's) and texts clearly in English pay only the
+guess.
 The card lists the heads file's sha256; a file that differs does not load (fail closed),
 like the English heads.
 
@@ -50,9 +55,12 @@ class MultilingualHeadsClassifier:
         anchors: Mapping[Label, float] | None = None,
         encoder: E5Encoder | None = None,
         transfer_except: Collection[str] | None = None,
+        unclear: bool = False,
     ) -> None:
         """``transfer_except``: score texts in every identified language but these (and
-        the card's, scored anyway); None scores the card's languages only."""
+        the card's, scored anyway); None scores the card's languages only. ``unclear``:
+        also score texts without a trusted language guess whose likeliest language is
+        one of the card's."""
         if verify_card_files(heads_path) is not None:
             raise MemberLoadError("the multilingual heads take no encoder delta")
         try:
@@ -71,6 +79,7 @@ class MultilingualHeadsClassifier:
         self._labels = tuple(parse_label(name) for name in self._heads.labels)
         self.languages = card_languages(heads_path)
         self._transfer_except = None if transfer_except is None else frozenset(transfer_except)
+        self._unclear = unclear
         self._language = LanguageClassifier()
         own = self._heads.threshold.astype(np.float64)
         target = np.array(
@@ -90,11 +99,7 @@ class MultilingualHeadsClassifier:
 
     def classify(self, texts: Sequence[NormalizedText]) -> list[Detection]:
         detections = [Detection(scores={}) for _ in texts]
-        chosen = [
-            index
-            for index, text in enumerate(texts)
-            if self._scores(self._language.guess(text.plain))
-        ]
+        chosen = [index for index, text in enumerate(texts) if self._reads(text.plain)]
         if not chosen:
             return detections
         vectors = self._encoder.embed([texts[index].plain for index in chosen])
@@ -112,8 +117,11 @@ class MultilingualHeadsClassifier:
             and language not in self._transfer_except
         )
 
-    def _scores(self, language: str | None) -> bool:
-        return language is not None and (language in self.languages or self.transfers_to(language))
+    def _reads(self, text: str) -> bool:
+        language = self._language.guess(text)
+        if language is not None:
+            return language in self.languages or self.transfers_to(language)
+        return self._unclear and self._language.likeliest(text) in self.languages
 
     def aligned(self, probabilities: np.ndarray) -> np.ndarray:
         """Map each label's own tuned threshold onto its anchor, monotonically."""

@@ -163,6 +163,34 @@ def test_without_transfer_only_the_cards_languages_are_scored(
     assert italian.scores == {}
 
 
+@pytest.mark.parametrize(
+    ("language", "text"),
+    [("fr", "je vais te tuer"), ("es", "te voy a matar"), ("pt", "vou te matar")],
+)
+def test_a_short_threat_too_short_for_a_trusted_language_is_still_read_and_blocked(
+    real_engine: SafetyEngine, language: str, text: str
+) -> None:
+    # Four words or fewer: the language member trusts no guess, so the English heads alone
+    # would read it (as noise); the multilingual heads read it because its likeliest
+    # language is one they were trained in.
+    (verdict,) = real_engine.check([text], direction=Direction.PROMPT)
+    assert verdict.language is None
+    report = next(r for r in verdict.members if r.member == "multilingual")
+    assert report.detection is not None and report.detection.scores
+    assert verdict.blocked
+    assert verdict.labels[Category.VIOLENCE].flagged
+
+
+def test_short_english_and_random_strings_are_left_to_the_english_heads() -> None:
+    member = MultilingualHeadsClassifier(unclear=True)
+    texts = ["thanks!", "you idiot", "kill the process", "xq zvbk wplm", "ok"]
+    assert [d.scores for d in member.classify([normalize(t) for t in texts])] == [{}] * len(texts)
+    (short,) = member.classify([normalize("vou te matar")])
+    assert short.scores
+    (off,) = MultilingualHeadsClassifier(unclear=False).classify([normalize("vou te matar")])
+    assert off.scores == {}
+
+
 def test_heads_that_differ_from_the_model_card_do_not_load(tmp_path: Path) -> None:
     folder = tmp_path / "multilingual"
     shutil.copytree(SHIPPED_MULTILINGUAL_HEADS.parent, folder)
