@@ -110,12 +110,18 @@ class LanguageClassifier:
         language, probability = self._identifier.classify(text)
         return str(language) if float(probability) >= self._min_probability else None
 
-    def likeliest(self, text: str) -> str | None:
-        """The likeliest language of ``text`` however short or mixed it is (None for a
-        text with no words): not a guess to report, a hint of which model may read it."""
+    def likeliest(self, text: str) -> tuple[str | None, float]:
+        """The likeliest language of ``text`` and its probability, however short or mixed
+        the text is ((None, 0.0) for a text with no words): not a guess to report, a hint
+        of which model may read it."""
         if not text.split():
-            return None
-        return str(self._identifier.classify(text)[0])
+            return None, 0.0
+        language, probability = self._identifier.classify(text)
+        return str(language), float(probability)
+
+    @property
+    def min_probability(self) -> float:
+        return self._min_probability
 
 
 def _word_count(text: str) -> int:

@@ -10,11 +10,12 @@ Italian or Russian near the same request in the trained languages, so the heads 
 over (docs/BENCHMARKS.md measures how well, per language). Such texts stay marked
 low-confidence: the heads were not trained or tuned on their language. With ``unclear``,
 a text too short or mixed for a trusted guess is scored too when its likeliest language
-is one the heads were trained in: "je vais te tuer" or "vou te matar" has no trusted
-language, and the English heads read it as noise; the engine hears every member on a
-text without a language, so both sets of heads judge it. Short English texts, random
-strings (whose likeliest language is anyone's) and texts clearly in English pay only the
-guess.
+is one the heads were trained in ("je vais te tuer", "vou te matar": the English heads read
+them as noise), or, with transfer, another language than English at the usual
+probability but in too few words ("ti ammazzo stanotte"); the engine hears every member
+on a text without a language, so both sets of heads judge it. Short English texts,
+random strings (whose likeliest language is anyone's, at a low probability) and texts
+clearly in English pay only the guess.
 The card lists the heads file's sha256; a file that differs does not load (fail closed),
 like the English heads.
 
@@ -60,7 +61,7 @@ class MultilingualHeadsClassifier:
         """``transfer_except``: score texts in every identified language but these (and
         the card's, scored anyway); None scores the card's languages only. ``unclear``:
         also score texts without a trusted language guess whose likeliest language is
-        one of the card's."""
+        one of the card's, or one transfer covers at the usual probability."""
         if verify_card_files(heads_path) is not None:
             raise MemberLoadError("the multilingual heads take no encoder delta")
         try:
@@ -121,7 +122,16 @@ class MultilingualHeadsClassifier:
         language = self._language.guess(text)
         if language is not None:
             return language in self.languages or self.transfers_to(language)
-        return self._unclear and self._language.likeliest(text) in self.languages
+        if not self._unclear:
+            return False
+        likeliest, probability = self._language.likeliest(text)
+        if likeliest is None:
+            return False
+        # A trained language at any probability; by transfer, only a clear one (too few
+        # words for a trusted guess, not too unsure: random strings stay out).
+        return likeliest in self.languages or (
+            probability >= self._language.min_probability and self.transfers_to(likeliest)
+        )
 
     def aligned(self, probabilities: np.ndarray) -> np.ndarray:
         """Map each label's own tuned threshold onto its anchor, monotonically."""

@@ -165,20 +165,26 @@ def test_without_transfer_only_the_cards_languages_are_scored(
 
 @pytest.mark.parametrize(
     ("language", "text"),
-    [("fr", "je vais te tuer"), ("es", "te voy a matar"), ("pt", "vou te matar")],
+    [
+        ("fr", "je vais te tuer"),
+        ("es", "te voy a matar"),
+        ("pt", "vou te matar"),
+        ("it", "ti ammazzo stanotte"),  # by transfer: clearly Italian, in three words
+    ],
 )
 def test_a_short_threat_too_short_for_a_trusted_language_is_still_read_and_blocked(
     real_engine: SafetyEngine, language: str, text: str
 ) -> None:
     # Four words or fewer: the language member trusts no guess, so the English heads alone
     # would read it (as noise); the multilingual heads read it because its likeliest
-    # language is one they were trained in.
+    # language is one they were trained in, or one they transfer to, clearly.
     (verdict,) = real_engine.check([text], direction=Direction.PROMPT)
     assert verdict.language is None
     report = next(r for r in verdict.members if r.member == "multilingual")
     assert report.detection is not None and report.detection.scores
     assert verdict.blocked
-    assert verdict.labels[Category.VIOLENCE].flagged
+    threat = (Category.VIOLENCE, Category.HARASSMENT, Category.HARASSMENT_THREATENING)
+    assert any(verdict.labels[label].flagged for label in threat)
 
 
 def test_short_english_and_random_strings_are_left_to_the_english_heads() -> None:
