@@ -7,7 +7,7 @@ texts), and accuracy on the own held-out prompts (harmful caught, benign blocked
 AUPRC over labels, and how often each backend's block decisions differ from fp32's).
 
 Usage: .venv/bin/python bench/encoder_int8.py [--repeats 300] [--backends onnx,onnx-q8]
-Run on an idle machine; the backends are timed one after the other.
+Run on an idle machine; the backends are timed in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from gateway.config import Settings  # noqa: E402
 from gateway.engine_factory import build_engine  # noqa: E402
+from gateway.safety.normalize import normalize  # noqa: E402
 from gateway.safety.taxonomy import parse_label  # noqa: E402
 from gateway.safety.training.corpus import HEAD_LABELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 3
 SHORT = [
     "I'm going to kill you",
     "I will find you and kill you tonight",
@@ -59,24 +61,39 @@ def main() -> None:
     held = [r for r in rows if r["split"] == "heldout" and r["direction"] == "prompt"]
     result: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="minutes")}
     blocked: dict[str, list[bool]] = {}
-    for backend in backends:
-        settings = Settings(home=Path(tempfile.mkdtemp()), encoder={"backend": backend})
-        engine = build_engine(settings, blocklists=None)
-        encoder = next(m for m in engine.members if m.classifier.id == "encoder").classifier
-        from gateway.safety.normalize import normalize
-
-        text = [normalize(TEXT)]
-        for _ in range(20):
-            encoder.classify(text)
-        timings = []
-        for _ in range(args.repeats):
+    engines = {
+        backend: build_engine(
+            Settings(home=Path(tempfile.mkdtemp()), encoder={"backend": backend}),
+            blocklists=None,
+        )
+        for backend in backends
+    }
+    members = {
+        backend: next(m for m in engine.members if m.classifier.id == "encoder").classifier
+        for backend, engine in engines.items()
+    }
+    text = [normalize(TEXT)]
+    # Timed in interleaved rounds, so a slower minute of this machine falls on every
+    # backend alike; each round's p50, then their median.
+    p50s: dict[str, list[float]] = {backend: [] for backend in backends}
+    rates: dict[str, list[float]] = {backend: [] for backend in backends}
+    batches = [[normalize(r["text"]) for r in held[i : i + 32]] for i in range(0, len(held), 32)]
+    for _ in range(ROUNDS):
+        for backend, encoder in members.items():
+            for _ in range(20):
+                encoder.classify(text)
+            timings = []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                encoder.classify(text)
+                timings.append((time.perf_counter() - started) * 1000)
+            p50s[backend].append(round(statistics.median(timings), 3))
             started = time.perf_counter()
-            encoder.classify(text)
-            timings.append((time.perf_counter() - started) * 1000)
-        started = time.perf_counter()
-        for start in range(0, len(held), 32):
-            encoder.classify([normalize(r["text"]) for r in held[start : start + 32]])
-        texts_per_s = len(held) / (time.perf_counter() - started)
+            for batch in batches:
+                encoder.classify(batch)
+            rates[backend].append(round(len(held) / (time.perf_counter() - started), 1))
+    for backend in backends:
+        engine, encoder = engines[backend], members[backend]
         short = [normalize(text) for text in SHORT]
         alone = [encoder.classify([text])[0].scores for text in short]
         together = [d.scores for d in encoder.classify(short)]
@@ -92,8 +109,9 @@ def main() -> None:
                 scores = [v.labels[parse_label(name)].score for v in verdicts]
                 auprcs.append(average_precision_score(truth, scores))
         result[backend] = {
-            "encoder_p50_ms": round(statistics.median(timings), 3),
-            "encoder_texts_per_s": round(texts_per_s, 1),
+            "encoder_p50_ms": statistics.median(p50s[backend]),
+            "encoder_p50_ms_per_round": p50s[backend],
+            "encoder_texts_per_s": statistics.median(rates[backend]),
             "largest_score_move_alone_vs_batch": round(moved, 6),
             "harmful_caught": round(
                 float(
