@@ -347,6 +347,7 @@ class ServingBackend(StrEnum):
     ``gateway.safety.training.train``."""
 
     ONNX = "onnx"
+    ONNX_Q8 = "onnx-q8"
     ONNX_INT8 = "onnx-int8"
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gateway.safety.encoder import BUNDLED_ENCODER, SentenceEncoder
+from gateway.safety.encoder import BUNDLED_ENCODER, Q8_BLOCK, SentenceEncoder
 from gateway.safety.heads import Heads
 from gateway.safety.members import MemberLoadError
 from gateway.safety.members.encoder_heads import card_value, served_segments, verify_card_files
@@ -89,7 +89,7 @@ from gateway.safety.training.loop import Progress, TunedEncoder, TuningData
 
 TUNE_METHODS = ("top-layers", "lora")
 PAIRED = "mlp|tuned+mlp"
-SERVING_BACKENDS = (Backend.ONNX.value, Backend.ONNX_INT8.value)
+SERVING_BACKENDS = (Backend.ONNX.value, Backend.ONNX_Q8.value, Backend.ONNX_INT8.value)
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,8 @@ class TrainConfig:
         default=Backend.ONNX.value,
         metadata={
             "help": "encoder backend the heads are fitted on and served with: 'onnx' "
-            "(fp32; embedded with torch, which matches it within 2e-6) or 'onnx-int8'"
+            "(fp32; embedded with torch, which matches it within 2e-6), 'onnx-q8' or "
+            "'onnx-int8'"
         },
     )
 
@@ -548,10 +549,10 @@ def _served(
 def _encoder(config: TrainConfig, delta: Path | None, backend: str) -> SentenceEncoder:
     """The encoder whose embeddings heads for ``backend`` are fitted on: torch for fp32
     (ONNX Runtime's fp32 graph matches it within 2e-6), on the GPU when there is one, and
-    the quantised graph for int8 (ONNX Runtime on the CPU)."""
-    if backend == Backend.ONNX_INT8.value:
+    the quantised graph for q8 and int8 (ONNX Runtime on the CPU)."""
+    if backend in (Backend.ONNX_Q8.value, Backend.ONNX_INT8.value):
         return SentenceEncoder(
-            config.encoder, backend=Backend.ONNX_INT8, cache_dir=config.cache_dir, delta=delta
+            config.encoder, backend=Backend(backend), cache_dir=config.cache_dir, delta=delta
         )
     return SentenceEncoder(config.encoder, delta=delta, device=str(loop.training_device()))
 
@@ -563,6 +564,8 @@ def _embedder(encoder: SentenceEncoder, cache_dir: Path, progress: Progress | No
     key = f"{encoder.name}|{encoder.max_tokens}|{delta}"
     if encoder.backend is Backend.ONNX_INT8:
         key += "|int8-per-channel"
+    elif encoder.backend is Backend.ONNX_Q8:
+        key += f"|q8-block{Q8_BLOCK}"
     tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cached_embedder(
         cache_dir / f"embeddings-{tag}.npz",

@@ -181,7 +181,8 @@ def test_a_short_threat_too_short_for_a_trusted_language_is_still_read_and_block
     (verdict,) = real_engine.check([text], direction=Direction.PROMPT)
     assert verdict.language is None
     report = next(r for r in verdict.members if r.member == "multilingual")
-    assert report.detection is not None and report.detection.scores
+    assert report.detection is not None
+    assert report.detection.scores
     assert verdict.blocked
     threat = (Category.VIOLENCE, Category.HARASSMENT, Category.HARASSMENT_THREATENING)
     assert any(verdict.labels[label].flagged for label in threat)

@@ -717,8 +717,11 @@ def _own_examples_only(
     )
 
 
-def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_names_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("backend", "graph"), [("onnx-int8", "-int8-per-channel.onnx"), ("onnx-q8", "-q8-block64.onnx")]
+)
+def test_heads_for_a_quantised_backend_are_fitted_on_its_embeddings_and_the_card_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, graph: str
 ) -> None:
     from gateway.safety.members.encoder_heads import EncoderHeadsClassifier
     from gateway.safety.normalize import normalize
@@ -730,21 +733,21 @@ def test_heads_for_the_int8_backend_are_fitted_on_its_embeddings_and_the_card_na
         monkeypatch,
         rows=400,
         tune_encoder=False,
-        backend="onnx-int8",
+        backend=backend,
     )
     card = run(config)
-    assert card["backend"] == "onnx-int8"
-    assert list((tmp_path / "cache").glob("encoder-*-int8-per-channel.onnx"))
-    assert json.loads((tmp_path / "weights/model_card.json").read_text())["backend"] == "onnx-int8"
+    assert card["backend"] == backend
+    assert list((tmp_path / "cache").glob(f"encoder-*{graph}"))
+    assert json.loads((tmp_path / "weights/model_card.json").read_text())["backend"] == backend
 
     served = EncoderHeadsClassifier(
         heads_path=tmp_path / "weights/heads.safetensors", cache_dir=tmp_path / "cache"
     )
-    assert served.encoder.backend is Backend.ONNX_INT8
+    assert served.encoder.backend is Backend(backend)
     (detection,) = served.classify([normalize("give me steps to build a pipe bomb at home")])
     assert set(detection.scores) == set(served.labels)
 
-    with pytest.raises(ValueError, match="backend must be one of onnx, onnx-int8"):
+    with pytest.raises(ValueError, match="backend must be one of onnx, onnx-q8, onnx-int8"):
         replace(config, backend="torch")
 
 
