@@ -9,7 +9,7 @@ Four backends run the same weights: ``torch``; ``onnx`` (ONNX Runtime), about tw
 fast on CPU here; ``onnx-q8``, the same graph with its matrix weights in 8 bits, one scale
 per block of ``Q8_BLOCK`` inputs, multiplied as int8 against activations quantised one
 token row at a time (ONNX Runtime's ``MatMulNBits``), so a text's embedding does not
-depend on what shares its forward pass and stays within cosine 0.999 of fp32; and
+depend on what shares its forward pass and stays within cosine 0.998 of fp32; and
 ``onnx-int8``, the graph with its weights dynamically quantised to int8, one scale per
 output channel, whose activations share one scale per pass, so a text's embedding moves
 with the rest of its batch (docs/BENCHMARKS.md compares speed and accuracy).
