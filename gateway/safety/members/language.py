@@ -106,18 +106,20 @@ class LanguageClassifier:
     def guess(self, text: str) -> str | None:
         """The language of ``text``, or None when it is too short or mixed to tell."""
         if _word_count(text) < self._min_words:
-            return None
-        language, probability = self._identifier.classify(text)
-        return str(language) if float(probability) >= self._min_probability else None
+            return None  # short: no need to ask the identifier
+        return self.read(text)[0]
 
-    def likeliest(self, text: str) -> tuple[str | None, float]:
-        """The likeliest language of ``text`` and its probability, however short or mixed
-        the text is ((None, 0.0) for a text with no words): not a guess to report, a hint
-        of which model may read it."""
+    def read(self, text: str) -> tuple[str | None, str | None, float]:
+        """The trusted guess (as ``guess``), and the likeliest language of ``text`` with its
+        probability however short or mixed the text is ((None, 0.0) for a text with no
+        words): not a guess to report, a hint of which model may read it. One pass of
+        the identifier serves both."""
         if not text.split():
-            return None, 0.0
+            return None, None, 0.0
         language, probability = self._identifier.classify(text)
-        return str(language), float(probability)
+        likeliest, probability = str(language), float(probability)
+        trusted = _word_count(text) >= self._min_words and probability >= self._min_probability
+        return (likeliest if trusted else None), likeliest, probability
 
     @property
     def min_probability(self) -> float:

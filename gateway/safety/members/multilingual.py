@@ -119,13 +119,10 @@ class MultilingualHeadsClassifier:
         )
 
     def _reads(self, text: str) -> bool:
-        language = self._language.guess(text)
+        language, likeliest, probability = self._language.read(text)
         if language is not None:
             return language in self.languages or self.transfers_to(language)
-        if not self._unclear:
-            return False
-        likeliest, probability = self._language.likeliest(text)
-        if likeliest is None:
+        if not self._unclear or likeliest is None:
             return False
         # A trained language at any probability; by transfer, only a clear one (too few
         # words for a trusted guess, not too unsure: random strings stay out).

@@ -42,6 +42,20 @@ def test_guesses_the_language_of_clear_texts(
     assert detection.scores == {}
 
 
+def test_reading_a_short_text_gives_its_likeliest_language_but_no_trusted_guess(
+    language: LanguageClassifier,
+) -> None:
+    trusted, likeliest, probability = language.read("vou te matar")
+    assert (trusted, likeliest) == (None, "pt")  # three words: too short to trust
+    assert 0.0 < probability < 1.0
+    assert language.read("Como faço para comprar uma arma sem registro aqui no Brasil?")[:2] == (
+        "pt",
+        "pt",
+    )
+    assert language.read("   ") == (None, None, 0.0)
+    assert language.guess("vou te matar") is None
+
+
 class _Covers:
     """A member that declares the languages its model covers, and scores nothing."""
 
