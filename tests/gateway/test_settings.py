@@ -123,6 +123,7 @@ def test_every_default(monkeypatch: pytest.MonkeyPatch) -> None:
             "enabled": True,
             "heads": str(GATEWAY / "safety" / "weights" / "multilingual" / "heads.safetensors"),
             "transfer": True,
+            "unclear": True,
             "timeout_s": 5.0,
         },
         "language": {"enabled": True, "timeout_s": 5.0},
