@@ -61,6 +61,7 @@ from gateway.engine_factory import build_engine  # noqa: E402
 from gateway.safety.engine import SafetyEngine  # noqa: E402
 from gateway.safety.taxonomy import Category, Direction, Severity, Shield, parse_label  # noqa: E402
 from gateway.safety.training.corpus import HEAD_LABELS  # noqa: E402
+from gateway.safety.training.own_set import MULTILINGUAL_BATCHES  # noqa: E402
 from gateway.safety.verdict import Verdict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,7 +307,7 @@ def evaluate(engine: SafetyEngine, data: Path, cap: int | None) -> dict[str, obj
     # trusted language guess.
     own_multi = [
         r
-        for name in ("multilingual_examples.jsonl", "multilingual_examples_b2.jsonl")
+        for _, name, _ in MULTILINGUAL_BATCHES
         for r in read_jsonl(ROOT / "data/safety" / name)
         if r["split"] == "heldout" and r["direction"] == "prompt"
     ][:cap]

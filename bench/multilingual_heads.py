@@ -35,13 +35,16 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from gateway.safety.heads import Heads
 from gateway.safety.multilingual import E5Encoder
 from gateway.safety.normalize import normalize
+from gateway.safety.training.own_set import MULTILINGUAL_BATCHES
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = {
     "multilingual_eval": ROOT / "data/safety/v2/multilingual_eval.jsonl",
     "transfer_eval": ROOT / "data/safety/v2/transfer_eval.jsonl",
-    "own_heldout": ROOT / "data/safety/multilingual_examples.jsonl",
-    "own_heldout_b2": ROOT / "data/safety/multilingual_examples_b2.jsonl",
+    **{
+        "own_heldout" if index == 0 else f"own_heldout_b{index + 1}": ROOT / "data/safety" / name
+        for index, (_, name, _) in enumerate(MULTILINGUAL_BATCHES)
+    },
 }
 
 

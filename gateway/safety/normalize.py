@@ -294,7 +294,7 @@ class NormalizedText:
 
 
 def normalize(text: str) -> NormalizedText:
-    """Return the ``light``, ``folded`` and decoded views of ``text``."""
+    """Return the ``light``, ``plain``, ``folded`` and decoded views of ``text``."""
     light = _lightly_normalized(text)
     plain = exact_reading(light)
     if plain != light:

@@ -82,8 +82,8 @@ class MultilingualSettings(BaseModel):
     unclear: bool = Field(
         default=True,
         description="also score texts too short or mixed for a trusted language guess "
-        '("je vais te tuer"), beside the English heads; costs one multilingual-e5-small '
-        "pass on such texts, English ones included",
+        '("je vais te tuer"), beside the English heads, when their likeliest language is '
+        "one the heads were trained in, or another than English at the usual probability",
     )
     timeout_s: float = Field(default=DEFAULT_MEMBER_TIMEOUT_S, gt=0)
 
