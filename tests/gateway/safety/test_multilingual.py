@@ -175,7 +175,7 @@ def test_without_transfer_only_the_cards_languages_are_scored(
 def test_a_short_threat_too_short_for_a_trusted_language_is_still_read_and_blocked(
     real_engine: SafetyEngine, language: str, text: str
 ) -> None:
-    # Four words or fewer: the language member trusts no guess, so the English heads alone
+    # Under four words, or unsure: the language member trusts no guess, so the English heads
     # would read it (as noise); the multilingual heads read it because its likeliest
     # language is one they were trained in, or one they transfer to, clearly.
     (verdict,) = real_engine.check([text], direction=Direction.PROMPT)
